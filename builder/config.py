@@ -1,0 +1,309 @@
+"""Image definitions: YAML → frozen, typed models.
+
+``load_config(path, overrides)`` reads the YAML, applies ``--var key.path=value`` overrides, fills the
+defaults that depend on the host (the Debian mirror from the host's apt sources), and validates everything at
+once. Every problem is reported with its path in one :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from . import hostapt
+from .errors import ConfigError
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(value: str | int) -> int:
+    """'30G', '30GiB', '512M', 1073741824 → bytes (binary units, as qemu-img reads them)."""
+    if isinstance(value, bool):
+        raise ValueError("a size must be a number of bytes or a string like '30G'")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError("a size must be positive")
+        return value
+    m = _SIZE_RE.match(str(value))
+    if not m:
+        raise ValueError(f"not a size: {value!r} (use e.g. '30G', '512M')")
+    n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if n <= 0:
+        raise ValueError("a size must be positive")
+    return n
+
+
+def format_size(n: int) -> str:
+    for unit in ("T", "G", "M", "K"):
+        if n % _UNITS[unit] == 0:
+            return f"{n // _UNITS[unit]}{unit}"
+    return str(n)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DebianConfig(_Model):
+    suite: str = "trixie"
+    release: Literal[13] = 13
+    arch: Literal["amd64"] = "amd64"
+    mirror: str = Field("", description="Debian archive URL; default: the host's apt sources")
+    security_mirror: str = Field("", description="Debian security archive URL; default: the host's apt sources")
+    components: tuple[str, ...] = ("main", "contrib", "non-free", "non-free-firmware")
+    keyring: Path = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
+    # Primary-key fingerprints accepted on InRelease (trixie automatic key, trixie stable release key,
+    # bookworm automatic key which co-signs).
+    trusted_fingerprints: tuple[str, ...] = (
+        "04B54C3CDCA79751B16BC6B5225629DF75B188BD",
+        "41587F7DB8C774BCCF131416762F67A0B2C39DE4",
+        "B8B80B5B623EAB6AD8775C45B7C5D7D6350947F8",
+    )
+
+    @field_validator("mirror", "security_mirror")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if v and not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError(f"not an http(s) URL: {v!r}")
+        return v.rstrip("/")
+
+    @field_validator("trusted_fingerprints")
+    @classmethod
+    def _fprs(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        out = tuple(f.replace(" ", "").upper() for f in v)
+        for f in out:
+            if not re.fullmatch(r"[0-9A-F]{40}", f):
+                raise ValueError(f"not an OpenPGP v4 fingerprint: {f!r}")
+        return out
+
+
+class DiskConfig(_Model):
+    size: Annotated[int, Field(description="virtual size, e.g. '30G'")] = 30 << 30
+    compression: Literal["zlib", "zstd", "none"] = "zlib"
+
+    @field_validator("size", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> int:
+        n = parse_size(v)
+        if n < 4 << 30:
+            raise ValueError("the disk must be at least 4G for a Debian install")
+        return n
+
+
+class VmConfig(_Model):
+    backend: Literal["qemu", "libvirt"] = "qemu"
+    libvirt_uri: str = "qemu:///system"
+    accel: Literal["auto", "kvm", "tcg"] = "auto"
+    cpus: Annotated[int, Field(ge=1, le=64)] = 2
+    memory: Annotated[int, Field(description="guest RAM, e.g. '3G'")] = 3 << 30
+    firmware: Literal["bios"] = "bios"
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _mem(cls, v: Any) -> int:
+        n = parse_size(v)
+        if n < 1 << 30:
+            raise ValueError("the installer needs at least 1G of memory")
+        return n
+
+
+class InstallerConfig(_Model):
+    locale: str = "en_US.UTF-8"
+    keymap: str = "us"
+    timezone: str = "UTC"
+    hostname: str = "debian"
+    domain: str = ""
+    build_user: str = "builder"
+    packages: tuple[str, ...] = (
+        "openssh-server", "sudo", "python3", "cloud-init", "cloud-guest-utils", "curl", "wget", "vim",
+        "htop", "network-manager", "dkms", "linux-headers-amd64", "ca-certificates", "dbus", "qemu-guest-agent",
+    )
+    install_recommends: bool = False
+    kernel_cmdline: tuple[str, ...] = ("console=tty0", "console=ttyS0,115200")
+    timeout: Annotated[int, Field(ge=60, description="seconds for the whole install")] = 5400
+    stall_timeout: Annotated[int, Field(ge=30, description="seconds without d-i log progress")] = 900
+
+    @field_validator("hostname")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", v):
+            raise ValueError(f"not a valid hostname: {v!r}")
+        return v
+
+    @field_validator("build_user")
+    @classmethod
+    def _user(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", v) or v == "root":
+            raise ValueError(f"not a valid unprivileged user name: {v!r}")
+        return v
+
+
+class ProvisionConfig(_Model):
+    enabled: bool = True
+    playbook: Path = Path("../playbooks/cloud-gpu-worker.yml")
+    roles_path: tuple[Path, ...] = (Path("../roles"),)
+    extra_vars: dict[str, Any] = Field(default_factory=dict)
+    task_timeout: Annotated[int, Field(ge=30)] = 3600
+    timeout: Annotated[int, Field(ge=60)] = 7200
+    memory: Annotated[int, Field(description="guest RAM while provisioning")] = 4 << 30
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _mem(cls, v: Any) -> int:
+        return parse_size(v)
+
+
+class OutputConfig(_Model):
+    dir: Path = Path("../build/{name}")
+
+
+class ImageConfig(_Model):
+    """One image definition (``images/*.yaml``)."""
+
+    name: str = "cloud-gpu-worker"
+    description: str = ""
+    debian: DebianConfig = DebianConfig()
+    disk: DiskConfig = DiskConfig()
+    vm: VmConfig = VmConfig()
+    installer: InstallerConfig = InstallerConfig()
+    provision: ProvisionConfig = ProvisionConfig()
+    output: OutputConfig = OutputConfig()
+    # Where the config was read from; relative paths in it are resolved against its folder.
+    source: Path | None = Field(None, exclude=True)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", v):
+            raise ValueError(f"not a valid image name: {v!r}")
+        return v
+
+    @property
+    def base_dir(self) -> Path:
+        return self.source.parent if self.source else Path.cwd()
+
+    def resolve(self, p: Path) -> Path:
+        p = Path(str(p).format(name=self.name))
+        return p if p.is_absolute() else (self.base_dir / p).resolve()
+
+    @property
+    def lock_path(self) -> Path:
+        if self.source is None:
+            return Path.cwd() / f"{self.name}.lock.json"
+        return self.source.with_suffix(".lock.json")
+
+    @property
+    def output_dir(self) -> Path:
+        return self.resolve(self.output.dir)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    cur = data
+    for k in keys[:-1]:
+        nxt = cur.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError("bad --var", problems=[(dotted, f"{k} is not a mapping")])
+        cur = nxt
+    cur[keys[-1]] = value
+
+
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """['vm.cpus=4', 'disk.size=40G'] → {'vm.cpus': 4, 'disk.size': '40G'} (values read as YAML scalars)."""
+    out: dict[str, Any] = {}
+    problems = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+            problems.append((item, "expected KEY.PATH=VALUE"))
+            continue
+        try:
+            out[key] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            problems.append((key, f"value is not valid YAML: {exc}"))
+    if problems:
+        raise ConfigError("bad --var override", problems=problems)
+    return out
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def from_dict(data: dict[str, Any], *, source: Path | None = None, host_defaults: bool = True) -> ImageConfig:
+    """Validate a mapping into an ImageConfig; raise ConfigError listing every problem."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source or 'config'}: top level must be a mapping")
+    data = dict(data)
+    if host_defaults:
+        deb = dict(data.get("debian") or {}) if isinstance(data.get("debian"), dict) else data.get("debian")
+        if isinstance(deb, dict):
+            mirror, security = hostapt.debian_mirrors()
+            if not deb.get("mirror") and mirror:
+                deb["mirror"] = mirror
+            if not deb.get("security_mirror") and security:
+                deb["security_mirror"] = security
+            data["debian"] = deb
+    try:
+        cfg = ImageConfig.model_validate({**data, "source": source})
+    except ValidationError as exc:
+        problems = [(_loc(e["loc"]), e["msg"]) for e in exc.errors()]
+        raise ConfigError(f"{source or 'config'}: invalid image definition", problems=problems) from exc
+    problems = []
+    if not cfg.debian.mirror:
+        problems.append(("debian.mirror", "no Debian mirror in the host's apt sources; set debian.mirror"))
+    if not cfg.debian.security_mirror:
+        problems.append(("debian.security_mirror", "no security mirror found; set debian.security_mirror"))
+    if cfg.provision.enabled:
+        pb = cfg.resolve(cfg.provision.playbook)
+        if not pb.is_file():
+            problems.append(("provision.playbook", f"file not found: {pb}"))
+        for i, rp in enumerate(cfg.provision.roles_path):
+            if not cfg.resolve(rp).is_dir():
+                problems.append((f"provision.roles_path.{i}", f"directory not found: {cfg.resolve(rp)}"))
+    if problems:
+        raise ConfigError(f"{source or 'config'}: invalid image definition", problems=problems)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, host_defaults: bool = True) -> ImageConfig:
+    """Read an image definition from YAML, apply ``KEY.PATH=VALUE`` overrides, validate."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError as exc:
+        raise ConfigError(f"image definition not found: {path}") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, not {type(data).__name__}")
+    for key, value in parse_overrides(overrides).items():
+        _set_path(data, key, value)
+    return from_dict(data, source=path.resolve(), host_defaults=host_defaults)
+
+
+def dump_config(cfg: ImageConfig) -> str:
+    """The effective configuration as YAML (for ``show-config``)."""
+    data = cfg.model_dump(mode="json")
+    data["disk"]["size"] = format_size(cfg.disk.size)
+    data["vm"]["memory"] = format_size(cfg.vm.memory)
+    data["provision"]["memory"] = format_size(cfg.provision.memory)
+    return yaml.safe_dump(data, sort_keys=False)
