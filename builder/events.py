@@ -1,0 +1,76 @@
+"""Typed build events. Library code reports progress through an ``on_event`` callback; it never prints.
+
+The CLI renders events with rich; other tools that ``import builder`` pass their own callback.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+log = logging.getLogger("builder")
+
+Kind = Literal["stage-start", "stage-end", "stage-skip", "progress", "info", "warning"]
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: Kind
+    stage: str
+    message: str = ""
+    current: float | None = None
+    total: float | None = None
+    elapsed: float | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+OnEvent = Callable[[Event], None]
+
+
+class Emitter:
+    """Wraps the user's callback; also logs each event and times stages."""
+
+    def __init__(self, on_event: OnEvent | None = None) -> None:
+        self._cb = on_event
+        self.durations: dict[str, float] = {}
+        self.stage_name = ""
+
+    def emit(self, ev: Event) -> None:
+        level = logging.WARNING if ev.kind == "warning" else logging.DEBUG if ev.kind == "progress" else logging.INFO
+        if ev.kind != "progress" or ev.message:
+            log.log(level, "[%s] %s%s", ev.stage, ev.kind + ": " if ev.kind.startswith("stage") else "", ev.message)
+        if self._cb is not None:
+            try:
+                self._cb(ev)
+            except Exception:  # a broken progress display must not break the build
+                log.exception("on_event callback failed")
+
+    def info(self, message: str, **data: Any) -> None:
+        self.emit(Event("info", self.stage_name, message, data=data))
+
+    def warning(self, message: str, **data: Any) -> None:
+        self.emit(Event("warning", self.stage_name, message, data=data))
+
+    def progress(self, message: str = "", current: float | None = None, total: float | None = None,
+                 **data: Any) -> None:
+        self.emit(Event("progress", self.stage_name, message, current, total, data=data))
+
+    def skip(self, stage: str, reason: str) -> None:
+        self.emit(Event("stage-skip", stage, reason))
+
+    @contextmanager
+    def stage(self, name: str, message: str = "") -> Iterator[Emitter]:
+        prev, self.stage_name = self.stage_name, name
+        t0 = time.monotonic()
+        self.emit(Event("stage-start", name, message))
+        try:
+            yield self
+        finally:
+            dt = time.monotonic() - t0
+            self.durations[name] = self.durations.get(name, 0.0) + dt
+            self.emit(Event("stage-end", name, f"{dt:.1f} s", elapsed=dt))
+            self.stage_name = prev

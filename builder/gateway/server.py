@@ -1,0 +1,390 @@
+"""The archive gateway: the mirror the installer (and later apt in the guest) talks to.
+
+It listens on 127.0.0.1; QEMU user networking shows it to the guest as 10.0.2.2. Routes, for each upstream
+prefix (``/debian`` → the Debian mirror, ``/debian-security`` → the security mirror):
+
+* generated files (the builder-signed installer suite) are served from memory;
+* ``dists/<suite>/{InRelease,Release,Release.gpg}`` are passed through unchanged (fetched once per gateway
+  and kept for offline rebuilds); an ``InRelease`` that verifies against the archive keyring is remembered,
+  and every index it lists is then served by its SHA256 (by-hash upstream, checked, content-cached) — so a
+  stale plain path on the mirror cannot reach the installer;
+* ``pool/…`` files with a known hash (udebs of the installer suite, lock pins) are served from the content
+  cache, fetched and checked on first use; other pool files are fetched once, stored by their SHA256 and
+  served from the cache afterwards (apt in the target verifies them against the signed indexes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import TracebackType
+
+from ..archive.cache import ContentCache
+from ..archive.release import Release, parse_release
+from ..archive.verify import verify_inrelease
+from ..errors import BuilderError, FetchError, GatewayError, VerificationError
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+RELEASE_FILES = ("InRelease", "Release", "Release.gpg")
+
+
+@dataclass
+class GatewayStats:
+    requests: int = 0
+    served_bytes: int = 0
+    upstream_requests: int = 0
+    upstream_bytes: int = 0
+    cache_hits: int = 0
+    not_found: int = 0
+    errors: int = 0
+    paths: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, int]:
+        return {k: v for k, v in self.__dict__.items() if k != "paths"}
+
+
+@dataclass(frozen=True)
+class Pin:
+    sha256: str
+    size: int
+
+
+class Gateway:
+    """``with Gateway(upstreams={...}, cache=...) as gw: gw.port``"""
+
+    def __init__(
+        self,
+        *,
+        upstreams: Mapping[str, str],
+        cache: ContentCache,
+        keyring: Path,
+        fingerprints: tuple[str, ...],
+        generated: Mapping[str, bytes] | None = None,
+        pins: Mapping[str, Pin] | None = None,
+        state_dir: Path | None = None,
+        bind: str = "127.0.0.1",
+        port: int = 0,
+        offline: bool = False,
+        timeout: float = 60,
+        on_request: Callable[[str, int, int], None] | None = None,
+    ) -> None:
+        self.upstreams = {k.strip("/"): v.rstrip("/") for k, v in upstreams.items()}
+        self.cache = cache
+        self.keyring = keyring
+        self.fingerprints = fingerprints
+        self.generated = {k.lstrip("/"): v for k, v in (generated or {}).items()}
+        self.pins = {k.lstrip("/"): v for k, v in (pins or {}).items()}
+        self.state_dir = state_dir or cache.root.parent / "gateway"
+        self.bind, self._port = bind, port
+        self.offline = offline
+        self.timeout = timeout
+        self.on_request = on_request
+        self.stats = GatewayStats()
+        self._releases: dict[tuple[str, str], Release] = {}
+        self._meta: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def __enter__(self) -> Gateway:
+        self.start()
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise GatewayError("gateway not started")
+        return int(self._server.server_address[1])
+
+    def guest_host(self, guest_gateway: str = "10.0.2.2") -> str:
+        return f"{guest_gateway}:{self.port}"
+
+    def start(self) -> None:
+        gw = self
+
+        class Handler(_Handler):
+            gateway = gw
+
+        try:
+            self._server = ThreadingHTTPServer((self.bind, self._port), Handler)
+        except OSError as exc:
+            raise GatewayError(f"cannot listen on {self.bind}:{self._port}: {exc.strerror}") from exc
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="gateway", daemon=True)
+        self._thread.start()
+        (self.state_dir / "paths").mkdir(parents=True, exist_ok=True)
+        (self.state_dir / "dists").mkdir(parents=True, exist_ok=True)
+        log.info("archive gateway listening on %s:%d", self.bind, self.port)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def add_release(self, prefix: str, suite: str, release: Release) -> None:
+        """Register an already verified Release (so its indexes are served by hash)."""
+        self._releases[(prefix.strip("/"), suite)] = release
+
+    # ------------------------------------------------------------------ resolution
+    def resolve(self, url_path: str) -> Path | bytes | None:
+        """The content for a request path: bytes, a cache file, or None (404)."""
+        rel = url_path.split("?", 1)[0].lstrip("/")
+        while "//" in rel:
+            rel = rel.replace("//", "/")
+        if ".." in rel.split("/"):
+            return None
+        prefix, _, path = rel.partition("/")
+        if prefix not in self.upstreams:
+            return None
+        key = f"{prefix}/{path}"
+        if key in self.generated:
+            return self.generated[key]
+        if path in self.generated and prefix == next(iter(self.upstreams)):
+            return self.generated[path]
+        if key in self.pins or path in self.pins:
+            pin = self.pins.get(key) or self.pins[path]
+            return self._blob(prefix, path, pin.sha256, pin.size)
+        parts = path.split("/")
+        if len(parts) >= 3 and parts[0] == "dists":
+            suite, sub = parts[1], "/".join(parts[2:])
+            if sub in RELEASE_FILES:
+                return self._release_file(prefix, suite, sub)
+            release = self._releases.get((prefix, suite))
+            if release is None:
+                self._release_file(prefix, suite, "InRelease", quiet=True)
+                release = self._releases.get((prefix, suite))
+            if release is not None and sub in release.files:
+                ent = release.files[sub]
+                return self._blob(prefix, path, ent.sha256, ent.size, by_hash=release.acquire_by_hash)
+            if release is not None and "/by-hash/SHA256/" in sub:
+                sha = sub.rsplit("/", 1)[1]
+                ent2 = next((e for e in release.files.values() if e.sha256 == sha), None)
+                if ent2 is not None:
+                    return self._blob(prefix, path, sha, ent2.size)
+            return self._passthrough(prefix, path)
+        if parts[0] == "pool":
+            return self._pool(prefix, path)
+        return None
+
+    def _upstream_url(self, prefix: str, path: str) -> str:
+        return f"{self.upstreams[prefix]}/{path}"
+
+    def _get(self, url: str, dest: Path | None = None) -> bytes | None:
+        """GET from upstream; None on 404. Into ``dest`` (streamed) when given."""
+        if self.offline:
+            raise FetchError(f"offline: not in the cache: {url}")
+        req = urllib.request.Request(url, headers={"User-Agent": "builder-gateway/0.1"})
+        with self._lock:
+            self.stats.upstream_requests += 1
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                if dest is None:
+                    data = resp.read()
+                    with self._lock:
+                        self.stats.upstream_bytes += len(data)
+                    return data
+                n = 0
+                with open(dest, "wb") as f:
+                    while chunk := resp.read(CHUNK):
+                        f.write(chunk)
+                        n += len(chunk)
+                with self._lock:
+                    self.stats.upstream_bytes += n
+                return b""
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return None
+            raise FetchError(f"upstream answered {exc.code} for {url}") from exc
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise FetchError(f"upstream unreachable for {url}: {reason}") from exc
+
+    def _release_file(self, prefix: str, suite: str, name: str, *, quiet: bool = False) -> bytes | None:
+        key = f"{prefix}/dists/{suite}/{name}"
+        with self._lock:
+            if key in self._meta:
+                return self._meta[key]
+        saved = self.state_dir / "dists" / hashlib.sha256(key.encode()).hexdigest()
+        data: bytes | None
+        try:
+            data = self._get(self._upstream_url(prefix, f"dists/{suite}/{name}"))
+        except FetchError:
+            if not saved.is_file():
+                if quiet:
+                    return None
+                raise
+            log.warning("upstream unreachable, serving the saved %s", key)
+            data = saved.read_bytes()
+        if data is None:
+            return None
+        _atomic_write(saved, data)
+        if name == "InRelease" and (prefix, suite) not in self._releases:
+            try:
+                text = verify_inrelease(data, self.keyring, self.fingerprints)
+                self._releases[(prefix, suite)] = parse_release(text)
+            except VerificationError as exc:
+                log.warning("%s does not verify (%s); its indexes are passed through unchecked", key, exc)
+        with self._lock:
+            self._meta[key] = data
+        return data
+
+    def _blob(self, prefix: str, path: str, sha256: str, size: int, *, by_hash: bool = False) -> Path | None:
+        hit = self.cache.get(sha256, size)
+        if hit is not None:
+            with self._lock:
+                self.stats.cache_hits += 1
+            return hit
+        with self.cache.locked(sha256):
+            hit = self.cache.get(sha256, size)
+            if hit is not None:
+                return hit
+            urls = []
+            if by_hash:
+                d = path.rsplit("/", 1)[0]
+                urls.append(self._upstream_url(prefix, f"{d}/by-hash/SHA256/{sha256}"))
+            urls.append(self._upstream_url(prefix, path))
+            for url in urls:
+                with tempfile.NamedTemporaryFile(dir=self.cache.root, delete=False) as tmp:
+                    tmp_path = Path(tmp.name)
+                try:
+                    if self._get(url, tmp_path) is None:
+                        continue
+                    got = _sha256_file(tmp_path)
+                    if got != sha256 or tmp_path.stat().st_size != size:
+                        log.warning("%s: hash %s does not match the expected %s", url, got, sha256)
+                        continue
+                    return self.cache.put(tmp_path, sha256)
+                finally:
+                    tmp_path.unlink(missing_ok=True)
+        raise VerificationError(f"no upstream copy of {prefix}/{path} matches sha256 {sha256}")
+
+    def _pool(self, prefix: str, path: str) -> Path | None:
+        marker = self.state_dir / "paths" / hashlib.sha256(f"{prefix}/{path}".encode()).hexdigest()
+        if marker.is_file():
+            sha256 = marker.read_text().strip()
+            hit = self.cache.get(sha256)
+            if hit is not None:
+                with self._lock:
+                    self.stats.cache_hits += 1
+                return hit
+        with tempfile.NamedTemporaryFile(dir=self.cache.root, delete=False) as tmp:
+            tmp_path = Path(tmp.name)
+        try:
+            if self._get(self._upstream_url(prefix, path), tmp_path) is None:
+                return None
+            sha256 = _sha256_file(tmp_path)
+            stored = self.cache.put(tmp_path, sha256)
+        finally:
+            tmp_path.unlink(missing_ok=True)
+        _atomic_write(marker, sha256.encode())
+        return stored
+
+    def _passthrough(self, prefix: str, path: str) -> bytes | None:
+        return self._get(self._upstream_url(prefix, path))
+
+
+class _Handler(BaseHTTPRequestHandler):
+    gateway: Gateway
+    protocol_version = "HTTP/1.1"
+    server_version = "builder-gateway/0.1"
+
+    def log_message(self, format: str, *args: object) -> None:
+        log.debug("gateway: " + format, *args)
+
+    def do_HEAD(self) -> None:
+        self._serve(head=True)
+
+    def do_GET(self) -> None:
+        self._serve(head=False)
+
+    def _serve(self, *, head: bool) -> None:
+        gw = self.gateway
+        t0 = time.monotonic()
+        with gw._lock:
+            gw.stats.requests += 1
+        try:
+            content = gw.resolve(self.path)
+        except BuilderError as exc:
+            log.warning("gateway: %s: %s", self.path, exc)
+            with gw._lock:
+                gw.stats.errors += 1
+            self._status(HTTPStatus.BAD_GATEWAY, str(exc).encode())
+            return
+        except Exception:  # a bug must not kill the server thread silently
+            log.exception("gateway: internal error for %s", self.path)
+            with gw._lock:
+                gw.stats.errors += 1
+            self._status(HTTPStatus.INTERNAL_SERVER_ERROR, b"internal error")
+            return
+        if content is None:
+            with gw._lock:
+                gw.stats.not_found += 1
+            log.debug("gateway: 404 %s", self.path)
+            self._status(HTTPStatus.NOT_FOUND, b"not found")
+            if gw.on_request:
+                gw.on_request(self.path, 404, 0)
+            return
+        size = len(content) if isinstance(content, bytes) else content.stat().st_size
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Length", str(size))
+        self.send_header("Content-Type", "application/octet-stream")
+        self.end_headers()
+        if not head:
+            try:
+                if isinstance(content, bytes):
+                    self.wfile.write(content)
+                else:
+                    with open(content, "rb") as f:
+                        shutil.copyfileobj(f, self.wfile, CHUNK)
+            except (BrokenPipeError, ConnectionResetError):
+                return
+            with gw._lock:
+                gw.stats.served_bytes += size
+        if gw.on_request:
+            gw.on_request(self.path, 200, size)
+        log.debug("gateway: 200 %s %d bytes %.2fs", self.path, size, time.monotonic() - t0)
+
+    def _status(self, code: HTTPStatus, body: bytes) -> None:
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Type", "text/plain")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

@@ -1,0 +1,321 @@
+"""The lock file: every file the installer reads, pinned by sha256, next to the image definition.
+
+``resolve_lock()`` (the ``lock`` verb) works out, from the verified archive:
+
+* which signed ``Release`` vouches for the debian-installer udeb index the mirror really serves (on a skewed
+  mirror that may be the ``stable`` alias rather than the codename);
+* a netboot installer (``debian-installer-<N>-netboot-<arch>``) whose kernel ABI has module udebs the mirror
+  serves — the current one when it fits, else an earlier build still in the pool, pinned here by sha256
+  because no signed index lists it any more;
+* for each udeb the index lists but the mirror does not serve, the served build that replaces it (its
+  sha256 taken when the lock was made, recorded with the reason) or its removal;
+* the boot loader packages (isolinux, syslinux-common) from the verified index.
+
+``build``/``fetch`` read the lock and refuse any file whose hash differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .archive.cache import sha256_file
+from .archive.client import Archive
+from .archive.deb import deb_control, deb_extract
+from .archive.packages import parse_packages
+from .config import ImageConfig
+from .errors import BuilderError, FetchError, InstallerError, LockError, VerificationError
+from .installer import netboot
+
+log = logging.getLogger(__name__)
+
+LOCK_VERSION = 1
+UDEB_INDEX = "main/debian-installer/binary-{arch}/Packages"
+BOOT_PACKAGES = ("isolinux", "syslinux-common")
+
+
+@dataclass(frozen=True)
+class FilePin:
+    package: str
+    version: str
+    filename: str
+    sha256: str
+    size: int
+    trust: str = "index"  # "index:<suite>" = listed in a verified Release chain; "lock" = pinned here
+
+    @classmethod
+    def from_stanza(cls, stanza: Mapping[str, str], trust: str) -> FilePin:
+        return cls(stanza["Package"], stanza["Version"], stanza["Filename"], stanza["SHA256"], int(stanza["Size"]),
+                   trust)
+
+
+@dataclass(frozen=True)
+class IndexPin:
+    release_suite: str
+    release_date: str
+    path: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class UdebOverride:
+    package: str
+    index_version: str
+    version: str
+    filename: str
+    sha256: str
+    size: int
+    md5sum: str
+    depends: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class UdebRemoval:
+    package: str
+    index_version: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Lock:
+    suite: str
+    codename: str
+    arch: str
+    created: str
+    netboot: FilePin
+    kernel_abi: str
+    udeb_index: IndexPin
+    overrides: tuple[UdebOverride, ...] = ()
+    removed: tuple[UdebRemoval, ...] = ()
+    boot: tuple[FilePin, ...] = ()
+    notes: tuple[str, ...] = field(default=())
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data = {"lock_version": LOCK_VERSION, **data}
+        return json.dumps(data, indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, *, source: str = "lock") -> Lock:
+        try:
+            data = json.loads(text)
+            if data.pop("lock_version", None) != LOCK_VERSION:
+                raise LockError(f"{source}: unsupported lock version (expected {LOCK_VERSION})")
+            return cls(
+                suite=data["suite"], codename=data["codename"], arch=data["arch"], created=data["created"],
+                netboot=FilePin(**data["netboot"]), kernel_abi=data["kernel_abi"],
+                udeb_index=IndexPin(**data["udeb_index"]),
+                overrides=tuple(UdebOverride(**o) for o in data.get("overrides", ())),
+                removed=tuple(UdebRemoval(**r) for r in data.get("removed", ())),
+                boot=tuple(FilePin(**b) for b in data.get("boot", ())),
+                notes=tuple(data.get("notes", ())),
+            )
+        except LockError:
+            raise
+        except (ValueError, KeyError, TypeError) as exc:
+            raise LockError(f"{source}: malformed lock file: {exc}",
+                            hint="regenerate it with: python -m builder lock IMAGE.yaml") from exc
+
+    def override_fields(self) -> dict[str, dict[str, str]]:
+        """Per package, the index fields the overrides replace (for gateway.udeb.rewrite_index)."""
+        out = {}
+        for o in self.overrides:
+            f = {"Version": o.version, "Filename": o.filename, "Size": str(o.size), "SHA256": o.sha256,
+                 "MD5sum": o.md5sum}
+            if o.depends:
+                f["Depends"] = o.depends
+            out[o.package] = f
+        return out
+
+
+def read_lock(path: Path) -> Lock:
+    try:
+        text = path.read_text()
+    except FileNotFoundError as exc:
+        raise LockError(f"no lock file at {path}", hint=f"create it with: python -m builder lock {path}") from exc
+    return Lock.from_json(text, source=str(path))
+
+
+def write_lock(lock: Lock, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(lock.to_json())
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------------------------- resolution
+
+Report = Callable[[str], None]
+
+
+def _archive(cfg: ImageConfig, suite: str, base: Archive) -> Archive:
+    return Archive(cfg.debian.mirror, suite, keyring=cfg.debian.keyring, fingerprints=cfg.debian.trusted_fingerprints,
+                   cache=base.cache, stats=base.stats, on_progress=base.on_progress)
+
+
+def find_udeb_index(cfg: ImageConfig, main: Archive, report: Report) -> tuple[Archive, IndexPin]:
+    """The first signed Release (codename, then its suite alias) whose udeb index the mirror serves intact."""
+    rel = main.release()
+    path = UDEB_INDEX.format(arch=cfg.debian.arch)
+    errors = []
+    for alias in dict.fromkeys([cfg.debian.suite, rel.codename, rel.suite]):
+        arch = main if alias == main.suite else _archive(cfg, alias, main)
+        try:
+            r = arch.release()
+            if r.codename != rel.codename:
+                errors.append(f"{alias}: codename {r.codename}, not {rel.codename}")
+                continue
+            ent = arch.index_file(path).entry
+        except (FetchError, VerificationError) as exc:
+            errors.append(f"{alias}: {exc}")
+            report(f"udeb index of dists/{alias} is not served intact: {exc}")
+            continue
+        report(f"udeb index: dists/{alias} ({r.date}) {ent.path} sha256 {ent.sha256[:16]}…")
+        return arch, IndexPin(alias, r.date, ent.path, ent.sha256, ent.size)
+    raise InstallerError(
+        "the mirror serves no debian-installer index that a signed Release vouches for",
+        log_tail=errors, hint="use another mirror (debian.mirror)",
+    )
+
+
+def find_netboot(cfg: ImageConfig, main: Archive, index: Mapping[str, Mapping[str, str]],
+                 report: Report) -> tuple[FilePin, str, Path]:
+    """The newest netboot package (index version first, then earlier builds in the pool) whose kernel ABI has
+    served module udebs. Returns the pin, the ABI and the cached .deb."""
+    name = netboot.netboot_package(cfg.debian.release, cfg.debian.arch)
+    pkgs = main.packages("main", arch=cfg.debian.arch)
+    if name not in pkgs:
+        raise InstallerError(f"{name} is not in the {cfg.debian.suite} main index")
+    stanza = pkgs[name]
+    abis = netboot.module_abis(index)
+    report(f"udeb index has module udebs for kernel ABIs: {', '.join(sorted(abis)) or 'none'}")
+    served: dict[str, bool] = {}
+    members = netboot.image_members(cfg.debian.release, cfg.debian.arch)
+    tried = []
+    for version in [stanza["Version"], *netboot.candidate_versions(stanza["Version"])]:
+        if "+b" in version.rsplit("+deb", 1)[-1] and version != stanza["Version"]:
+            continue  # arch-all packages have no binNMUs
+        if version == stanza["Version"]:
+            pin = FilePin.from_stanza(stanza, f"index:{main.suite}")
+            path = main.fetch_package(stanza)
+        else:
+            filename = netboot.pool_filename(stanza, version)
+            if not main.exists(filename):
+                continue
+            path = _fetch_unpinned(main, filename)
+            ctl = deb_control(path)
+            if ctl.get("Package") != name or ctl.get("Version") != version:
+                raise VerificationError(f"{filename} is not {name} {version} (control says {ctl.get('Package')} "
+                                        f"{ctl.get('Version')})")
+            pin = FilePin(name, version, filename, sha256_file(path), path.stat().st_size, "lock")
+        kernel = deb_extract(path, [members["kernel"]])[members["kernel"]]
+        abi = netboot.kernel_release(kernel)
+        if abi not in served and abi in abis:
+            served[abi] = all(main.exists(index[n]["Filename"]) for n in abis[abi])
+        ok = served.get(abi, False)
+        tried.append(f"{version}: kernel {abi}: " + ("module udebs served" if ok else
+                     "module udebs listed but not served" if abi in abis else "no module udebs in the index"))
+        report(f"netboot {version}: kernel {abi}, " + ("usable" if ok else "not usable"))
+        if ok:
+            return pin, abi, path
+    raise InstallerError(
+        f"no {name} build in the pool has a kernel whose module udebs the mirror serves",
+        log_tail=tried, hint="the mirror is inconsistent; try another mirror (debian.mirror)",
+    )
+
+
+def _fetch_unpinned(arch: Archive, filename: str) -> Path:
+    """Fetch a pool file no signed index lists (lock time only): it is pinned by the sha256 recorded now."""
+    data = arch.get_url(filename, label=filename)
+    return arch.cache.put(data, hashlib.sha256(data).hexdigest())
+
+
+def resolve_udebs(main: Archive, index: Mapping[str, Mapping[str, str]], abi: str, initrd_status: Mapping[str, str],
+                  built_using: Mapping[str, str], report: Report) -> tuple[list[UdebOverride], list[UdebRemoval]]:
+    overrides, removed = [], []
+    for name, st in sorted(index.items()):
+        mod_abi = netboot.abi_of_module_udeb(name)
+        if mod_abi is not None and mod_abi != abi:
+            if not main.exists(st["Filename"]):
+                removed.append(UdebRemoval(name, st["Version"], f"kernel ABI {mod_abi} is not the installer's "
+                                           f"({abi}) and the mirror does not serve it"))
+            continue
+        if main.exists(st["Filename"]):
+            continue
+        hints = tuple(v for v in (initrd_status.get(name), built_using.get(netboot.source_name(st))) if v)
+        for version in netboot.candidate_versions(st["Version"], hints=hints):
+            filename = netboot.pool_filename(st, version)
+            if not main.exists(filename):
+                continue
+            path = _fetch_unpinned(main, filename)
+            ctl = deb_control(path)
+            if ctl.get("Package") != name or ctl.get("Version") != version:
+                continue
+            data = path.read_bytes()
+            why = (f"index lists {st['Version']}, which the mirror does not serve; {version} is served"
+                   + (" (the version inside the netboot initrd)" if initrd_status.get(name) == version else ""))
+            overrides.append(UdebOverride(name, st["Version"], version, filename, hashlib.sha256(data).hexdigest(),
+                                          len(data), hashlib.md5(data).hexdigest(), ctl.get("Depends", ""), why))
+            report(f"udeb {name}: {st['Version']} not served → {version}")
+            break
+        else:
+            why = (f"index lists {st['Version']}, no build of it is served"
+                   + (f"; the netboot initrd has {initrd_status[name]}" if name in initrd_status else ""))
+            removed.append(UdebRemoval(name, st["Version"], why))
+            report(f"udeb {name}: {st['Version']} not served, no replacement → removed")
+    return overrides, removed
+
+
+def resolve_lock(cfg: ImageConfig, main: Archive, *, report: Report | None = None) -> Lock:
+    """Work out a complete lock from the live (verified) archive."""
+    say = report or (lambda msg: log.info("%s", msg))
+    rel = main.release()
+    udeb_arch, index_pin = find_udeb_index(cfg, main, say)
+    index = parse_packages(udeb_arch.index(UDEB_INDEX.format(arch=cfg.debian.arch)))
+    pin, abi, deb = find_netboot(cfg, main, index, say)
+    members = netboot.image_members(cfg.debian.release, cfg.debian.arch)
+    initrd = deb_extract(deb, [members["initrd"]])[members["initrd"]]
+    from .installer.cpio import read_cpio
+
+    files = read_cpio(initrd)
+    status_text = files.get("var/lib/dpkg/status", b"").decode(errors="replace")
+    initrd_status = netboot.parse_status(status_text)
+    built_using = netboot.parse_built_using(deb_control(deb).get("Built-Using", ""))
+    overrides, removed = resolve_udebs(main, index, abi, initrd_status, built_using, say)
+    pkgs = main.packages("main", arch=cfg.debian.arch)
+    boot = []
+    for name in BOOT_PACKAGES:
+        if name not in pkgs:
+            raise InstallerError(f"{name} is not in the {cfg.debian.suite} main index")
+        boot.append(FilePin.from_stanza(pkgs[name], f"index:{main.suite}"))
+    notes = []
+    if pin.trust == "lock":
+        notes.append(f"netboot {pin.version} is no longer listed in a signed index; its sha256 was pinned when this "
+                     f"lock was made")
+    if overrides:
+        notes.append(f"{len(overrides)} udebs are replaced by the served build (sha256 pinned when this lock was made)")
+    return Lock(
+        suite=cfg.debian.suite, codename=rel.codename, arch=cfg.debian.arch,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        netboot=pin, kernel_abi=abi, udeb_index=index_pin, overrides=tuple(overrides), removed=tuple(removed),
+        boot=tuple(boot), notes=tuple(notes),
+    )
+
+
+def lock_summary(lock: Lock) -> dict[str, Any]:
+    return {
+        "netboot": f"{lock.netboot.version} (kernel {lock.kernel_abi}, trust {lock.netboot.trust})",
+        "udeb_index": f"dists/{lock.udeb_index.release_suite} {lock.udeb_index.path}",
+        "overrides": len(lock.overrides),
+        "removed": len(lock.removed),
+    }
+
+
+__all__ = ["BuilderError", "Lock", "read_lock", "resolve_lock", "write_lock"]

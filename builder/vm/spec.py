@@ -1,0 +1,131 @@
+"""What a build VM is: a frozen, backend-neutral description (:class:`VmSpec`) of one QEMU guest.
+
+The QEMU backend turns it into an argv (:func:`builder.vm.qemu.qemu_argv`), the libvirt backend into domain XML
+(:func:`builder.vm.libvirt.domain_xml`). Both functions are pure; nothing here touches the host.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from ..errors import VmError
+
+Accel = Literal["kvm", "tcg"]
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class Drive:
+    """A block device of the guest.
+
+    ``media="disk"`` becomes a virtio disk, ``media="cdrom"`` a CD-ROM on the machine's SATA/IDE bus (always
+    read-only). A CD-ROM whose file ends in ``.iso`` and whose format was left at the default is read as
+    ``raw`` (an ISO is never qcow2). ``discard`` passes the guest's TRIM through (``discard=unmap``) and turns
+    written zeros into holes (``detect-zeroes=unmap``), so ``fstrim`` in the guest shrinks the image.
+    ``cache="unsafe"`` ignores the guest's flushes (much faster for a throw-away install disk, but a host crash
+    loses data).
+    """
+
+    path: Path
+    format: str = "qcow2"
+    media: Literal["disk", "cdrom"] = "disk"
+    readonly: bool = False
+    discard: bool = True
+    cache: Literal["writeback", "unsafe", "none", "writethrough", "directsync"] = "writeback"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+        if self.media not in ("disk", "cdrom"):
+            raise VmError(f"drive {self.path}: media must be 'disk' or 'cdrom', not {self.media!r}")
+        if self.media == "cdrom" and self.format == "qcow2" and self.path.suffix.lower() == ".iso":
+            object.__setattr__(self, "format", "raw")
+        if not re.fullmatch(r"[a-z0-9]+", self.format):
+            raise VmError(f"drive {self.path}: not an image format: {self.format!r}")
+        if self.cache not in ("writeback", "unsafe", "none", "writethrough", "directsync"):
+            raise VmError(f"drive {self.path}: not a cache mode: {self.cache!r}")
+
+    @classmethod
+    def cdrom(cls, path: Path) -> Drive:
+        """A read-only raw CD-ROM (an ISO image)."""
+        return cls(path=Path(path), format="raw", media="cdrom", readonly=True, discard=False)
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    """One guest. ``ssh_forward`` is a host TCP port on 127.0.0.1 forwarded to the guest's port 22 (QEMU user
+    networking; the host is reachable from the guest as 10.0.2.2). ``extra_forwards`` are more
+    ``(host_port, guest_port)`` TCP pairs. ``cpu_model=None`` means ``max`` under TCG and ``host`` under KVM.
+    ``no_reboot`` makes a guest reboot end the VM like a power-off (the installer reboots or powers off at the
+    end; both must end the VM). ``serial_log`` receives the guest's first serial port (ttyS0).
+    """
+
+    name: str
+    memory_mib: int
+    cpus: int
+    accel: Accel
+    drives: tuple[Drive, ...] = ()
+    boot: Literal["cdrom", "disk"] = "disk"
+    kernel: Path | None = None
+    initrd: Path | None = None
+    append: str = ""
+    serial_log: Path | None = None
+    ssh_forward: int | None = None
+    extra_forwards: tuple[tuple[int, int], ...] = ()
+    nic_model: str = "virtio-net-pci"
+    machine: str = "q35"
+    cpu_model: str | None = None
+    no_reboot: bool = True
+    extra_args: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        if not _NAME_RE.match(self.name):
+            problems.append(f"name {self.name!r} must be 1-63 characters of letters, digits, '.', '_', '-'")
+        if self.memory_mib < 64:
+            problems.append(f"memory_mib {self.memory_mib} is too small (at least 64)")
+        if not 1 <= self.cpus <= 256:
+            problems.append(f"cpus {self.cpus} must be between 1 and 256")
+        if self.accel not in ("kvm", "tcg"):
+            problems.append(f"accel must be 'kvm' or 'tcg', not {self.accel!r} (resolve 'auto' with choose_accel)")
+        if self.boot not in ("cdrom", "disk"):
+            problems.append(f"boot must be 'cdrom' or 'disk', not {self.boot!r}")
+        if self.initrd is not None and self.kernel is None:
+            problems.append("initrd given without kernel")
+        if self.append and self.kernel is None:
+            problems.append("append (kernel command line) given without kernel")
+        ports = [p for p in (self.ssh_forward,) if p is not None] + [h for h, _ in self.extra_forwards]
+        for port in ports + [g for _, g in self.extra_forwards]:
+            if not 1 <= port <= 65535:
+                problems.append(f"port {port} is out of range")
+        if len(set(ports)) != len(ports):
+            problems.append(f"host ports are forwarded twice: {sorted(ports)}")
+        if problems:
+            raise VmError(f"invalid VM spec {self.name!r}: " + "; ".join(problems))
+        object.__setattr__(self, "drives", tuple(self.drives))
+        object.__setattr__(self, "extra_forwards", tuple((int(h), int(g)) for h, g in self.extra_forwards))
+        object.__setattr__(self, "extra_args", tuple(self.extra_args))
+        for attr in ("kernel", "initrd", "serial_log"):
+            value = getattr(self, attr)
+            if value is not None:
+                object.__setattr__(self, attr, Path(value))
+
+    @property
+    def effective_cpu_model(self) -> str:
+        if self.cpu_model:
+            return self.cpu_model
+        return "host" if self.accel == "kvm" else "max"
+
+    @property
+    def forwards(self) -> tuple[tuple[int, int], ...]:
+        """Every (host port, guest port) TCP forward, SSH first."""
+        ssh = ((self.ssh_forward, 22),) if self.ssh_forward is not None else ()
+        return ssh + self.extra_forwards
+
+    def boot_order(self) -> list[Drive]:
+        """The drives in boot order: the ``boot`` media kind first, then the rest in their given order."""
+        first = [d for d in self.drives if d.media == self.boot]
+        return first + [d for d in self.drives if d.media != self.boot]
