@@ -275,7 +275,9 @@ def from_dict(data: dict[str, Any], *, source: Path | None = None, host_defaults
     return cfg
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, host_defaults: bool = True) -> ImageConfig:
+def load_config(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, host_defaults: bool = True
+) -> ImageConfig:
     """Read an image definition from YAML, apply ``KEY.PATH=VALUE`` overrides, validate."""
     path = Path(path)
     try:

@@ -21,7 +21,8 @@ from .vm.spec import Drive, VmSpec
 
 log = logging.getLogger(__name__)
 
-FACTS = "cat /etc/debian_version; uname -r; findmnt -n -o SOURCE,SIZE,FSTYPE /; systemctl is-enabled cloud-init.service"
+FACTS = ("cat /etc/debian_version; uname -r; findmnt -n -o SOURCE,SIZE,FSTYPE /; "
+         "systemctl is-enabled cloud-init.service")
 
 
 def apt_sources(cfg: ImageConfig) -> str:
@@ -34,6 +35,12 @@ def apt_sources(cfg: ImageConfig) -> str:
         f"Types: deb\nURIs: {cfg.debian.security_mirror}\nSuites: {s}-security\nComponents: {comps}\n"
         f"Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
     )
+
+
+def repoint_apt(port: int) -> str:
+    """Shell: point the guest's apt sources at the gateway on ``port`` (where an earlier build's port is)."""
+    return ("for f in /etc/apt/sources.list /etc/apt/sources.list.d/*; do [ -f \"$f\" ] && "
+            f"sed -i -E 's#http://10[.]0[.]2[.]2:[0-9]+/#http://10.0.2.2:{port}/#g' \"$f\"; done; true")
 
 
 def hygiene_script(cfg: ImageConfig) -> str:
@@ -76,8 +83,10 @@ def provision_spec(cfg: ImageConfig, disk: Path, workdir: Path, accel: str, port
     )
 
 
-def boot_and_provision(cfg: ImageConfig, disk: Path, *, workdir: Path, accel: str, client_key: KeyPair,
-                       host_key: KeyPair, emitter: Emitter, ssh_timeout: float = 900) -> dict[str, Any]:
+def boot_and_provision(
+    cfg: ImageConfig, disk: Path, *, workdir: Path, accel: str, client_key: KeyPair, host_key: KeyPair,
+    emitter: Emitter, gateway_port: int, ssh_timeout: float = 900,
+) -> dict[str, Any]:
     """Boot ``disk``, provision it, clean it, power it off. Returns facts and timings for the manifest."""
     port = find_free_port()
     spec = provision_spec(cfg, disk, workdir, accel, port)
@@ -94,6 +103,8 @@ def boot_and_provision(cfg: ImageConfig, disk: Path, *, workdir: Path, accel: st
                               is_alive=vm.is_running)
         out["ssh_seconds"] = round(time.monotonic() - t0, 1)
         try:
+            # apt in the guest goes through this build's gateway (the installed disk may come from the cache)
+            run_command(client, f"sudo sh -c {shlex.quote(repoint_apt(gateway_port))}")
             _, facts, _ = run_command(client, FACTS, check=False)
             out["facts"] = facts.strip().splitlines()
             emitter.info(f"SSH up after {out['ssh_seconds']} s: " + " | ".join(out["facts"]))

@@ -30,9 +30,16 @@ from .gateway.server import Gateway
 from .gateway.signing import EphemeralKey, combined_keyring
 from .inputs import InstallerInputs, fetch_inputs
 from .install import install_spec, run_install
+from .installcache import InstalledDiskCache, install_key
 from .installer.cpio import append_to_initrd
 from .installer.iso import build_iso
-from .installer.preseed import PreseedContext, check_preseed_syntax, installer_cmdline, render_preseed
+from .installer.preseed import (
+    PreseedContext,
+    check_preseed_syntax,
+    default_template_dir,
+    installer_cmdline,
+    render_preseed,
+)
 from .installer.progress import InstallTracker, SyslogListener
 from .ssh import KeyPair, generate_keypair
 from .vm.accel import choose_accel
@@ -128,6 +135,49 @@ def write_iso(cfg: ImageConfig, out: Path | None, *, emitter: Emitter, stats: Fe
 # ---------------------------------------------------------------------------------------------- build
 
 
+def start_gateway(cfg: ImageConfig, stack: ExitStack, inputs: InstallerInputs, cache: ContentCache) -> tuple[
+        Gateway, EphemeralKey]:
+    """The archive gateway with the installer suite signed by a fresh ephemeral key (both live on ``stack``)."""
+    key = stack.enter_context(EphemeralKey(f"builder {cfg.name} installer suite"))
+    gw = stack.enter_context(Gateway(
+        upstreams={"debian": cfg.debian.mirror, "debian-security": cfg.debian.security_mirror},
+        cache=cache, keyring=cfg.debian.keyring, fingerprints=cfg.debian.trusted_fingerprints,
+        generated=signed_suite(inputs, key), pins=inputs.udeb_pins,
+    ))
+    return gw, key
+
+
+def pick_accel(cfg: ImageConfig, inputs: InstallerInputs, emitter: Emitter) -> str:
+    accel, why = choose_accel(cfg.vm.accel, inputs.kernel)
+    say = emitter.info if accel == "kvm" or cfg.vm.accel == "tcg" else emitter.warning
+    say(f"accelerator {accel}: {why}")
+    return accel
+
+
+def install_disk(cfg: ImageConfig, inputs: InstallerInputs, stack: ExitStack, workdir: Path, emitter: Emitter, *,
+                 gw: Gateway, key: EphemeralKey, accel: str, client_key: KeyPair, host_key: KeyPair,
+                 ) -> tuple[Path, dict[str, Any]]:
+    """Stages preseed, media and install: an installed disk in ``workdir``."""
+    tracker = InstallTracker(on_step=lambda step: emitter.info(f"installer: {step}"))
+    listener = stack.enter_context(SyslogListener(workdir / "install.syslog", tracker))
+    with emitter.stage("preseed"):
+        preseed = render_preseed(_preseed_context(cfg, gw.guest_host(GUEST_HOST), client_key, host_key))
+        check_preseed_syntax(preseed)
+        (workdir / "preseed.cfg").write_text(preseed)
+    with emitter.stage("media"):
+        iso = make_media(cfg, inputs, preseed, key, workdir, log_port=listener.port)
+    disk = workdir / "installed.qcow2"
+    with emitter.stage("install"):
+        image.create(disk, cfg.disk.size)
+        spec = install_spec(name=f"{cfg.name}-install", iso=iso, disk=disk, accel=accel, cpus=cfg.vm.cpus,
+                            memory=cfg.vm.memory, workdir=workdir)
+        res = run_install(spec, workdir=workdir, tracker=tracker, listener=listener, emitter=emitter,
+                          timeout=cfg.installer.timeout, stall_timeout=cfg.installer.stall_timeout)
+    facts = {"seconds": round(res.seconds, 1), "udebs": res.udebs, "packages": res.packages,
+             "milestones": list(res.milestones), "gateway": gw.stats.as_dict()}
+    return disk, facts
+
+
 def build(cfg: ImageConfig, *, on_event: Callable[[Event], None] | Emitter | None = None, output: Path | None = None,
           force: bool = False, keep_workdir: bool = False, use_cache: bool = True) -> BuildResult:
     """Build the image described by ``cfg``; return where it is. Raises BuilderError subclasses."""
@@ -139,46 +189,36 @@ def build(cfg: ImageConfig, *, on_event: Callable[[Event], None] | Emitter | Non
         raise OutputError(f"{final_image} exists", hint="pass --force to replace it")
     cache = ContentCache()
     stats = FetchStats()
+    disks = InstalledDiskCache()
     manifest: dict[str, Any] = {"name": cfg.name, "builder_version": __version__}
     with ExitStack() as stack:
         workdir = stack.enter_context(_workdir(cfg, keep_workdir, emitter))
         with emitter.stage("fetch"):
             inputs = fetch_inputs(cfg, cache, stats, emitter)
         with emitter.stage("keys"):
-            client_key = generate_keypair(f"builder@{cfg.name}")
-            host_key = generate_keypair(f"root@{cfg.installer.hostname}")
-            key = stack.enter_context(EphemeralKey(f"builder {cfg.name} installer suite"))
-            accel, why = choose_accel(cfg.vm.accel, inputs.kernel)
-            say = emitter.info if accel == "kvm" or cfg.vm.accel == "tcg" else emitter.warning
-            say(f"accelerator {accel}: {why}")
-        gw = stack.enter_context(Gateway(
-            upstreams={"debian": cfg.debian.mirror, "debian-security": cfg.debian.security_mirror},
-            cache=cache, keyring=cfg.debian.keyring, fingerprints=cfg.debian.trusted_fingerprints,
-            generated=signed_suite(inputs, key), pins=inputs.udeb_pins,
-        ))
-        tracker = InstallTracker()
-        listener = stack.enter_context(SyslogListener(workdir / "install.syslog", tracker))
-        with emitter.stage("preseed"):
-            preseed = render_preseed(_preseed_context(cfg, gw.guest_host(GUEST_HOST), client_key, host_key))
-            check_preseed_syntax(preseed)
-            (workdir / "preseed.cfg").write_text(preseed)
-        with emitter.stage("media"):
-            iso = make_media(cfg, inputs, preseed, key, workdir, log_port=listener.port)
-        disk = workdir / "disk.qcow2"
-        with emitter.stage("install"):
-            image.create(disk, cfg.disk.size)
-            tracker.on_step = lambda step: emitter.info(f"installer: {step}")
-            spec = install_spec(name=f"{cfg.name}-install", iso=iso, disk=disk, accel=accel, cpus=cfg.vm.cpus,
-                                memory=cfg.vm.memory, workdir=workdir)
-            res = run_install(spec, workdir=workdir, tracker=tracker, listener=listener, emitter=emitter,
-                              timeout=cfg.installer.timeout, stall_timeout=cfg.installer.stall_timeout)
-            manifest["install"] = {"seconds": round(res.seconds, 1), "udebs": res.udebs, "packages": res.packages,
-                                   "gateway": gw.stats.as_dict()}
+            gw, key = start_gateway(cfg, stack, inputs, cache)
+            accel = pick_accel(cfg, inputs, emitter)
+            ikey = install_key(cfg, inputs.lock, default_template_dir())
+            cached = disks.lookup(ikey) if use_cache else None
+            if cached is None:
+                client_key = generate_keypair(f"builder@{cfg.name}")
+                host_key = generate_keypair(f"root@{cfg.installer.hostname}")
+            else:
+                client_key, host_key = cached.client_key, cached.host_key
+        if cached is None:
+            installed, manifest["install"] = install_disk(cfg, inputs, stack, workdir, emitter, gw=gw, key=key,
+                                                          accel=accel, client_key=client_key, host_key=host_key)
+            base = disks.store(ikey, installed, client_key, host_key)
+        else:
+            emitter.skip("install", f"reusing the installed disk from {cached.created} (input hash {ikey})")
+            base = cached.disk
+            manifest["install"] = {"cached": cached.created, "key": ikey}
+        disk = image.overlay(base, workdir / "disk.qcow2")
         from .guest import boot_and_provision  # the provisioning stage
 
         with emitter.stage("provision"):
             manifest["provision"] = boot_and_provision(cfg, disk, workdir=workdir, accel=accel, client_key=client_key,
-                                                       host_key=host_key, emitter=emitter)
+                                                       host_key=host_key, emitter=emitter, gateway_port=gw.port)
         with emitter.stage("publish"):
             result = publish(cfg, disk, out_dir, inputs=inputs, manifest=manifest, emitter=emitter, stats=stats,
                              started=t0, workdir=workdir)

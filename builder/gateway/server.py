@@ -266,7 +266,7 @@ class Gateway:
                 urls.append(self._upstream_url(prefix, f"{d}/by-hash/SHA256/{sha256}"))
             urls.append(self._upstream_url(prefix, path))
             for url in urls:
-                with tempfile.NamedTemporaryFile(dir=self.cache.root, delete=False) as tmp:
+                with tempfile.NamedTemporaryFile(dir=self.cache.tmp_dir, delete=False) as tmp:
                     tmp_path = Path(tmp.name)
                 try:
                     if self._get(url, tmp_path) is None:
@@ -289,7 +289,7 @@ class Gateway:
                 with self._lock:
                     self.stats.cache_hits += 1
                 return hit
-        with tempfile.NamedTemporaryFile(dir=self.cache.root, delete=False) as tmp:
+        with tempfile.NamedTemporaryFile(dir=self.cache.tmp_dir, delete=False) as tmp:
             tmp_path = Path(tmp.name)
         try:
             if self._get(self._upstream_url(prefix, path), tmp_path) is None:

@@ -88,14 +88,10 @@ class InstallTracker:
                 self._set_step(STEP_NAMES[item])
             if item == "finish-install":
                 self.finished = True
-        if rec.program == "anna" and re.search(r"(retrieving|installing) ", msg, re.IGNORECASE):
-            if "retrieving" in msg.lower():
-                self.udebs += 1
-        if rec.program in ("in-target", "debootstrap", "apt-install", "log-output") and (
-            msg.startswith("Unpacking ") or msg.startswith("Setting up ")
-        ):
-            if msg.startswith("Setting up "):
-                self.packages += 1
+        if rec.program == "anna" and "retrieving" in msg.lower():
+            self.udebs += 1
+        if rec.program in ("in-target", "debootstrap", "apt-install", "log-output") and msg.startswith("Setting up "):
+            self.packages += 1
         if rec.program == "debootstrap" and self.step != "install base system":
             self._set_step("install base system")
         for rx in FAILURE_RES:

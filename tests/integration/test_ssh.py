@@ -25,7 +25,8 @@ def keys():
 
 @pytest.fixture(scope="module")
 def sshd(keys, tmp_path_factory):
-    with local_sshd(tmp_path_factory.mktemp("sshd"), keys["host"].private_openssh, keys["client"].public_openssh) as port:
+    wd = tmp_path_factory.mktemp("sshd")
+    with local_sshd(wd, keys["host"].private_openssh, keys["client"].public_openssh) as port:
         yield port
 
 

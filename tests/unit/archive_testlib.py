@@ -223,7 +223,7 @@ def serve(root: Path) -> Iterator[ArchiveServer]:
     if not link.exists():
         link.symlink_to(root)
     srv = ArchiveServer(web)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         yield srv

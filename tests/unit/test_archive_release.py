@@ -56,7 +56,9 @@ def test_release_is_hashable_and_frozen() -> None:
 
 
 def test_valid_until() -> None:
-    rel = parse_release(RELEASE.replace(b"Acquire-By-Hash", b"Valid-Until: Sat, 28 Nov 2026 09:15:44 UTC\nAcquire-By-Hash"))
+    rel = parse_release(
+        RELEASE.replace(b"Acquire-By-Hash", b"Valid-Until: Sat, 28 Nov 2026 09:15:44 UTC\nAcquire-By-Hash")
+    )
     assert rel.is_expired(datetime(2026, 11, 29, tzinfo=UTC))
     assert not rel.is_expired(datetime(2026, 11, 27, tzinfo=UTC))
 

@@ -1,0 +1,180 @@
+"""The real roles against a real Debian 13 tree: debootstrap (cached per day) + sshd in a chroot on 127.0.0.1.
+
+The DKMS compile really happens, for the tree's *installed* kernel, while the running (host) kernel is a
+different one: the situation the nvidia role must handle. Daemons don't start in the chroot (policy-rc.d
+exit 101, and no init). Slow: see the timings printed with ``-s`` (the lead decides whether CI runs it).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from builder.errors import ProvisionError
+from builder.provision import Target, run_playbook
+from builder.ssh import generate_keypair, known_hosts_line
+
+try:
+    import trixie_target as tt
+except ImportError:  # tests/ made a package
+    from . import trixie_target as tt
+
+ROOT = Path(__file__).resolve().parents[2]
+PLAYBOOK = ROOT / "playbooks" / "cloud-gpu-worker.yml"
+ROLES = [ROOT / "roles"]
+TIMINGS: dict[str, float] = {}
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _need(tool: str) -> None:
+    if shutil.which(tool) is None:
+        pytest.skip(f"{tool} is not installed (apt-get install {tool})")
+
+
+@pytest.fixture(scope="module")
+def trixie(tmp_path_factory):
+    _need("debootstrap")
+    t0 = time.monotonic()
+    pristine = tt.pristine_tree()
+    TIMINGS["debootstrap (0 when cached)"] = time.monotonic() - t0
+    work = tmp_path_factory.mktemp("trixie")
+    t0 = time.monotonic()
+    tree = tt.working_copy(pristine, work / "root")
+    TIMINGS["copy of the cached tree"] = time.monotonic() - t0
+    client, host = generate_keypair("builder-test-client"), generate_keypair("builder-test-host")
+    priv, _ = client.write(work / "keys", "id_ed25519")
+    try:
+        with tt.chroot_mounts(tree), tt.local_sshd(work, host.private_openssh, client.public_openssh,
+                                                   root=tree) as port:
+            kh = work / "keys" / "known_hosts"
+            kh.write_text(known_hosts_line("127.0.0.1", port, host.public_openssh) + "\n")
+            yield {"tree": tree, "work": work, "target": Target("127.0.0.1", port, "root", priv, kh)}
+    finally:
+        left = tt.mounts_under(tree)
+        assert not left, f"still mounted: {left}"
+        shutil.rmtree(tree, ignore_errors=True)
+        print("\nTIMINGS " + json.dumps({k: round(v) for k, v in TIMINGS.items()}))
+
+
+def chroot(tree: Path, *cmd: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["chroot", str(tree), *cmd], capture_output=True, text=True, timeout=300)
+
+
+def installed_kernels(tree: Path) -> list[str]:
+    return sorted(p.name.removeprefix("vmlinuz-") for p in (tree / "boot").glob("vmlinuz-*"))
+
+
+@pytest.mark.timeout(5400)
+def test_cloud_gpu_worker_playbook(trixie):
+    tree, target = trixie["tree"], trixie["target"]
+    running = subprocess.run(["uname", "-r"], capture_output=True, text=True).stdout.strip()
+    kernels = installed_kernels(tree)
+    assert kernels and running not in kernels  # the role must not use the running kernel
+    # apt proxy settings left by the build must be gone afterwards (harmless ones here: the chroot's apt
+    # reaches the mirror directly)
+    (tree / "etc/apt/apt.conf.d/99proxy-marker").write_text("// a file the build's proxy setup would leave\n")
+    (tree / "etc/apt/apt.conf").write_text('Acquire::http::Proxy::localhost "DIRECT";\nAPT::Foo "1";\n')
+    # an installer-style ifupdown stanza for its NIC must not survive
+    (tree / "etc/network").mkdir(exist_ok=True)
+    (tree / "etc/network/interfaces").write_text("auto lo\niface lo inet loopback\nallow-hotplug ens3\n"
+                                                 "iface ens3 inet dhcp\n")
+
+    t0 = time.monotonic()
+    first = run_playbook(PLAYBOOK, target, roles_path=ROLES, extra_vars={}, workdir=trixie["work"] / "run1",
+                         task_timeout=3600, timeout=5000)
+    TIMINGS["first run (DKMS compile)"] = time.monotonic() - t0
+    assert first.status == "successful" and first.changed > 0
+
+    for k in installed_kernels(tree):
+        mi = chroot(tree, "modinfo", "-k", k, "-F", "filename", "nvidia")
+        assert mi.returncode == 0 and f"/lib/modules/{k}/" in mi.stdout, mi
+        st = chroot(tree, "dkms", "status", "-k", k)
+        assert any(line.startswith("nvidia") and line.endswith(": installed") for line in st.stdout.splitlines()), st
+        initrd = chroot(tree, "lsinitramfs", f"/boot/initrd.img-{k}")
+        assert initrd.returncode == 0 and "kernel/" in initrd.stdout
+        assert not [x for x in initrd.stdout.splitlines() if "nouveau" in x and ".ko" in x]
+    assert (tree / "usr/bin/nvidia-smi").exists()
+    assert "blacklist nouveau" in (tree / "etc/modprobe.d/blacklist-nouveau.conf").read_text()
+    pkgs = chroot(tree, "dpkg-query", "-W", "-f", "${Package} ${Version} ${db:Status-Status}\\n").stdout
+    installed = {line.split()[0]: line.split()[1] for line in pkgs.splitlines() if line.endswith(" installed")}
+    assert not [p for p in installed if p.startswith(("cuda", "nvidia-cuda", "libcudart"))]
+    assert not [p for p in installed if p.startswith(("xserver-xorg", "nvidia-driver", "libgl1-nvidia"))]
+    for p in ("nvidia-kernel-dkms", "nvidia-smi", "libcuda1", "nvidia-persistenced", "firmware-nvidia-gsp",
+              "cloud-init", "network-manager", "qemu-guest-agent", "dkms", *(f"linux-headers-{k}" for k in kernels)):
+        assert p in installed, p
+    nvidia_set = sorted(f"{p}={v}" for p, v in installed.items() if "nvidia" in p or p.startswith("libcuda"))
+    print("\nNVIDIA packages installed:", " ".join(nvidia_set))
+    # base role results
+    assert chroot(tree, "systemctl", "is-enabled", "nvidia-persistenced").stdout.strip() == "enabled"
+    assert chroot(tree, "systemctl", "is-enabled", "NetworkManager").stdout.strip() == "enabled"
+    assert "ens3" not in (tree / "etc/network/interfaces").read_text()
+    assert "manage_etc_hosts: true" in (tree / "etc/cloud/cloud.cfg.d/10-builder-cloud-image.cfg").read_text()
+    sshd = chroot(tree, "/usr/sbin/sshd", "-T", "-C", "user=root,host=x,addr=127.0.0.1").stdout.splitlines()
+    assert "passwordauthentication no" in sshd
+    assert not (tree / "etc/apt/apt.conf.d/99proxy-marker").exists()
+    assert "Proxy" not in chroot(tree, "apt-config", "dump").stdout
+    assert 'APT::Foo "1";' in (tree / "etc/apt/apt.conf").read_text()
+
+    t0 = time.monotonic()
+    second = run_playbook(PLAYBOOK, target, roles_path=ROLES, extra_vars={}, workdir=trixie["work"] / "run2",
+                          task_timeout=3600, timeout=3600)
+    TIMINGS["second run (idempotent)"] = time.monotonic() - t0
+    changed = [e["event_data"]["task"] for e in map(json.loads, (second.events_log or Path()).read_text().splitlines())
+               if e.get("event") == "runner_on_ok" and e["event_data"].get("res", {}).get("changed")]
+    assert second.changed == 0, changed
+
+
+@pytest.mark.timeout(900)
+def test_nvidia_repo_source_renders_in_check_mode(trixie):
+    """NVIDIA's repository is not reachable from these machines: only check mode, rendering source and pin.
+
+    The key URL points at a local file (get_url does a HEAD request even in check mode).
+    """
+    tree, target = trixie["tree"], trixie["target"]
+    shutil.copyfile("/usr/share/keyrings/debian-archive-keyring.gpg", tree / "root/test-key.gpg")
+    res = run_playbook(
+        PLAYBOOK, target, roles_path=ROLES, workdir=trixie["work"] / "check", check=True, diff=True,
+        tags=["nvidia_repo"], task_timeout=600, timeout=800,
+        extra_vars={"nvidia_driver_source": "nvidia", "nvidia_driver_branch": "580",
+                    "nvidia_kernel_modules": "open", "nvidia_repo_key_url": "file:///root/test-key.gpg"},
+    )
+    assert res.status == "successful"
+    rendered = {}
+    for line in (trixie["work"] / "check" / "ansible-events.jsonl").read_text().splitlines():
+        ev = json.loads(line)
+        diff = ev.get("event_data", {}).get("res", {}).get("diff")
+        for d in diff if isinstance(diff, list) else [diff] if diff else []:
+            if d.get("after_header"):
+                rendered[d["after_header"]] = d.get("after", "")
+    src = rendered["/etc/apt/sources.list.d/nvidia-cuda.sources"]
+    assert "URIs: https://developer.download.nvidia.com/compute/cuda/repos/debian13/x86_64/\n" in src
+    assert "Suites: /\n" in src and "Signed-By: /usr/share/keyrings/nvidia-cuda-archive-keyring.asc" in src
+    pin = rendered["/etc/apt/preferences.d/nvidia-driver-branch.pref"]
+    assert "Pin: version 580.*\nPin-Priority: 1001" in pin
+    assert 'Pin: origin "developer.download.nvidia.com"' in pin
+    # check mode wrote nothing
+    assert not (tree / "etc/apt/sources.list.d/nvidia-cuda.sources").exists()
+    assert not (tree / "etc/apt/preferences.d/nvidia-driver-branch.pref").exists()
+
+
+@pytest.mark.timeout(600)
+def test_missing_component_is_refused(trixie):
+    """Without non-free the role stops with a clear message instead of an apt error."""
+    tree, target = trixie["tree"], trixie["target"]
+    src = tree / "etc/apt/sources.list.d/debian.sources"
+    saved = src.read_text()
+    src.write_text(saved.replace("main contrib non-free non-free-firmware", "main contrib"))
+    try:
+        with pytest.raises(ProvisionError, match="non-free") as ei:
+            run_playbook(PLAYBOOK, target, roles_path=ROLES, extra_vars={"nvidia_apt_cache_valid_time": 0},
+                         workdir=trixie["work"] / "nocomp", tags=["nvidia_packages"], task_timeout=600, timeout=800)
+        assert "Require the Debian components" in (ei.value.task or "")
+    finally:
+        src.write_text(saved)
+        chroot(tree, "apt-get", "update", "-qq")
