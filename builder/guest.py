@@ -62,6 +62,7 @@ mkdir -p /etc/systemd/system/ssh.service.d
 printf '[Service]\\nExecStartPre=\\nExecStartPre=/usr/bin/ssh-keygen -A\\nExecStartPre=/usr/sbin/sshd -t\\n' \\
   > /etc/systemd/system/ssh.service.d/10-hostkeys.conf
 cloud-init clean --logs --seed || true
+rm -f /etc/cloud/cloud-init.disabled   # the build kept cloud-init off; the image runs it on first boot
 # logs and shell history
 find /var/log -type f \\( -name '*.gz' -o -name '*.[0-9]' -o -name '*.old' \\) -delete
 find /var/log -type f -exec truncate -s 0 {{}} +

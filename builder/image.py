@@ -150,7 +150,7 @@ def convert(
     with tempfile.TemporaryFile() as err:
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
-                                    close_fds=True)
+                                    close_fds=True, bufsize=0)  # unbuffered: read() returns what is there
         except OSError as exc:
             raise ImageError(f"cannot run qemu-img: {exc}") from exc
         try:
@@ -182,7 +182,7 @@ def _stream_progress(proc: subprocess.Popen[bytes], on_progress: Callable[[float
     pending = b""
     last = -1.0
     while True:
-        chunk = proc.stdout.read1(4096)
+        chunk = proc.stdout.read(4096)
         if not chunk:
             break
         pending += chunk

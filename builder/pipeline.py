@@ -108,7 +108,7 @@ def make_media(cfg: ImageConfig, inputs: InstallerInputs, preseed: str, key: Eph
         "preseed.cfg": preseed.encode(),
         "usr/share/keyrings/archive.gpg": keyring,
     })
-    append = installer_cmdline(cfg, log_port=log_port)
+    append = installer_cmdline(cfg, log_port=log_port, extra=("TERM=dumb",))  # no GNU screen: plain serial text
     return build_iso(workdir / "installer.iso", kernel=inputs.kernel, initrd=initrd,
                      isolinux_bin=inputs.isolinux_bin, ldlinux_c32=inputs.ldlinux_c32, append=append,
                      extra_files={"preseed.cfg": preseed.encode()})

@@ -336,6 +336,8 @@ def run_playbook(
             quiet=True,
             timeout=timeout,
         )
+    except Exception as exc:  # ansible-runner's ConfigurationError, OSError from pexpect, …
+        raise ProvisionError(f"ansible-runner could not run {playbook.name}: {exc}", stage="provision") from exc
     finally:
         duration = time.monotonic() - t0
         (artifacts / ident / "command").unlink(missing_ok=True)  # G2: it holds the whole environment

@@ -176,8 +176,7 @@ class Gateway:
                 self._release_file(prefix, suite, "InRelease", quiet=True)
                 release = self._releases.get((prefix, suite))
             if release is not None and sub in release.files:
-                ent = release.files[sub]
-                return self._blob(prefix, path, ent.sha256, ent.size, by_hash=release.acquire_by_hash)
+                return self._index(prefix, suite, sub, release)
             if release is not None and "/by-hash/SHA256/" in sub:
                 sha = sub.rsplit("/", 1)[1]
                 ent2 = next((e for e in release.files.values() if e.sha256 == sha), None)
@@ -187,6 +186,34 @@ class Gateway:
         if parts[0] == "pool":
             return self._pool(prefix, path)
         return None
+
+    def _index(self, prefix: str, suite: str, sub: str, release: Release) -> Path | bytes | None:
+        """A file a verified Release lists: the copy matching that Release; else the copy another verified
+        Release of the same codename (the ``stable`` alias on a skewed mirror) vouches for; else, with a
+        warning, the upstream file unchanged — the consumer (apt, debootstrap) verifies it and will refuse a
+        mismatch, and d-i's mirror probe only reads a field from it."""
+        ent = release.files[sub]
+        try:
+            return self._blob(prefix, f"dists/{suite}/{sub}", ent.sha256, ent.size, by_hash=release.acquire_by_hash)
+        except VerificationError as exc:
+            first = exc
+        for alias in dict.fromkeys((release.suite, release.codename)):
+            if alias == suite or not alias:
+                continue
+            self._release_file(prefix, alias, "InRelease", quiet=True)
+            other = self._releases.get((prefix, alias))
+            if other is None or other.codename != release.codename or sub not in other.files:
+                continue
+            alt = other.files[sub]
+            try:
+                got = self._blob(prefix, f"dists/{alias}/{sub}", alt.sha256, alt.size, by_hash=other.acquire_by_hash)
+            except VerificationError:
+                continue
+            log.warning("gateway: dists/%s/%s is not served as its Release lists it; serving the copy that "
+                        "dists/%s/InRelease (%s) vouches for", suite, sub, alias, other.date)
+            return got
+        log.warning("gateway: %s; passing dists/%s/%s through unchecked", first, suite, sub)
+        return self._passthrough(prefix, f"dists/{suite}/{sub}")
 
     def _upstream_url(self, prefix: str, path: str) -> str:
         return f"{self.upstreams[prefix]}/{path}"

@@ -102,9 +102,8 @@ def cpio_newc(entries: Iterable[CpioEntry], *, pad_to: int = BLOCK) -> bytes:
     treats two of them as hard links.
     """
     out = bytearray()
-    ino = 0
     seen: set[str] = set()
-    for e in entries:
+    for ino, e in enumerate(entries, 1):
         name = normalize_name(e.name)
         if name == TRAILER:
             raise MediaError(f"{TRAILER} is reserved")
@@ -115,7 +114,6 @@ def cpio_newc(entries: Iterable[CpioEntry], *, pad_to: int = BLOCK) -> bytes:
             raise MediaError(f"{name}: only regular files, directories and symlinks are supported")
         if e.is_dir and e.data:
             raise MediaError(f"{name}: a directory has no data")
-        ino += 1
         nb = name.encode("utf-8") + b"\0"
         hdr = _header(ino, e.mode, e.uid, e.gid, 2 if e.is_dir else 1, e.mtime, len(e.data), len(nb))
         out += hdr + nb + _align(HEADER_LEN + len(nb))

@@ -23,7 +23,7 @@ import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pycdlib
 from pycdlib.pycdlibexception import PyCdlibException
@@ -131,7 +131,7 @@ def _rr_path(name: str) -> str:
 # ---------------------------------------------------------------------------------------------- writing
 
 
-def _payload(src: Path | bytes, what: str) -> tuple[io.BufferedIOBase, int]:
+def _payload(src: Path | bytes, what: str) -> tuple[BinaryIO, int]:
     if isinstance(src, bytes | bytearray):
         if not src:
             raise MediaError(f"the {what} is empty")
@@ -175,7 +175,7 @@ def build_iso(
         if reserved in extras:
             raise MediaError(f"{reserved} is written by build_iso itself; it cannot be an extra file")
 
-    files: dict[str, tuple[io.BufferedIOBase, int]] = {}
+    files: dict[str, tuple[BinaryIO, int]] = {}
     iso = pycdlib.PyCdlib()
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmpname = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)

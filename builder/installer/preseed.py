@@ -228,7 +228,7 @@ def preseed_values(ctx: PreseedContext) -> dict[str, Any]:
     security_host = ctx.security_host or ctx.mirror_host
     if not _HOSTPORT_RE.fullmatch(security_host):
         bad("preseed.security_host", f"expected HOST[:PORT], not {security_host!r}")
-    if not _DIR_RE.fullmatch(ctx.mirror_dir):
+    if not _DIR_RE.fullmatch(ctx.mirror_dir.rstrip("/") or "/"):
         bad("preseed.mirror_dir", f"expected an absolute URL path, not {ctx.mirror_dir!r}")
     if ctx.security_dir.rstrip("/") != "/debian-security":
         bad("preseed.security_dir", "d-i's apt-setup always uses /debian-security on the security host")
@@ -454,7 +454,13 @@ def installer_cmdline(
     extra: Sequence[str] = (),
     log_host: str = GUEST_HOST,
 ) -> str:
-    """The installer's kernel command line; what follows ``---`` is copied to the installed system."""
+    """The installer's kernel command line; what follows ``---`` is copied to the installed system.
+
+    No ``preseed/file=``: d-i's initrd-preseed loads ``/preseed.cfg`` from the initrd by itself at startup
+    (and runs preseed/early_command right after). The netboot initrd also carries file-preseed, which
+    ``preseed/file`` would make load the same file a second time and run early_command again.
+    ``DEBIAN_FRONTEND=text`` makes any unanswered question a plain-text block on the serial console.
+    """
     cfg = ctx_or_config.config if isinstance(ctx_or_config, PreseedContext) else ctx_or_config
     if not isinstance(log_port, int) or isinstance(log_port, bool) or not 0 < log_port < 65536:
         raise ConfigError(f"not a UDP port: {log_port!r}")
@@ -464,7 +470,7 @@ def installer_cmdline(
         if not _KARG_RE.fullmatch(a) or a.startswith("-"):
             raise ConfigError(f"not a plain kernel argument: {a!r}")
     args = [
-        "auto=true", "priority=critical", "preseed/file=/preseed.cfg", "DEBIAN_FRONTEND=text",
+        "auto=true", "priority=critical", "DEBIAN_FRONTEND=text",
         "console=ttyS0,115200n8", f"log_host={log_host}", f"log_port={log_port}", *extra,
         "---", *cfg.installer.kernel_cmdline,
     ]

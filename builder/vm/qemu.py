@@ -257,6 +257,9 @@ class QemuMachine:
             self._qmp.connect(wait=self.start_timeout, alive=self.is_running)
         except VmError as exc:
             raise self._start_failure(exc) from exc
+        except BaseException:  # e.g. Ctrl-C while waiting: __exit__ will not run when __enter__ fails
+            self.close()
+            raise
         self.startup_seconds = time.monotonic() - t0
         log.debug("VM %s: QEMU pid %d, QMP ready after %.2f s", self.name, self._proc.pid, self.startup_seconds)
 
@@ -300,7 +303,7 @@ class QemuMachine:
         if self._proc is None:
             raise VmError(f"VM {self.name} has not been started")
         steps: list[tuple[str, float]] = [("powerdown", timeout), ("quit", 10), ("terminate", 10), ("kill", 30)]
-        rc = self._proc.poll()
+        rc = self.wait(0) if self._proc.poll() is not None else None  # already exited on its own
         for method, wait_s in steps:
             if rc is not None:
                 break

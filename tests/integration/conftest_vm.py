@@ -6,12 +6,18 @@ which it verified against the archive's signed InRelease at ``apt-get update``. 
 ``/boot/vmlinuz-*``. If apt's lists are stale (the version is gone from the mirror), ``apt-get update`` runs
 once and the download is retried. ``BUILDER_TEST_KERNEL=/path/to/vmlinuz`` skips all that.
 
-Test modules import :func:`debian_kernel` and wrap it in a session fixture; the result is memoized per
-process, so the download happens once per test run.
+:func:`acpi_initrd` builds a tiny initramfs (busybox from ``apt-get download busybox-static``, verified the
+same way, plus the kernel's ``button`` and ``evdev`` modules) whose init powers the guest off when the ACPI
+power button is pressed: enough to test a graceful ``system_powerdown``.
+
+Test modules import these and wrap them in session fixtures; results are memoized per process, so the
+downloads happen once per test run.
 """
 
 from __future__ import annotations
 
+import gzip
+import lzma
 import os
 import re
 import shutil
@@ -23,6 +29,7 @@ import pytest
 
 _kernel: Path | None = None
 _kernel_error: str | None = None
+_initrd: Path | None = None
 
 
 def _sh(*argv: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -93,3 +100,68 @@ def wait_gone(pid: int, timeout: float = 5.0) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+INIT = """#!/bin/busybox sh
+/bin/busybox mount -t devtmpfs dev /dev
+/bin/busybox mount -t proc proc /proc
+/bin/busybox insmod /button.ko
+/bin/busybox insmod /evdev.ko
+echo 'PWRF poweroff' > /etc/acpid.conf
+printf '#!/bin/busybox sh\\n/bin/busybox poweroff -f\\n' > /etc/poweroff
+/bin/busybox chmod +x /etc/poweroff
+/bin/busybox acpid -d -c /etc -a /etc/acpid.conf &
+/bin/busybox sleep 2
+echo 'builder-test: ready'
+exec /bin/busybox sleep 100000
+"""
+
+
+def _newc(entries: list[tuple[str, int, bytes]]) -> bytes:
+    """A cpio 'newc' archive of (name, mode, data) entries."""
+    out = bytearray()
+
+    def add(name: str, mode: int, data: bytes, ino: int) -> None:
+        fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(name) + 1, 0]
+        out.extend(b"070701" + b"".join(b"%08X" % f for f in fields) + name.encode() + b"\0")
+        out.extend(b"\0" * (-len(out) % 4) + data)
+        out.extend(b"\0" * (-len(out) % 4))
+
+    for ino, (name, mode, data) in enumerate(entries, start=1):
+        add(name, mode, data, ino)
+    add("TRAILER!!!", 0, b"", 0)
+    return bytes(out)
+
+
+def _module(kernel: Path, name: str) -> bytes:
+    root = kernel.parent.parent  # <root>/boot/vmlinuz-* → <root>
+    for path in root.glob(f"lib/modules/*/kernel/drivers/*/{name}.ko*"):
+        data = path.read_bytes()
+        return lzma.decompress(data) if path.suffix == ".xz" else data
+    raise RuntimeError(f"kernel module {name} not found under {root}/lib/modules")
+
+
+def acpi_initrd(tmp_path_factory: pytest.TempPathFactory, kernel: Path) -> Path:
+    """An initramfs for ``kernel`` whose init prints 'builder-test: ready' and powers off on the ACPI power
+    button (see the module docstring); skips the test when it cannot be built."""
+    global _initrd
+    if _initrd is not None:
+        return _initrd
+    dest = tmp_path_factory.mktemp("acpi-initrd")
+    deb = _download("busybox-static", dest)
+    if deb is None:
+        pytest.skip("could not apt-get download busybox-static")
+    if _sh("dpkg-deb", "-x", str(deb), str(dest / "bb")).returncode != 0:
+        pytest.skip("could not unpack busybox-static")
+    try:
+        button, evdev = _module(kernel, "button"), _module(kernel, "evdev")
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    d, x, f = 0o040755, 0o100755, 0o100644
+    entries = [("bin", d, b""), ("dev", d, b""), ("proc", d, b""), ("etc", d, b""),
+               ("bin/busybox", x, (dest / "bb/bin/busybox").read_bytes()), ("init", x, INIT.encode()),
+               ("button.ko", f, button), ("evdev.ko", f, evdev)]
+    path = dest / "initrd.gz"
+    path.write_bytes(gzip.compress(_newc(entries)))
+    _initrd = path
+    return path

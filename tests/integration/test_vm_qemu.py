@@ -26,9 +26,9 @@ from builder.errors import VmError
 from builder.vm import Drive, QemuMachine, VmSpec, find_free_port, open_machine
 
 try:
-    from conftest_vm import debian_kernel, wait_gone
+    from conftest_vm import acpi_initrd, debian_kernel, wait_gone
 except ImportError:  # tests/ imported as a package
-    from .conftest_vm import debian_kernel, wait_gone
+    from .conftest_vm import acpi_initrd, debian_kernel, wait_gone
 
 pytestmark = [pytest.mark.integration, pytest.mark.vm]
 
@@ -38,6 +38,11 @@ PR_SET_CHILD_SUBREAPER = 36
 @pytest.fixture(scope="session")
 def kernel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return debian_kernel(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def initrd(tmp_path_factory: pytest.TempPathFactory, kernel: Path) -> Path:
+    return acpi_initrd(tmp_path_factory, kernel)
 
 
 def _spec(name: str, **kw: object) -> VmSpec:
@@ -150,6 +155,19 @@ def test_guest_reboot_ends_the_vm(tmp_path: Path, kernel: Path) -> None:
         assert vm.stop_method == "exited"
         assert vm.status() == "exited"
     assert "Kernel panic" in vm.serial_log.read_text(errors="replace")
+
+
+@pytest.mark.timeout(120)
+def test_graceful_powerdown(tmp_path: Path, kernel: Path, initrd: Path) -> None:
+    """shutdown() presses the ACPI power button; a guest that powers off ends QEMU with exit code 0."""
+    spec = _spec("acpi", kernel=kernel, initrd=initrd, append="console=ttyS0 panic=-1")
+    with QemuMachine(spec, tmp_path) as vm:
+        assert vm.wait_for_serial("builder-test: ready", timeout=90), vm.serial_tail()
+        t0 = time.monotonic()
+        assert vm.shutdown(timeout=30) == 0
+        print(f"guest powered off {time.monotonic() - t0:.2f} s after system_powerdown")
+        assert vm.stop_method == "powerdown"
+    assert "reboot: Power down" in vm.serial_log.read_text(errors="replace")
 
 
 SCRIPT = textwrap.dedent(
