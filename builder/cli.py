@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--force", action="store_true", help="replace existing artifacts in the output directory")
     sp.add_argument("--keep-workdir", action="store_true", help="keep the work directory (logs, disks) after the build")
     sp.add_argument("--no-cache", action="store_true", help="do not reuse a cached installed disk")
+    sp = image_cmd("verify", "boot a built qcow2 with a NoCloud seed and check it (JUnit + text report)")
+    sp.add_argument("--image-file", type=Path, help="qcow2 to check (default: the build output of IMAGE.yaml)")
+    sp.add_argument("--report-dir", type=Path, help="where reports go (default: OUTPUT_DIR/verify)")
     sp = sub.add_parser("clean", help="remove cached downloads and installed-disk caches")
     sp.add_argument("--all", action="store_true", help="also the content cache of downloads")
     return p
@@ -185,6 +188,16 @@ def _dispatch(args: argparse.Namespace, console: Any) -> int:
                            keep_workdir=args.keep_workdir, use_cache=not args.no_cache)
             console.print(f"[green]built[/green] {result.image} ({result.size_bytes / 2**20:.0f} MiB) "
                           f"in {result.duration_s / 60:.1f} min", markup=True)
+        elif args.verb == "verify":
+            from .verify import verify_image
+
+            qcow2 = args.image_file or cfg.output_dir / f"{cfg.name}.qcow2"
+            report_dir = args.report_dir or cfg.output_dir / "verify"
+            report = verify_image(cfg, qcow2, report_dir, emitter=emitter)
+            console.print(report.text(), markup=False, highlight=False)
+            console.print(f"reports: {report_dir}/verify-report.{{xml,txt,json}}")
+            if not report.ok:
+                return EXIT_FAILED
         else:  # pragma: no cover - argparse guards this
             raise ConfigError(f"unknown verb {args.verb}")
     return EXIT_OK
