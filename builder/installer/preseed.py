@@ -129,7 +129,7 @@ def _public_key_blob(line: str, allowed: Sequence[str]) -> tuple[str, bytes, str
     try:
         blob = base64.b64decode(b64, validate=True)
         inner, _ = _ssh_string(blob, 0)
-    except (ValueError, base64.binascii.Error) as exc:  # type: ignore[attr-defined]
+    except ValueError as exc:  # binascii.Error is a ValueError
         raise ValueError(f"the key data is not valid base64 SSH key data ({exc})") from exc
     if inner.decode("ascii", "replace") != ktype:
         raise ValueError(f"the key data is a {inner.decode('ascii', 'replace')!r} key, not {ktype!r}")
