@@ -15,8 +15,8 @@ from .errors import SshError, VmError
 from .events import Emitter
 from .provision import Target, run_playbook
 from .ssh import KeyPair, known_hosts_line, run_command, wait_for_ssh
+from .vm import open_machine
 from .vm.net import find_free_port
-from .vm.qemu import QemuMachine
 from .vm.spec import Drive, VmSpec
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def boot_and_provision(
     known_hosts = workdir / "known_hosts"
     known_hosts.write_text(known_hosts_line("127.0.0.1", port, host_key.public_openssh) + "\n")
     out: dict[str, Any] = {}
-    with QemuMachine(spec, workdir) as vm:
+    with open_machine(spec, workdir, backend=cfg.vm.backend, libvirt_uri=cfg.vm.libvirt_uri) as vm:
         t0 = time.monotonic()
         vm.start()
         emitter.info("waiting for SSH on the installed system")

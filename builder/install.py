@@ -15,8 +15,8 @@ from pathlib import Path
 from .errors import InstallError
 from .events import Emitter
 from .installer.progress import InstallTracker, SyslogListener, console_question
+from .vm import open_machine
 from .vm.logs import read_text, tail_lines
-from .vm.qemu import QemuMachine
 from .vm.spec import Drive, VmSpec
 
 log = logging.getLogger(__name__)
@@ -43,11 +43,12 @@ def install_spec(*, name: str, iso: Path, disk: Path, accel: str, cpus: int, mem
 
 
 def run_install(spec: VmSpec, *, workdir: Path, tracker: InstallTracker, listener: SyslogListener,
-                emitter: Emitter, timeout: float, stall_timeout: float) -> InstallResult:
+                emitter: Emitter, timeout: float, stall_timeout: float, backend: str = "qemu",
+                libvirt_uri: str = "qemu:///system") -> InstallResult:
     """Boot the installer; follow it until QEMU exits. InstallError on failure, question, stall or timeout."""
     t0 = time.monotonic()
     last_step = ""
-    with QemuMachine(spec, workdir) as vm:
+    with open_machine(spec, workdir, backend=backend, libvirt_uri=libvirt_uri) as vm:  # type: ignore[arg-type]
         vm.start()
         while True:
             rc = vm.wait(POLL)

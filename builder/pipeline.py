@@ -160,6 +160,7 @@ def install_disk(cfg: ImageConfig, inputs: InstallerInputs, stack: ExitStack, wo
     """Stages preseed, media and install: an installed disk in ``workdir``."""
     tracker = InstallTracker(on_step=lambda step: emitter.info(f"installer: {step}"))
     listener = stack.enter_context(SyslogListener(workdir / "install.syslog", tracker))
+    gw.on_request = lambda path, status, size: tracker.touch()  # downloads count as progress too
     with emitter.stage("preseed"):
         preseed = render_preseed(_preseed_context(cfg, gw.guest_host(GUEST_HOST), client_key, host_key))
         check_preseed_syntax(preseed)
@@ -172,7 +173,8 @@ def install_disk(cfg: ImageConfig, inputs: InstallerInputs, stack: ExitStack, wo
         spec = install_spec(name=f"{cfg.name}-install", iso=iso, disk=disk, accel=accel, cpus=cfg.vm.cpus,
                             memory=cfg.vm.memory, workdir=workdir)
         res = run_install(spec, workdir=workdir, tracker=tracker, listener=listener, emitter=emitter,
-                          timeout=cfg.installer.timeout, stall_timeout=cfg.installer.stall_timeout)
+                          timeout=cfg.installer.timeout, stall_timeout=cfg.installer.stall_timeout,
+                          backend=cfg.vm.backend, libvirt_uri=cfg.vm.libvirt_uri)
     facts = {"seconds": round(res.seconds, 1), "udebs": res.udebs, "packages": res.packages,
              "milestones": list(res.milestones), "gateway": gw.stats.as_dict()}
     return disk, facts

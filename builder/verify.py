@@ -24,9 +24,9 @@ from .config import ImageConfig
 from .errors import VerifyError
 from .events import Emitter
 from .ssh import KeyPair, generate_keypair, run_command, wait_for_ssh
+from .vm import open_machine
 from .vm.accel import choose_accel
 from .vm.net import find_free_port
-from .vm.qemu import QemuMachine
 from .vm.spec import Drive, VmSpec
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ def verify_image(cfg: ImageConfig, qcow2: Path, workdir: Path, *, emitter: Emitt
                   drives=(Drive(disk), Drive.cdrom(seed)), boot="disk", serial_log=workdir / "verify.serial.log",
                   ssh_forward=port, no_reboot=False)
     report = VerifyReport(qcow2)
-    with QemuMachine(spec, workdir) as vm:
+    with open_machine(spec, workdir, backend=cfg.vm.backend, libvirt_uri=cfg.vm.libvirt_uri) as vm:
         t0 = time.monotonic()
         vm.start()
         client_conn = wait_for_ssh("127.0.0.1", port, TEST_USER, client, host.public_openssh, timeout=ssh_timeout,

@@ -101,6 +101,10 @@ class InstallTracker:
                 self.failed = msg
                 break
 
+    def touch(self) -> None:
+        """Activity seen elsewhere (the installer fetched a file from the gateway): not stalled."""
+        self.last_activity = time.monotonic()
+
     def _set_step(self, step: str) -> None:
         if step != self.step:
             self.step = step
