@@ -6,7 +6,12 @@ decides it (the verified upstream index with the lock's overrides), ready for th
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import json
 import logging
+import lzma
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,12 +97,8 @@ def udeb_index(cfg: ImageConfig, lock: Lock, cache: ContentCache, main: Archive)
         if blob is None:
             raise VerificationError(f"{pin.path}: the verified index did not land in the cache")
     if pin.path.endswith(".xz"):
-        import lzma
-
         return lzma.decompress(blob)
     if pin.path.endswith(".gz"):
-        import gzip
-
         return gzip.decompress(blob)
     return blob
 
@@ -108,14 +109,10 @@ def fetch_inputs(cfg: ImageConfig, cache: ContentCache, stats: FetchStats, emitt
     main = make_archive(cfg, cache, stats, emitter)
     main.release()
     lock = load_or_resolve_lock(cfg, main, emitter)
-    deb = _fetch_pin(main, lock.netboot)
-    members = netboot.image_members(cfg.debian.release, cfg.debian.arch)
-    files = deb_extract(deb, [members["kernel"], members["initrd"]])
-    abi = netboot.kernel_release(files[members["kernel"]])
+    kernel, initrd = _netboot_images(cfg, lock, main, cache)
+    abi = netboot.kernel_release(kernel.read_bytes())
     if abi != lock.kernel_abi:
         raise VerificationError(f"netboot {lock.netboot.version} carries kernel {abi}, the lock says {lock.kernel_abi}")
-    kernel = cache.put(files[members["kernel"]], _sha(files[members["kernel"]]))
-    initrd = cache.put(files[members["initrd"]], _sha(files[members["initrd"]]))
     boot: dict[str, bytes] = {}
     for pin in lock.boot:
         boot.update(deb_extract(_fetch_pin(main, pin), [m for m in (ISOLINUX_BIN, LDLINUX_C32)
@@ -137,14 +134,32 @@ def fetch_inputs(cfg: ImageConfig, cache: ContentCache, stats: FetchStats, emitt
                            main.inrelease_raw)
 
 
+def _netboot_images(cfg: ImageConfig, lock: Lock, main: Archive, cache: ContentCache) -> tuple[Path, Path]:
+    """Kernel and initrd of the pinned netboot package, extracted once and then taken from the content cache
+    (an index file maps the package's sha256 to theirs)."""
+    index = cache.root.parent / "extracted" / f"{lock.netboot.sha256}.json"
+    try:
+        known = json.loads(index.read_text())
+        kernel, initrd = cache.get(known["kernel"]), cache.get(known["initrd"])
+        if kernel is not None and initrd is not None:
+            return kernel, initrd
+    except (OSError, ValueError, KeyError):
+        pass
+    deb = _fetch_pin(main, lock.netboot)
+    members = netboot.image_members(cfg.debian.release, cfg.debian.arch)
+    files = deb_extract(deb, [members["kernel"], members["initrd"]])
+    shas = {k: hashlib.sha256(files[m]).hexdigest() for k, m in members.items()}
+    kernel = cache.put(files[members["kernel"]], shas["kernel"])
+    initrd = cache.put(files[members["initrd"]], shas["initrd"])
+    index.parent.mkdir(parents=True, exist_ok=True)
+    tmp = index.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(shas))
+    os.replace(tmp, index)
+    return kernel, initrd
+
+
 def _owner(member: str) -> str:
     return "isolinux" if member == ISOLINUX_BIN else "syslinux-common"
-
-
-def _sha(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()
 
 
 __all__ = ["UDEB_INDEX", "InstallerInputs", "fetch_inputs"]

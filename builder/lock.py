@@ -203,6 +203,12 @@ def find_netboot(cfg: ImageConfig, main: Archive, index: Mapping[str, Mapping[st
         if "+b" in version.rsplit("+deb", 1)[-1] and version != stanza["Version"]:
             continue  # arch-all packages have no binNMUs
         if version == stanza["Version"]:
+            linux = netboot.parse_built_using(stanza.get("Built-Using", "")).get("linux", "")
+            upstream = linux.split("-", 1)[0]
+            if upstream and not any(a.startswith(upstream + "+") or a.startswith(upstream + "-") for a in abis):
+                tried.append(f"{version}: built with linux {linux}: no module udebs for it in the index")
+                report(f"netboot {version}: built with linux {linux}, no module udebs for it (not downloaded)")
+                continue
             pin = FilePin.from_stanza(stanza, f"index:{main.suite}")
             path = main.fetch_package(stanza)
         else:
