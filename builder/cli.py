@@ -165,6 +165,14 @@ def _dispatch(args: argparse.Namespace, console: Any) -> int:
             from .lock import lock_summary, resolve_lock, write_lock
 
             lock = resolve_lock(cfg, make_archive(cfg, ContentCache(), stats, emitter), report=emitter.info)
+            if args.check:
+                from .lock import lock_differences, read_lock
+
+                diffs = lock_differences(read_lock(cfg.lock_path), lock)
+                for line in diffs:
+                    console.print(f"  {line}", markup=False)
+                console.print(f"{cfg.lock_path.name}: " + ("differs from the archive" if diffs else "up to date"))
+                return EXIT_FAILED if diffs else EXIT_OK
             write_lock(lock, cfg.lock_path)
             console.print(f"wrote {cfg.lock_path}")
             console.print_json(json.dumps(lock_summary(lock)))

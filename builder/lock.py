@@ -324,4 +324,23 @@ def lock_summary(lock: Lock) -> dict[str, Any]:
     }
 
 
+def lock_differences(old: Lock, new: Lock) -> list[str]:
+    """What changed between two locks (ignoring when they were made)."""
+    out = []
+    for name in ("suite", "codename", "arch", "netboot", "kernel_abi", "udeb_index", "boot"):
+        if getattr(old, name) != getattr(new, name):
+            out.append(f"{name}: {getattr(old, name)} -> {getattr(new, name)}")
+    o_over = {o.package: o for o in old.overrides}
+    n_over = {o.package: o for o in new.overrides}
+    for pkg in sorted(set(o_over) | set(n_over)):
+        if o_over.get(pkg) != n_over.get(pkg):
+            a, b = o_over.get(pkg), n_over.get(pkg)
+            out.append(f"override {pkg}: {a.version if a else 'none'} -> {b.version if b else 'none'}")
+    o_rem = {r.package for r in old.removed}
+    n_rem = {r.package for r in new.removed}
+    out += [f"removed now: {p}" for p in sorted(n_rem - o_rem)]
+    out += [f"no longer removed: {p}" for p in sorted(o_rem - n_rem)]
+    return out
+
+
 __all__ = ["BuilderError", "Lock", "read_lock", "resolve_lock", "write_lock"]
