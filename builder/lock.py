@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .archive.cache import sha256_file
+from .archive.cache import PathMap, cache_base, sha256_file
 from .archive.client import Archive
 from .archive.deb import deb_control, deb_extract
 from .archive.packages import parse_packages
@@ -238,9 +238,19 @@ def find_netboot(cfg: ImageConfig, main: Archive, index: Mapping[str, Mapping[st
 
 
 def _fetch_unpinned(arch: Archive, filename: str) -> Path:
-    """Fetch a pool file no signed index lists (lock time only): it is pinned by the sha256 recorded now."""
+    """Fetch a pool file no signed index lists (lock time only): it is pinned by the sha256 recorded now.
+    Pool files are immutable, so one fetched before (by the lock or the gateway) is taken from the cache."""
+    paths = PathMap(cache_base() / "gateway" / "paths")
+    key = f"debian/{filename}"
+    known = paths.get(key)
+    hit = arch.cache.get(known) if known else None
+    if hit is not None:
+        return hit
     data = arch.get_url(filename, label=filename)
-    return arch.cache.put(data, hashlib.sha256(data).hexdigest())
+    sha = hashlib.sha256(data).hexdigest()
+    stored = arch.cache.put(data, sha)
+    paths.put(key, sha)
+    return stored
 
 
 def resolve_udebs(main: Archive, index: Mapping[str, Mapping[str, str]], abi: str, initrd_status: Mapping[str, str],

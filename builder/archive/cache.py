@@ -269,3 +269,27 @@ class ContentCache:
                         hint="another builder process is fetching the same file; is it stuck?",
                     ) from None
                 time.sleep(0.1)
+
+
+class PathMap:
+    """Remembers which blob a mirror path held when it was fetched without a pinned hash (``prefix/path`` →
+    sha256), so a second fetch of an immutable pool file is served from the :class:`ContentCache`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def _file(self, key: str) -> Path:
+        return self.root / hashlib.sha256(key.encode()).hexdigest()
+
+    def get(self, key: str) -> str | None:
+        try:
+            return self._file(key).read_text().strip() or None
+        except OSError:
+            return None
+
+    def put(self, key: str, sha256: str) -> None:
+        f = self._file(key)
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_name(f".{f.name}.{os.getpid()}.{threading.get_ident()}")
+        tmp.write_text(sha256)
+        os.replace(tmp, f)

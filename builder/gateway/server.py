@@ -31,7 +31,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
 
-from ..archive.cache import ContentCache
+from ..archive.cache import ContentCache, PathMap
 from ..archive.release import Release, parse_release
 from ..archive.verify import verify_inrelease
 from ..errors import BuilderError, FetchError, GatewayError, VerificationError
@@ -94,6 +94,7 @@ class Gateway:
         self.timeout = timeout
         self.on_request = on_request
         self.stats = GatewayStats()
+        self.paths = PathMap(self.state_dir / "paths")
         self._releases: dict[tuple[str, str], Release] = {}
         self._meta: dict[str, bytes] = {}
         self._lock = threading.Lock()
@@ -130,7 +131,6 @@ class Gateway:
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="gateway", daemon=True)
         self._thread.start()
-        (self.state_dir / "paths").mkdir(parents=True, exist_ok=True)
         (self.state_dir / "dists").mkdir(parents=True, exist_ok=True)
         log.info("archive gateway listening on %s:%d", self.bind, self.port)
 
@@ -308,10 +308,9 @@ class Gateway:
         raise VerificationError(f"no upstream copy of {prefix}/{path} matches sha256 {sha256}")
 
     def _pool(self, prefix: str, path: str) -> Path | None:
-        marker = self.state_dir / "paths" / hashlib.sha256(f"{prefix}/{path}".encode()).hexdigest()
-        if marker.is_file():
-            sha256 = marker.read_text().strip()
-            hit = self.cache.get(sha256)
+        known = self.paths.get(f"{prefix}/{path}")
+        if known is not None:
+            hit = self.cache.get(known)
             if hit is not None:
                 with self._lock:
                     self.stats.cache_hits += 1
@@ -325,7 +324,7 @@ class Gateway:
             stored = self.cache.put(tmp_path, sha256)
         finally:
             tmp_path.unlink(missing_ok=True)
-        _atomic_write(marker, sha256.encode())
+        self.paths.put(f"{prefix}/{path}", sha256)
         return stored
 
     def _passthrough(self, prefix: str, path: str) -> bytes | None:
