@@ -63,6 +63,8 @@ printf '[Service]\\nExecStartPre=\\nExecStartPre=/usr/bin/ssh-keygen -A\\nExecSt
   > /etc/systemd/system/ssh.service.d/10-hostkeys.conf
 cloud-init clean --logs --seed || true
 rm -f /etc/cloud/cloud-init.disabled   # the build kept cloud-init off; the image runs it on first boot
+# DKMS's module-signing key: every clone would share the private key (DKMS makes a new one when needed)
+rm -f /var/lib/dkms/mok.key /var/lib/dkms/mok.pub
 # logs and shell history
 find /var/log -type f \\( -name '*.gz' -o -name '*.[0-9]' -o -name '*.old' \\) -delete
 find /var/log -type f -exec truncate -s 0 {{}} +
