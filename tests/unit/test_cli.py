@@ -1,0 +1,53 @@
+import subprocess
+import sys
+
+import yaml
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "builder", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=60)
+
+
+def test_validate_default_image(repo):
+    p = run("validate", str(repo / "images/cloud-gpu-worker.yaml"))
+    assert p.returncode == 0, p.stderr
+    assert "ok" in p.stdout + p.stderr
+
+
+def test_validate_reports_every_problem_exit_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("disk: {size: 30Q}\nvm: {cpus: 0}\nunknown_key: 1\n")
+    p = run("validate", str(bad))
+    assert p.returncode == 2
+    out = p.stdout + p.stderr
+    for path in ("disk.size", "vm.cpus", "unknown_key"):
+        assert path in out
+    assert "Traceback" not in out
+
+
+def test_malformed_yaml_exit_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("disk: [\n")
+    p = run("validate", str(bad))
+    assert p.returncode == 2 and "malformed YAML" in p.stdout + p.stderr
+
+
+def test_show_config_with_var(repo):
+    p = run("show-config", str(repo / "images/cloud-gpu-worker.yaml"), "--var", "disk.size=40G")
+    assert p.returncode == 0, p.stderr
+    data = yaml.safe_load(p.stdout)
+    assert data["disk"]["size"] == "40G" and data["debian"]["suite"] == "trixie"
+
+
+def test_bad_var_and_usage_exit_2(repo):
+    p = run("validate", str(repo / "images/cloud-gpu-worker.yaml"), "--var", "novalue")
+    assert p.returncode == 2 and "KEY.PATH=VALUE" in p.stdout + p.stderr
+    assert run("frobnicate").returncode == 2
+    assert run("--version").stdout.startswith("builder ")
+
+
+def test_build_refuses_existing_output(repo, tmp_path):
+    (tmp_path / "cloud-gpu-worker.qcow2").write_bytes(b"x")
+    p = run("build", str(repo / "images/cloud-gpu-worker.yaml"), "--output", str(tmp_path))
+    assert p.returncode == 1 and "--force" in p.stdout + p.stderr
