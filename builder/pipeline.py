@@ -235,7 +235,7 @@ def publish(cfg: ImageConfig, disk: Path, out_dir: Path, *, inputs: InstallerInp
     try:
         name = f"{cfg.name}.qcow2"
         target = staging / name
-        raw_info = image.info(disk)
+        raw_bytes = _chain_actual_size(disk)
         image.convert(disk, target, compression=cfg.disk.compression,
                       on_progress=lambda pct: emitter.progress("compress", pct, 100))
         digest = sha256_file(target)
@@ -253,7 +253,7 @@ def publish(cfg: ImageConfig, disk: Path, out_dir: Path, *, inputs: InstallerInp
         info = image.info(target)
         manifest.update({
             "image": name, "sha256": digest, "size_bytes": target.stat().st_size,
-            "virtual_size": info.get("virtual-size"), "raw_disk_bytes": raw_info.get("actual-size"),
+            "virtual_size": info.get("virtual-size"), "raw_disk_bytes": raw_bytes,
             "compression": cfg.disk.compression,
             "debian": {"suite": cfg.debian.suite, "codename": inputs.lock.codename},
             "installer": {"netboot": inputs.lock.netboot.version, "netboot_sha256": inputs.lock.netboot.sha256,
@@ -264,6 +264,7 @@ def publish(cfg: ImageConfig, disk: Path, out_dir: Path, *, inputs: InstallerInp
             "build_host": {"python": platform.python_version(), "machine": platform.machine()},
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         })
+        manifest["stages"] = {k: round(v, 1) for k, v in emitter.durations.items()}
         manifest["duration_s"] = round(time.monotonic() - started, 1)
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         if out_dir.exists():
@@ -284,6 +285,19 @@ def publish(cfg: ImageConfig, disk: Path, out_dir: Path, *, inputs: InstallerInp
     return BuildResult(final, out_dir, digest, final.stat().st_size, int(info.get("virtual-size", 0)),
                        time.monotonic() - started, dict(emitter.durations), out_dir / "manifest.json",
                        stats.bytes_fetched)
+
+
+def _chain_actual_size(disk: Path) -> int:
+    """Bytes the disk really uses on the host, its backing files (the cached installed disk) included."""
+    total, path = 0, disk
+    for _ in range(8):
+        info = image.info(path)
+        total += int(info.get("actual-size") or 0)
+        backing = info.get("full-backing-filename") or info.get("backing-filename")
+        if not backing:
+            break
+        path = Path(backing)
+    return total
 
 
 def _redact_private_keys(text: str) -> str:
