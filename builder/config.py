@@ -72,7 +72,14 @@ class DebianConfig(_Model):
             raise ValueError(f"not an http(s) URL: {v!r}")
         return v.rstrip("/")
 
-    @field_validator("trusted_fingerprints")
+    # Primary-key fingerprints accepted on the security archive's InRelease (trixie and bookworm security
+    # automatic keys).
+    security_fingerprints: tuple[str, ...] = (
+        "5E04A1E3223A19A20706E20F9904613D4CCE68C6",
+        "05AB90340C0C5E797F44A8C8254CF3B5AEC0A8F0",
+    )
+
+    @field_validator("trusted_fingerprints", "security_fingerprints")
     @classmethod
     def _fprs(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         out = tuple(f.replace(" ", "").upper() for f in v)

@@ -141,7 +141,8 @@ def start_gateway(cfg: ImageConfig, stack: ExitStack, inputs: InstallerInputs, c
     key = stack.enter_context(EphemeralKey(f"builder {cfg.name} installer suite"))
     gw = stack.enter_context(Gateway(
         upstreams={"debian": cfg.debian.mirror, "debian-security": cfg.debian.security_mirror},
-        cache=cache, keyring=cfg.debian.keyring, fingerprints=cfg.debian.trusted_fingerprints,
+        cache=cache, keyring=cfg.debian.keyring,
+        fingerprints={"debian": cfg.debian.trusted_fingerprints, "debian-security": cfg.debian.security_fingerprints},
         generated=signed_suite(inputs, key), pins=inputs.udeb_pins,
     ))
     return gw, key

@@ -72,7 +72,7 @@ class Gateway:
         upstreams: Mapping[str, str],
         cache: ContentCache,
         keyring: Path,
-        fingerprints: tuple[str, ...],
+        fingerprints: tuple[str, ...] | Mapping[str, tuple[str, ...]],
         generated: Mapping[str, bytes] | None = None,
         pins: Mapping[str, Pin] | None = None,
         state_dir: Path | None = None,
@@ -85,7 +85,9 @@ class Gateway:
         self.upstreams = {k.strip("/"): v.rstrip("/") for k, v in upstreams.items()}
         self.cache = cache
         self.keyring = keyring
-        self.fingerprints = fingerprints
+        # accepted signers per upstream prefix (a plain tuple applies to every prefix)
+        self.fingerprints = (dict(fingerprints) if isinstance(fingerprints, Mapping)
+                             else dict.fromkeys(self.upstreams, tuple(fingerprints)))
         self.generated = {k.lstrip("/"): v for k, v in (generated or {}).items()}
         self.pins = {k.lstrip("/"): v for k, v in (pins or {}).items()}
         self.state_dir = state_dir or cache.root.parent / "gateway"
@@ -269,7 +271,7 @@ class Gateway:
         _atomic_write(saved, data)
         if name == "InRelease" and (prefix, suite) not in self._releases:
             try:
-                text = verify_inrelease(data, self.keyring, self.fingerprints)
+                text = verify_inrelease(data, self.keyring, self.fingerprints.get(prefix, ()))
                 self._releases[(prefix, suite)] = parse_release(text)
             except VerificationError as exc:
                 log.warning("%s does not verify (%s); its indexes are passed through unchecked", key, exc)
