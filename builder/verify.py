@@ -119,7 +119,10 @@ def checks_for(cfg: ImageConfig) -> list[tuple[str, str, str]]:
     ]
     if cfg.provision.enabled:
         out += [
-            ("nvidia module", "modinfo -k $(uname -r) nvidia >/dev/null", "built for the running kernel"),
+            # Debian names the file nvidia-current.ko (modprobe maps "nvidia" to it); modinfo needs the file
+            ("nvidia module", "for f in $(find /lib/modules/$(uname -r) -name 'nvidia*.ko*'); do "
+             "[ \"$(modinfo -F name $f)\" = nvidia ] && modinfo -F version $f && echo $f; done | grep .",
+             "the nvidia module built for the running kernel"),
             ("dkms status", "dkms status | grep -q 'installed'", "installed"),
             ("nvidia-smi", "test -x /usr/bin/nvidia-smi", "present"),
             ("nouveau blacklisted", "grep -rqs '^blacklist nouveau' /etc/modprobe.d/ && "
