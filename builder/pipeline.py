@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import tempfile
 import time
@@ -247,9 +248,8 @@ def publish(cfg: ImageConfig, disk: Path, out_dir: Path, *, inputs: InstallerInp
             src = workdir / logname
             if src.is_file():
                 (staging / "logs").mkdir(exist_ok=True)
-                text = src.read_text(errors="replace")
-                if logname == "preseed.cfg":  # the preseed carries the build's throw-away host key: drop it
-                    text = _redact_private_keys(text)
+                # the preseed (and d-i's log of the late_command) carry the build's throw-away host key
+                text = _redact_private_keys(src.read_text(errors="replace"))
                 (staging / "logs" / logname).write_text(text)
         info = image.info(target)
         manifest.update({
@@ -302,8 +302,6 @@ def _chain_actual_size(disk: Path) -> int:
 
 
 def _redact_private_keys(text: str) -> str:
-    import re
-
     return re.sub(r"-----BEGIN OPENSSH PRIVATE KEY-----.*?-----END OPENSSH PRIVATE KEY-----",
                   "<private key removed>", text, flags=re.DOTALL)
 

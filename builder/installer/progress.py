@@ -163,7 +163,8 @@ class SyslogListener:
                 out.flush()
 
 
-QUESTION_RE = re.compile(r"Prompt: '\?' for help")
+# the text frontend ends a question with this prompt, and an error note with "[Press enter to continue]"
+QUESTION_RE = re.compile(r"Prompt: '\?' for help|\[Press enter to continue\]")
 
 
 def console_question(serial_text: str, max_lines: int = 25) -> str | None:

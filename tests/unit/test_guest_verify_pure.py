@@ -65,3 +65,12 @@ def test_report_junit(tmp_path):
     assert not r.ok and "[FAIL] b" in r.text()
     xml = r.junit()
     assert 'tests="2"' in xml and 'failures="1"' in xml and "broken" in xml
+
+
+def test_published_logs_lose_private_keys():
+    from builder.pipeline import _redact_private_keys
+
+    text = ("late_command ( echo '-----BEGIN OPENSSH PRIVATE KEY-----'; echo 'b3BlbnNzaC1rZXk'; "
+            "echo '-----END OPENSSH PRIVATE KEY-----' ) > /target/etc/ssh/ssh_host_ed25519_key")
+    out = _redact_private_keys(text)
+    assert "b3BlbnNzaC1rZXk" not in out and "<private key removed>" in out

@@ -35,3 +35,10 @@ def test_console_question():
     q = console_question(serial)
     assert q is not None and "Configure the package manager" in q and "failed to access the mirror" in q
     assert console_question("booting...\n") is None
+
+
+def test_console_error_note():
+    serial = ("!! ERROR: Architecture not supported\nThe specified Debian archive mirror does not seem to support "
+              "your architecture.\nPlease try a different mirror.\n[Press enter to continue] ")
+    q = console_question(serial)
+    assert q is not None and "Architecture not supported" in q
