@@ -31,7 +31,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
 
-from ..archive.cache import ContentCache, PathMap
+from ..archive.cache import ContentCache, PathMap, sha256_file
 from ..archive.release import Release, parse_release
 from ..archive.verify import verify_inrelease
 from ..errors import BuilderError, FetchError, GatewayError, VerificationError
@@ -300,7 +300,7 @@ class Gateway:
                 try:
                     if self._get(url, tmp_path) is None:
                         continue
-                    got = _sha256_file(tmp_path)
+                    got = sha256_file(tmp_path)
                     if got != sha256 or tmp_path.stat().st_size != size:
                         log.warning("%s: hash %s does not match the expected %s", url, got, sha256)
                         continue
@@ -322,7 +322,7 @@ class Gateway:
         try:
             if self._get(self._upstream_url(prefix, path), tmp_path) is None:
                 return None
-            sha256 = _sha256_file(tmp_path)
+            sha256 = sha256_file(tmp_path)
             stored = self.cache.put(tmp_path, sha256)
         finally:
             tmp_path.unlink(missing_ok=True)
@@ -401,14 +401,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
