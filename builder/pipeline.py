@@ -68,15 +68,32 @@ def _emitter(on_event: Callable[[Event], None] | Emitter | None) -> Emitter:
     return on_event if isinstance(on_event, Emitter) else Emitter(on_event)
 
 
+def _sweep_stale_workdirs(base: Path) -> None:
+    """Remove work directories of builds that were killed outright (SIGKILL, power loss): their owner PID is
+    gone and they were not kept on purpose (``--keep-workdir`` leaves a KEEP file)."""
+    for d in base.glob("*-pid*-*"):
+        m = re.search(r"-pid(\d+)-", d.name)
+        if not m or (d / "KEEP").exists():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
 @contextlib.contextmanager
 def _workdir(cfg: ImageConfig, keep: bool, emitter: Emitter) -> Iterator[Path]:
     base = cache_base() / "work"
     base.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix=f"{cfg.name}-", dir=base))
+    _sweep_stale_workdirs(base)
+    path = Path(tempfile.mkdtemp(prefix=f"{cfg.name}-pid{os.getpid()}-", dir=base))
     try:
         yield path
     finally:
         if keep:
+            (path / "KEEP").touch()
             emitter.info(f"work directory kept: {path}")
         else:
             shutil.rmtree(path, ignore_errors=True)

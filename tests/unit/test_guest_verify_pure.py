@@ -74,3 +74,18 @@ def test_published_logs_lose_private_keys():
             "echo '-----END OPENSSH PRIVATE KEY-----' ) > /target/etc/ssh/ssh_host_ed25519_key")
     out = _redact_private_keys(text)
     assert "b3BlbnNzaC1rZXk" not in out and "<private key removed>" in out
+
+
+def test_sweep_stale_workdirs(tmp_path):
+    import os
+
+    from builder.pipeline import _sweep_stale_workdirs
+
+    dead = tmp_path / "img-pid999999999-abc"
+    alive = tmp_path / f"img-pid{os.getpid()}-def"
+    kept = tmp_path / "img-pid999999998-ghi"
+    for d in (dead, alive, kept):
+        d.mkdir()
+    (kept / "KEEP").touch()
+    _sweep_stale_workdirs(tmp_path)
+    assert not dead.exists() and alive.exists() and kept.exists()
