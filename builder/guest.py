@@ -22,7 +22,7 @@ from .vm.spec import Drive, VmSpec
 log = logging.getLogger(__name__)
 
 FACTS = ("cat /etc/debian_version; uname -r; findmnt -n -o SOURCE,SIZE,FSTYPE /; "
-         "systemctl is-enabled cloud-init.service")
+         "systemctl is-enabled cloud-init-main.service cloud-init-local.service | tr '\\n' ' '")
 
 
 def apt_sources(cfg: ImageConfig) -> str:
