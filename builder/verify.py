@@ -126,7 +126,8 @@ def checks_for(cfg: ImageConfig) -> list[tuple[str, str, str]]:
             ("dkms status", "dkms status | grep -q 'installed'", "installed"),
             ("nvidia-smi", "test -x /usr/bin/nvidia-smi", "present"),
             ("nouveau blacklisted", "grep -rqs '^blacklist nouveau' /etc/modprobe.d/ && "
-             "! lsinitramfs /boot/initrd.img-$(uname -r) | grep -Eq '(^|/)nouveau([.]ko|/|$)'", "modprobe.d and initramfs"),
+             "! lsinitramfs /boot/initrd.img-$(uname -r) | grep -Eq '(^|/)nouveau([.]ko|/|$)'",
+             "modprobe.d and initramfs"),
             ("no CUDA toolkit", "! dpkg -l 'cuda-toolkit*' 'nvidia-cuda-toolkit' 2>/dev/null | grep -q '^ii'",
              "absent"),
             ("persistenced", "systemctl is-enabled nvidia-persistenced", "enabled"),
