@@ -11,11 +11,10 @@ import hashlib
 import json
 import logging
 import lzma
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .archive.cache import ContentCache
+from .archive.cache import ContentCache, atomic_write
 from .archive.client import Archive
 from .archive.deb import deb_extract
 from .archive.http import FetchStats
@@ -151,10 +150,7 @@ def _netboot_images(cfg: ImageConfig, lock: Lock, main: Archive, cache: ContentC
     shas = {k: hashlib.sha256(files[m]).hexdigest() for k, m in members.items()}
     kernel = cache.put(files[members["kernel"]], shas["kernel"])
     initrd = cache.put(files[members["initrd"]], shas["initrd"])
-    index.parent.mkdir(parents=True, exist_ok=True)
-    tmp = index.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(shas))
-    os.replace(tmp, index)
+    atomic_write(index, json.dumps(shas).encode())
     return kernel, initrd
 
 

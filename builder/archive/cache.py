@@ -271,6 +271,14 @@ class ContentCache:
                 time.sleep(0.1)
 
 
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write a small file so readers see the old or the new content, never a part (safe across threads)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 class PathMap:
     """Remembers which blob a mirror path held when it was fetched without a pinned hash (``prefix/path`` →
     sha256), so a second fetch of an immutable pool file is served from the :class:`ContentCache`."""
@@ -288,8 +296,4 @@ class PathMap:
             return None
 
     def put(self, key: str, sha256: str) -> None:
-        f = self._file(key)
-        f.parent.mkdir(parents=True, exist_ok=True)
-        tmp = f.with_name(f".{f.name}.{os.getpid()}.{threading.get_ident()}")
-        tmp.write_text(sha256)
-        os.replace(tmp, f)
+        atomic_write(self._file(key), sha256.encode())

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import shutil
 import tempfile
 import threading
@@ -31,7 +30,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
 
-from ..archive.cache import ContentCache, PathMap, sha256_file
+from ..archive.cache import ContentCache, PathMap, atomic_write, sha256_file
 from ..archive.release import Release, parse_release
 from ..archive.verify import verify_inrelease
 from ..errors import BuilderError, FetchError, GatewayError, VerificationError
@@ -268,7 +267,7 @@ class Gateway:
             data = saved.read_bytes()
         if data is None:
             return None
-        _atomic_write(saved, data)
+        atomic_write(saved, data)
         if name == "InRelease" and (prefix, suite) not in self._releases:
             try:
                 text = verify_inrelease(data, self.keyring, self.fingerprints.get(prefix, ()))
@@ -402,9 +401,3 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
