@@ -20,6 +20,44 @@ from .errors import ConfigError
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
+# What the preseed and the image take. Every check rendering needs is here, so `validate` and `build` accept
+# exactly the same configurations.
+KNOWN_COMPONENTS = ("main", "contrib", "non-free", "non-free-firmware")
+# Without these the build cannot reach or drive the VM (SSH, sudo, Ansible's python3), or the image has no
+# network on another NIC.
+REQUIRED_PACKAGES = ("openssh-server", "sudo", "python3", "network-manager")
+_SUITE_RE = re.compile(r"[a-z][a-z0-9.-]{1,40}")
+LOCALE_RE = re.compile(r"(?P<lang>[a-z]{2,3})_(?P<country>[A-Z]{2})(?:\.[A-Za-z0-9-]+)?(?:@[a-z]+)?")
+_KEYMAP_RE = re.compile(r"[A-Za-z0-9_-]+(?:\([A-Za-z0-9_-]+\))?")
+_TZ_RE = re.compile(r"[A-Za-z0-9_+-]+(?:/[A-Za-z0-9_+-]+)*")
+_DOMAIN_RE = re.compile(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
+PKG_RE = re.compile(r"[a-z0-9][a-z0-9+.-]+(?:=[A-Za-z0-9.+~:-]+)?")
+KARG_RE = re.compile(r"[A-Za-z0-9_.,:=/+@%-]+")
+_LOCALES_FILE = Path("/usr/share/i18n/SUPPORTED")
+
+
+def _supported_locales() -> set[str]:
+    """Locale names glibc supports (the host's list, which matches the installer's); empty if unknown."""
+    try:
+        text = _LOCALES_FILE.read_text(errors="replace")
+    except OSError:
+        return set()
+    return {line.split()[0] for line in text.splitlines() if line.strip() and not line.startswith("#")}
+
+
+def check_package_list(pkgs: Any, what: str) -> list[str]:
+    """Problems with a list of Debian package names (optionally =version): bad names, duplicates."""
+    if not isinstance(pkgs, list | tuple) or not all(isinstance(p, str) for p in pkgs):
+        return [f"{what} must be a list of package names"]
+    out, seen = [], set()
+    for i, p in enumerate(pkgs):
+        if not PKG_RE.fullmatch(p):
+            out.append(f"{what}[{i}]: not a Debian package name (optionally =version): {p!r}")
+        elif p.split("=", 1)[0] in seen:
+            out.append(f"{what}[{i}]: listed twice: {p!r}")
+        seen.add(p.split("=", 1)[0])
+    return out
+
 
 def parse_size(value: str | int) -> int:
     """'30G', '30GiB', '512M', 1073741824 → bytes (binary units, as qemu-img reads them)."""
@@ -64,6 +102,25 @@ class DebianConfig(_Model):
         "41587F7DB8C774BCCF131416762F67A0B2C39DE4",
         "B8B80B5B623EAB6AD8775C45B7C5D7D6350947F8",
     )
+
+    @field_validator("suite")
+    @classmethod
+    def _suite(cls, v: str) -> str:
+        if not _SUITE_RE.fullmatch(v):
+            raise ValueError(f"not a suite name: {v!r}")
+        return v
+
+    @field_validator("components")
+    @classmethod
+    def _components(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [c for c in v if c not in KNOWN_COMPONENTS]
+        if bad:
+            raise ValueError(f"the installer can only enable {', '.join(KNOWN_COMPONENTS)}; not {', '.join(bad)}")
+        if "main" not in v:
+            raise ValueError("must include main")
+        if len(set(v)) != len(v):
+            raise ValueError("a component is listed twice")
+        return v
 
     @field_validator("mirror", "security_mirror")
     @classmethod
@@ -126,10 +183,9 @@ class InstallerConfig(_Model):
     hostname: str = "debian"
     domain: str = ""
     build_user: str = "builder"
-    packages: tuple[str, ...] = (
-        "openssh-server", "sudo", "python3", "cloud-init", "cloud-guest-utils", "curl", "wget", "vim",
-        "htop", "network-manager", "dkms", "linux-headers-amd64", "ca-certificates", "dbus", "qemu-guest-agent",
-    )
+    # The image's contents are the base role's seed list (roles/base/defaults/main.yml: base_packages, which
+    # the installer already installs so the cached installed disk holds them); these come in addition.
+    extra_packages: tuple[str, ...] = ()
     install_recommends: bool = False
     kernel_cmdline: tuple[str, ...] = ("console=tty0", "console=ttyS0,115200")
     timeout: Annotated[int, Field(ge=60, description="seconds for the whole install")] = 5400
@@ -147,6 +203,53 @@ class InstallerConfig(_Model):
     def _user(cls, v: str) -> str:
         if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", v) or v == "root":
             raise ValueError(f"not a valid unprivileged user name: {v!r}")
+        return v
+
+    @field_validator("locale")
+    @classmethod
+    def _locale(cls, v: str) -> str:
+        if not LOCALE_RE.fullmatch(v):
+            raise ValueError(f"expected a locale like en_US.UTF-8, not {v!r}")
+        known = _supported_locales()
+        if known and v not in known:
+            raise ValueError(f"not a locale glibc supports (see {_LOCALES_FILE}): {v!r}")
+        return v
+
+    @field_validator("keymap")
+    @classmethod
+    def _keymap(cls, v: str) -> str:
+        if not _KEYMAP_RE.fullmatch(v):
+            raise ValueError(f"not an XKB keymap name: {v!r}")
+        return v
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        if not _TZ_RE.fullmatch(v) or ".." in v:
+            raise ValueError(f"not a time zone name: {v!r}")
+        return v
+
+    @field_validator("domain")
+    @classmethod
+    def _domain(cls, v: str) -> str:
+        if v and not _DOMAIN_RE.fullmatch(v):
+            raise ValueError(f"not a DNS domain: {v!r}")
+        return v
+
+    @field_validator("extra_packages")
+    @classmethod
+    def _pkgs(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        problems = check_package_list(v, "extra_packages")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return v
+
+    @field_validator("kernel_cmdline")
+    @classmethod
+    def _kargs(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [a for a in v if not KARG_RE.fullmatch(a) or a.startswith("-")]
+        if bad:
+            raise ValueError(f"not a plain kernel argument (no spaces or quotes): {bad[0]!r}")
         return v
 
 
@@ -207,6 +310,56 @@ class ImageConfig(_Model):
     @property
     def output_dir(self) -> Path:
         return self.resolve(self.output.dir)
+
+
+# ---------------------------------------------------------------------------------------------- seed list
+
+BASE_ROLE = "base"
+SEED_VAR = "base_packages"
+SEED_EXTRA_VAR = "base_extra_packages"
+
+
+def base_role_defaults(cfg: ImageConfig) -> Path:
+    """``defaults/main.yml`` of the base role on the provisioning roles path (the seed list's one home)."""
+    for rp in cfg.provision.roles_path:
+        cand = cfg.resolve(rp) / BASE_ROLE / "defaults" / "main.yml"
+        if cand.is_file():
+            return cand
+    raise ConfigError("the base role (its defaults/main.yml) is not on provision.roles_path",
+                      problems=[("provision.roles_path", f"no {BASE_ROLE}/defaults/main.yml in any of "
+                                 + ", ".join(str(cfg.resolve(p)) for p in cfg.provision.roles_path))])
+
+
+def seed_packages(cfg: ImageConfig) -> tuple[str, ...]:
+    """The image's seed packages: the base role's ``base_packages`` (+ ``base_extra_packages``), as
+    ``provision.extra_vars`` may override them. Defined once, in the role; the preseed installs them, the role
+    keeps them, ``verify`` checks them."""
+    path = base_role_defaults(cfg)
+    try:
+        defaults = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the seed package list from {path}: {exc}") from exc
+    if not isinstance(defaults, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    merged = {**defaults, **cfg.provision.extra_vars}
+    pkgs = merged.get(SEED_VAR, [])
+    extra = merged.get(SEED_EXTRA_VAR) or []
+    problems = check_package_list(pkgs, SEED_VAR) + check_package_list(extra, SEED_EXTRA_VAR)
+    if not problems:
+        names = [p.split("=", 1)[0] for p in [*pkgs, *extra]]
+        problems += [f"{SEED_VAR} must include {req} (the build and the image depend on it)"
+                     for req in REQUIRED_PACKAGES if req not in names]
+    if problems:
+        where = "provision.extra_vars" if SEED_VAR in cfg.provision.extra_vars else str(path)
+        raise ConfigError("bad seed package list", problems=[(where, m) for m in problems])
+    return tuple(dict.fromkeys([*pkgs, *extra]))
+
+
+def install_packages(cfg: ImageConfig) -> tuple[str, ...]:
+    """What the installer installs: the seed list and ``installer.extra_packages``, each once."""
+    seed = seed_packages(cfg)
+    names = {p.split("=", 1)[0] for p in seed}
+    return seed + tuple(p for p in cfg.installer.extra_packages if p.split("=", 1)[0] not in names)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -277,6 +430,11 @@ def from_dict(data: dict[str, Any], *, source: Path | None = None, host_defaults
         for i, rp in enumerate(cfg.provision.roles_path):
             if not cfg.resolve(rp).is_dir():
                 problems.append((f"provision.roles_path.{i}", f"directory not found: {cfg.resolve(rp)}"))
+    if not problems:
+        try:
+            install_packages(cfg)
+        except ConfigError as exc:
+            problems.extend(exc.problems or [("", exc.message)])
     if problems:
         raise ConfigError(f"{source or 'config'}: invalid image definition", problems=problems)
     return cfg

@@ -16,6 +16,7 @@ from .events import Emitter
 from .provision import Target, run_playbook
 from .ssh import KeyPair, known_hosts_line, run_command, wait_for_ssh
 from .vm import open_machine
+from .vm.guestnet import gateway_service
 from .vm.net import find_free_port
 from .vm.spec import Drive, VmSpec
 
@@ -77,12 +78,12 @@ fstrim -av || true
 """
 
 
-def provision_spec(cfg: ImageConfig, disk: Path, workdir: Path, accel: str, port: int) -> VmSpec:
+def provision_spec(cfg: ImageConfig, disk: Path, workdir: Path, accel: str, port: int, gateway_port: int) -> VmSpec:
     return VmSpec(
         name=f"{cfg.name}-provision", memory_mib=cfg.provision.memory >> 20, cpus=cfg.vm.cpus,
         accel=accel,  # type: ignore[arg-type]
         drives=(Drive(disk, discard=True),), boot="disk", serial_log=workdir / "provision.serial.log",
-        ssh_forward=port, no_reboot=False,
+        ssh_forward=port, no_reboot=False, guest_services=(gateway_service(gateway_port),),
     )
 
 
@@ -92,7 +93,7 @@ def boot_and_provision(
 ) -> dict[str, Any]:
     """Boot ``disk``, provision it, clean it, power it off. Returns facts and timings for the manifest."""
     port = find_free_port()
-    spec = provision_spec(cfg, disk, workdir, accel, port)
+    spec = provision_spec(cfg, disk, workdir, accel, port, gateway_port)
     user = cfg.installer.build_user
     key_path, _ = client_key.write(workdir, "build_key")
     known_hosts = workdir / "known_hosts"
@@ -106,8 +107,6 @@ def boot_and_provision(
                               is_alive=vm.is_running)
         out["ssh_seconds"] = round(time.monotonic() - t0, 1)
         try:
-            # apt in the guest goes through this build's gateway (the installed disk may come from the cache)
-            run_command(client, f"sudo sh -c {shlex.quote(repoint_apt(gateway_port))}")
             _, facts, _ = run_command(client, FACTS, check=False)
             out["facts"] = facts.strip().splitlines()
             emitter.info(f"SSH up after {out['ssh_seconds']} s: " + " | ".join(out["facts"]))

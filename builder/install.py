@@ -16,6 +16,7 @@ from .errors import InstallError
 from .events import Emitter
 from .installer.progress import InstallTracker, SyslogListener, console_question
 from .vm import open_machine
+from .vm.guestnet import gateway_service
 from .vm.logs import read_text, tail_lines
 from .vm.spec import Drive, VmSpec
 
@@ -34,11 +35,13 @@ class InstallResult:
     serial_log: Path
 
 
-def install_spec(*, name: str, iso: Path, disk: Path, accel: str, cpus: int, memory: int, workdir: Path) -> VmSpec:
+def install_spec(*, name: str, iso: Path, disk: Path, accel: str, cpus: int, memory: int, workdir: Path,
+                 gateway_port: int) -> VmSpec:
     return VmSpec(
         name=name, memory_mib=memory >> 20, cpus=cpus, accel=accel,  # type: ignore[arg-type]
         drives=(Drive(disk, cache="unsafe"), Drive.cdrom(iso)), boot="cdrom",
         serial_log=workdir / "install.serial.log", no_reboot=True,
+        guest_services=(gateway_service(gateway_port),),
     )
 
 

@@ -37,18 +37,18 @@ from .installer.iso import build_iso
 from .installer.preseed import (
     PreseedContext,
     check_preseed_syntax,
-    default_template_dir,
     installer_cmdline,
     render_preseed,
 )
 from .installer.progress import InstallTracker, SyslogListener
 from .ssh import KeyPair, generate_keypair
+from .vm import guestnet
 from .vm.accel import choose_accel
 
 log = logging.getLogger(__name__)
 
 UDEB_SUITE = "builder-installer"
-GUEST_HOST = "10.0.2.2"
+INSTALLER_EXTRA_ARGS = ("TERM=dumb",)  # no GNU screen: plain serial text
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,8 @@ def _workdir(cfg: ImageConfig, keep: bool, emitter: Emitter) -> Iterator[Path]:
 # ---------------------------------------------------------------------------------------------- installer media
 
 
-def _preseed_context(cfg: ImageConfig, gw_host: str, client: KeyPair, host: KeyPair) -> PreseedContext:
+def _preseed_context(cfg: ImageConfig, client: KeyPair, host: KeyPair, gw_host: str = guestnet.GATEWAY,
+                     ) -> PreseedContext:
     return PreseedContext(
         config=cfg, mirror_host=gw_host, mirror_dir="/debian", security_host=gw_host,
         security_dir="/debian-security", udeb_suite=UDEB_SUITE, authorized_key=client.public_openssh,
@@ -126,7 +127,7 @@ def make_media(cfg: ImageConfig, inputs: InstallerInputs, preseed: str, key: Eph
         "preseed.cfg": preseed.encode(),
         "usr/share/keyrings/archive.gpg": keyring,
     })
-    append = installer_cmdline(cfg, log_port=log_port, extra=("TERM=dumb",))  # no GNU screen: plain serial text
+    append = installer_cmdline(cfg, log_port=log_port, extra=INSTALLER_EXTRA_ARGS)
     return build_iso(workdir / "installer.iso", kernel=inputs.kernel, initrd=initrd,
                      isolinux_bin=inputs.isolinux_bin, ldlinux_c32=inputs.ldlinux_c32, append=append,
                      extra_files={"preseed.cfg": preseed.encode()})
@@ -139,7 +140,7 @@ def write_iso(cfg: ImageConfig, out: Path | None, *, emitter: Emitter, stats: Fe
         inputs = fetch_inputs(cfg, cache, stats, emitter)
     client, host = generate_keypair("builder"), generate_keypair("host")
     with EphemeralKey() as key:
-        ctx = _preseed_context(cfg, f"{GUEST_HOST}:8080", client, host)
+        ctx = _preseed_context(cfg, client, host)
         text = render_preseed(ctx)
         check_preseed_syntax(text)
         target = out or cfg.output_dir / "installer.iso"
@@ -181,7 +182,7 @@ def install_disk(cfg: ImageConfig, inputs: InstallerInputs, stack: ExitStack, wo
     listener = stack.enter_context(SyslogListener(workdir / "install.syslog", tracker))
     gw.on_request = lambda path, status, size: tracker.touch()  # downloads count as progress too
     with emitter.stage("preseed"):
-        preseed = render_preseed(_preseed_context(cfg, gw.guest_host(GUEST_HOST), client_key, host_key))
+        preseed = render_preseed(_preseed_context(cfg, client_key, host_key))
         check_preseed_syntax(preseed)
         (workdir / "preseed.cfg").write_text(preseed)
     with emitter.stage("media"):
@@ -190,13 +191,23 @@ def install_disk(cfg: ImageConfig, inputs: InstallerInputs, stack: ExitStack, wo
     with emitter.stage("install"):
         image.create(disk, cfg.disk.size)
         spec = install_spec(name=f"{cfg.name}-install", iso=iso, disk=disk, accel=accel, cpus=cfg.vm.cpus,
-                            memory=cfg.vm.memory, workdir=workdir)
+                            memory=cfg.vm.memory, workdir=workdir, gateway_port=gw.port)
         res = run_install(spec, workdir=workdir, tracker=tracker, listener=listener, emitter=emitter,
                           timeout=cfg.installer.timeout, stall_timeout=cfg.installer.stall_timeout,
                           backend=cfg.vm.backend, libvirt_uri=cfg.vm.libvirt_uri)
     facts = {"seconds": round(res.seconds, 1), "udebs": res.udebs, "packages": res.packages,
              "milestones": list(res.milestones), "gateway": gw.stats.as_dict()}
     return disk, facts
+
+
+def media_key(cfg: ImageConfig, inputs: InstallerInputs, client: KeyPair, host: KeyPair) -> str:
+    """The installed-disk cache key of this build: what the installer is fed, keys and ports masked."""
+    preseed = render_preseed(_preseed_context(cfg, client, host))
+    cmdline = installer_cmdline(cfg, log_port=1, extra=INSTALLER_EXTRA_ARGS)
+    return install_key(preseed=preseed, cmdline=cmdline, lock=inputs.lock,
+                       secrets=(client.private_openssh, client.public_openssh, host.private_openssh,
+                                host.public_openssh),
+                       settings={"disk_size": cfg.disk.size, "firmware": cfg.vm.firmware, "machine": "q35"})
 
 
 def build(cfg: ImageConfig, *, on_event: Callable[[Event], None] | Emitter | None = None, output: Path | None = None,
@@ -219,12 +230,11 @@ def build(cfg: ImageConfig, *, on_event: Callable[[Event], None] | Emitter | Non
         with emitter.stage("keys"):
             gw, key = start_gateway(cfg, stack, inputs, cache)
             accel = pick_accel(cfg, inputs, emitter)
-            ikey = install_key(cfg, inputs.lock, default_template_dir())
+            client_key = generate_keypair(f"builder@{cfg.name}")
+            host_key = generate_keypair(f"root@{cfg.installer.hostname}")
+            ikey = media_key(cfg, inputs, client_key, host_key)
             cached = disks.lookup(ikey) if use_cache else None
-            if cached is None:
-                client_key = generate_keypair(f"builder@{cfg.name}")
-                host_key = generate_keypair(f"root@{cfg.installer.hostname}")
-            else:
+            if cached is not None:
                 client_key, host_key = cached.client_key, cached.host_key
         if cached is None:
             installed, manifest["install"] = install_disk(cfg, inputs, stack, workdir, emitter, gw=gw, key=key,
@@ -240,6 +250,7 @@ def build(cfg: ImageConfig, *, on_event: Callable[[Event], None] | Emitter | Non
         with emitter.stage("provision"):
             manifest["provision"] = boot_and_provision(cfg, disk, workdir=workdir, accel=accel, client_key=client_key,
                                                        host_key=host_key, emitter=emitter, gateway_port=gw.port)
+        # the provisioning overlay is kept by the next stage only; the cached base is never written
         with emitter.stage("publish"):
             result = publish(cfg, disk, out_dir, inputs=inputs, manifest=manifest, emitter=emitter, stats=stats,
                              started=t0, workdir=workdir)

@@ -27,42 +27,33 @@ from typing import Any
 
 import jinja2
 
-from ..config import ImageConfig
+from ..config import KARG_RE, LOCALE_RE, ImageConfig, install_packages
 from ..errors import ConfigError, MediaError, ToolError
 from ..run import run, which
+from ..vm.guestnet import HOST as GUEST_HOST
 
 TEMPLATE = "preseed.cfg.j2"
 INSTALL_DISK = "/dev/vda"  # the install VM's disk is virtio-blk
-GUEST_HOST = "10.0.2.2"  # the build host as QEMU user networking shows it to the guest
 
+# What the preseed writes into the installed system: only what the build needs to reach it over SSH (the
+# pinned host key, the build user's sudo rule, cloud-init kept off during the build, the serial console).
+# Everything that shapes the image is written by the roles (roles/base, roles/finalize).
 SSH_HOST_KEY = "/etc/ssh/ssh_host_ed25519_key"
-SSHD_DROPIN = "/etc/ssh/sshd_config.d/10-builder.conf"
 SUDOERS_FILE = "/etc/sudoers.d/90-builder"
-CLOUD_INIT_DROPIN = "/etc/cloud/cloud.cfg.d/95_builder.cfg"
 CLOUD_INIT_DISABLED = "/etc/cloud/cloud-init.disabled"
 GRUB_DROPIN = "/etc/default/grub.d/50-builder.cfg"
-CLOUD_INIT_DATASOURCES = ("NoCloud", "ConfigDrive", "OpenStack", "Ec2", "GCE", "Azure", "None")
 
 MILESTONE_LOADED = "preseed loaded"
 MILESTONE_PARTITIONING = "partitioning"
 MILESTONE_LATE_START = "late_command started"
 MILESTONE_DONE = "late_command done"
 
-KNOWN_COMPONENTS = ("main", "contrib", "non-free", "non-free-firmware")
-# Without these the build cannot reach or drive the VM, or the image has no network on another NIC.
-REQUIRED_PACKAGES = ("openssh-server", "sudo", "network-manager")
 
 DEBCONF_TYPES = ("select", "boolean", "string", "multiselect", "note", "password", "text", "title", "error")
 DEBCONF_FLAGS = ("seen",)
 FORBIDDEN = ("allow_unauthenticated", "--no-check-gpg", "--allow-unauthenticated")
 
 _SUITE_RE = re.compile(r"[a-z][a-z0-9.-]{1,40}")
-_LOCALE_RE = re.compile(r"(?P<lang>[a-z]{2,3})_(?P<country>[A-Z]{2})(?:\.[A-Za-z0-9-]+)?(?:@[a-z]+)?")
-_KEYMAP_RE = re.compile(r"[A-Za-z0-9_-]+(?:\([A-Za-z0-9_-]+\))?")
-_TZ_RE = re.compile(r"[A-Za-z0-9_+-]+(?:/[A-Za-z0-9_+-]+)*")
-_DOMAIN_RE = re.compile(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
-_PKG_RE = re.compile(r"[a-z0-9][a-z0-9+.-]+(?:=[A-Za-z0-9.+~:-]+)?")
-_KARG_RE = re.compile(r"[A-Za-z0-9_.,:=/+@%-]+")
 _HOSTPORT_RE = re.compile(r"(?:[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?")
 _DIR_RE = re.compile(r"(/[A-Za-z0-9_.~+-]+)+")
 _MARKER_RE = re.compile(r"[A-Za-z0-9_-]{2,32}")
@@ -78,7 +69,7 @@ class PreseedContext:
     """Everything the preseed needs besides the image config: where the gateway is, and the build's keys."""
 
     config: ImageConfig
-    mirror_host: str  # "10.0.2.2:PORT": the archive gateway as the guest sees it
+    mirror_host: str  # the archive gateway as the guest sees it (builder.vm.guestnet.GATEWAY)
     mirror_dir: str = "/debian"
     security_host: str = ""  # "" = the same host as mirror_host
     security_dir: str = "/debian-security"  # trixie's apt-setup hard-codes /debian-security
@@ -191,38 +182,12 @@ def preseed_values(ctx: PreseedContext) -> dict[str, Any]:
     def bad(path: str, msg: str) -> None:
         problems.append((path, msg))
 
-    if not _SUITE_RE.fullmatch(cfg.debian.suite):
-        bad("debian.suite", f"not a suite name: {cfg.debian.suite!r}")
-    comps = list(cfg.debian.components)
-    for i, c in enumerate(comps):
-        if c not in KNOWN_COMPONENTS:
-            bad(f"debian.components.{i}", f"d-i can only enable {', '.join(KNOWN_COMPONENTS)}; not {c!r}")
-    if "main" not in comps:
-        bad("debian.components", "must include main")
-
-    m = _LOCALE_RE.fullmatch(inst.locale)
-    if not m:
+    # The config's own values were checked when it was loaded (config.py's validators): only what the build
+    # adds at run time (gateway address, keys) is checked here.
+    packages = install_packages(cfg)
+    m = LOCALE_RE.fullmatch(inst.locale)
+    if m is None:
         bad("installer.locale", f"expected a locale like en_US.UTF-8, not {inst.locale!r}")
-    if not _KEYMAP_RE.fullmatch(inst.keymap):
-        bad("installer.keymap", f"not an XKB keymap name: {inst.keymap!r}")
-    if not _TZ_RE.fullmatch(inst.timezone):
-        bad("installer.timezone", f"not a time zone name: {inst.timezone!r}")
-    if inst.domain and not _DOMAIN_RE.fullmatch(inst.domain):
-        bad("installer.domain", f"not a DNS domain: {inst.domain!r}")
-    seen_pkgs: set[str] = set()
-    for i, p in enumerate(inst.packages):
-        if not _PKG_RE.fullmatch(p):
-            bad(f"installer.packages.{i}", f"not a Debian package name (optionally =version): {p!r}")
-        elif p.split("=", 1)[0] in seen_pkgs:
-            bad(f"installer.packages.{i}", f"listed twice: {p!r}")
-        seen_pkgs.add(p.split("=", 1)[0])
-    for req in REQUIRED_PACKAGES:
-        if req not in seen_pkgs:
-            bad("installer.packages", f"must include {req} (the build and the image depend on it)")
-    for i, a in enumerate(inst.kernel_cmdline):
-        if not _KARG_RE.fullmatch(a) or a.startswith("-"):
-            bad(f"installer.kernel_cmdline.{i}", f"not a plain kernel argument (no spaces or quotes): {a!r}")
-
     if not _HOSTPORT_RE.fullmatch(ctx.mirror_host):
         bad("preseed.mirror_host", f"expected HOST[:PORT], not {ctx.mirror_host!r}")
     security_host = ctx.security_host or ctx.mirror_host
@@ -268,7 +233,7 @@ def preseed_values(ctx: PreseedContext) -> dict[str, Any]:
         "suite": cfg.debian.suite,
         "release": cfg.debian.release,
         "arch": cfg.debian.arch,
-        "components": comps,
+        "components": list(cfg.debian.components),
         "locale": inst.locale,
         "language": m.group("lang"),
         "country": m.group("country"),
@@ -277,10 +242,10 @@ def preseed_values(ctx: PreseedContext) -> dict[str, Any]:
         "hostname": inst.hostname,
         "domain": inst.domain,
         "user": inst.build_user,
-        "packages": [p for p in inst.packages],
+        "packages": list(packages),
         "install_recommends": inst.install_recommends,
         "kernel_image": f"linux-image-{cfg.debian.arch}",
-        "check_headers": any(p.startswith("linux-headers-") for p in seen_pkgs),
+        "check_headers": any(p.startswith("linux-headers-") for p in packages),
         "kernel_cmdline": " ".join(kargs),
         "serial": _serial_console(kargs),
         "disk": INSTALL_DISK,
@@ -296,10 +261,9 @@ def preseed_values(ctx: PreseedContext) -> dict[str, Any]:
         # it, and that log line must not look like a milestone.
         "marker_sh": f"{ctx.log_marker[0]}''{ctx.log_marker[1:]}",
         "paths": {
-            "host_key": SSH_HOST_KEY, "sshd": SSHD_DROPIN, "sudoers": SUDOERS_FILE,
-            "cloud_init": CLOUD_INIT_DROPIN, "cloud_init_disabled": CLOUD_INIT_DISABLED, "grub": GRUB_DROPIN,
+            "host_key": SSH_HOST_KEY, "sudoers": SUDOERS_FILE, "cloud_init_disabled": CLOUD_INIT_DISABLED,
+            "grub": GRUB_DROPIN,
         },
-        "datasources": list(CLOUD_INIT_DATASOURCES),
         "milestones": {
             "loaded": MILESTONE_LOADED, "partitioning": MILESTONE_PARTITIONING,
             "late_start": MILESTONE_LATE_START,
@@ -467,7 +431,7 @@ def installer_cmdline(
     if not _HOSTPORT_RE.fullmatch(log_host) or ":" in log_host:
         raise ConfigError(f"not a log host: {log_host!r}")
     for a in [*extra, *cfg.installer.kernel_cmdline]:
-        if not _KARG_RE.fullmatch(a) or a.startswith("-"):
+        if not KARG_RE.fullmatch(a) or a.startswith("-"):
             raise ConfigError(f"not a plain kernel argument: {a!r}")
     args = [
         "auto=true", "priority=critical", "DEBIAN_FRONTEND=text",

@@ -124,7 +124,7 @@ def domain_xml(spec: VmSpec, *, uri: str = DEFAULT_URI) -> str:
     _sub(devices, "memballoon", model="none")
 
     cmdline = _sub(root, f"{{{QEMU_NS}}}commandline")
-    netdev = "user,id=hn0" + "".join(f",hostfwd=tcp:127.0.0.1:{h}-:{g}" for h, g in spec.forwards)
+    netdev = spec.user_netdev("hn0")
     bus = "pcie.0" if q35 else "pci.0"
     args = ["-netdev", netdev, "-device", f"{spec.nic_model},netdev=hn0,bus={bus},addr=0x1e,romfile="]
     for arg in [*args, *spec.extra_args]:

@@ -98,7 +98,7 @@ def qemu_argv(spec: VmSpec, *, qmp_socket: Path, binary: str = "qemu-system-x86_
         if drive.media == "cdrom":
             ide_bus += 1
 
-    netdev = "user,id=net0" + "".join(f",hostfwd=tcp:127.0.0.1:{host}-:{guest}" for host, guest in spec.forwards)
+    netdev = spec.user_netdev("net0")
     # romfile= drops the NIC's iPXE option ROM: the firmware never tries a network boot.
     argv += ["-netdev", netdev, "-device", f"{spec.nic_model},netdev=net0,romfile="]
     argv += ["-object", "rng-random,id=rng0,filename=/dev/urandom", "-device", "virtio-rng-pci,rng=rng0"]

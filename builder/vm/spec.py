@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..errors import VmError
+from .guestnet import GuestService
 
 Accel = Literal["kvm", "tcg"]
 
@@ -57,8 +58,10 @@ class Drive:
 @dataclass(frozen=True)
 class VmSpec:
     """One guest. ``ssh_forward`` is a host TCP port on 127.0.0.1 forwarded to the guest's port 22 (QEMU user
-    networking; the host is reachable from the guest as 10.0.2.2). ``extra_forwards`` are more
-    ``(host_port, guest_port)`` TCP pairs. ``cpu_model=None`` means ``max`` under TCG and ``host`` under KVM.
+    networking; :mod:`builder.vm.guestnet` says how the guest sees the host). ``extra_forwards`` are more
+    ``(host_port, guest_port)`` TCP pairs. ``guest_services`` are host services the guest reaches at a fixed
+    address of its own (QEMU ``guestfwd``), such as the archive gateway. ``cpu_model=None`` means ``max``
+    under TCG and ``host`` under KVM.
     ``no_reboot`` makes a guest reboot end the VM like a power-off (the installer reboots or powers off at the
     end; both must end the VM). ``serial_log`` receives the guest's first serial port (ttyS0).
     """
@@ -75,6 +78,7 @@ class VmSpec:
     serial_log: Path | None = None
     ssh_forward: int | None = None
     extra_forwards: tuple[tuple[int, int], ...] = ()
+    guest_services: tuple[GuestService, ...] = ()
     nic_model: str = "virtio-net-pci"
     machine: str = "q35"
     cpu_model: str | None = None
@@ -101,6 +105,11 @@ class VmSpec:
         for port in ports + [g for _, g in self.extra_forwards]:
             if not 1 <= port <= 65535:
                 problems.append(f"port {port} is out of range")
+        for svc in self.guest_services:
+            if not 1 <= svc.guest_port <= 65535 or not 1 <= svc.host_port <= 65535:
+                problems.append(f"guest service {svc} has a port out of range")
+            if not re.fullmatch(r"10\.0\.2\.\d{1,3}", svc.guest_ip):
+                problems.append(f"guest service address {svc.guest_ip} is not in the user network 10.0.2.0/24")
         if len(set(ports)) != len(ports):
             problems.append(f"host ports are forwarded twice: {sorted(ports)}")
         if problems:
@@ -108,6 +117,7 @@ class VmSpec:
         object.__setattr__(self, "drives", tuple(self.drives))
         object.__setattr__(self, "extra_forwards", tuple((int(h), int(g)) for h, g in self.extra_forwards))
         object.__setattr__(self, "extra_args", tuple(self.extra_args))
+        object.__setattr__(self, "guest_services", tuple(self.guest_services))
         for attr in ("kernel", "initrd", "serial_log"):
             value = getattr(self, attr)
             if value is not None:
@@ -124,6 +134,13 @@ class VmSpec:
         """Every (host port, guest port) TCP forward, SSH first."""
         ssh = ((self.ssh_forward, 22),) if self.ssh_forward is not None else ()
         return ssh + self.extra_forwards
+
+    def user_netdev(self, netdev_id: str) -> str:
+        """The ``-netdev user`` value: port forwards on 127.0.0.1 and the guest services (both backends)."""
+        opts = [f"user,id={netdev_id}"]
+        opts += [f"hostfwd=tcp:127.0.0.1:{host}-:{guest}" for host, guest in self.forwards]
+        opts += [svc.netdev_option() for svc in self.guest_services]
+        return ",".join(opts)
 
     def boot_order(self) -> list[Drive]:
         """The drives in boot order: the ``boot`` media kind first, then the rest in their given order."""

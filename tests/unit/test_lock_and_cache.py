@@ -52,14 +52,27 @@ def test_committed_lock_is_valid(repo):
     assert all(len(o.sha256) == 64 for o in lock.overrides)
 
 
-def test_install_key_changes_with_inputs(default_config, repo):
+def test_install_key_is_what_the_installer_is_fed():
     lock = sample_lock()
-    tdir = repo / "preseed"
-    k1 = install_key(default_config, lock, tdir)
-    assert install_key(default_config, dataclasses.replace(lock, created="later"), tdir) == k1
-    assert install_key(default_config, dataclasses.replace(lock, kernel_abi="other"), tdir) != k1
-    bigger = default_config.model_copy(update={"disk": default_config.disk.model_copy(update={"size": 40 << 30})})
-    assert install_key(bigger, lock, tdir) != k1
+    c1, h1, c2, h2 = (generate_keypair(n) for n in "abcd")
+
+    def preseed(c, h, extra=""):
+        return f"d-i x string y\n{h.private_openssh}\necho '{h.public_openssh}'\necho '{c.public_openssh}'\n{extra}"
+
+    def key(text, cmdline="auto=true log_port=4711 --- console=ttyS0", lk=lock, **settings):
+        secrets = [k for kp in (c1, h1, c2, h2) for k in (kp.private_openssh, kp.public_openssh)]
+        return install_key(preseed=text, cmdline=cmdline, lock=lk, secrets=secrets, settings=settings or None)
+
+    k1 = key(preseed(c1, h1))
+    # the throw-away keys, the syslog port and the lock's creation time are not part of the installed system
+    assert key(preseed(c2, h2)) == k1
+    assert key(preseed(c1, h1), cmdline="auto=true log_port=9 --- console=ttyS0") == k1
+    assert key(preseed(c1, h1), lk=dataclasses.replace(lock, created="later")) == k1
+    # everything else is
+    assert key(preseed(c1, h1, "d-i other string z")) != k1
+    assert key(preseed(c1, h1), cmdline="auto=true log_port=9 --- console=ttyS1") != k1
+    assert key(preseed(c1, h1), lk=dataclasses.replace(lock, kernel_abi="other")) != k1
+    assert key(preseed(c1, h1), disk_size=40 << 30) != key(preseed(c1, h1), disk_size=30 << 30)
 
 
 def test_installed_disk_cache_round_trip(tmp_path):
