@@ -58,10 +58,13 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--force", action="store_true", help="replace existing artifacts in the output directory")
     sp.add_argument("--keep-workdir", action="store_true", help="keep the work directory (logs, disks) after the build")
     sp.add_argument("--no-cache", action="store_true", help="do not reuse a cached installed disk")
+    sp.add_argument("--on-error", choices=("cleanup", "abort"), default="cleanup",
+                    help="after a failure: remove the work directory (cleanup, the default) or keep it with its "
+                         "disks and say how to boot them (abort); a diagnostics bundle is left either way")
     sp = image_cmd("verify", "boot a built qcow2 with a NoCloud seed and check it (JUnit + text report)")
     sp.add_argument("--image-file", type=Path, help="qcow2 to check (default: the build output of IMAGE.yaml)")
     sp.add_argument("--report-dir", type=Path, help="where reports go (default: OUTPUT_DIR/verify)")
-    sp = sub.add_parser("clean", help="remove cached downloads and installed-disk caches")
+    sp = sub.add_parser("clean", help="remove work directories and cached installed disks (never a live build's)")
     sp.add_argument("--all", action="store_true", help="also the content cache of downloads")
     return p
 
@@ -161,8 +164,8 @@ def _dispatch(args: argparse.Namespace, console: Any) -> int:
         emitter = Emitter(progress)
         t0 = time.monotonic()
         if args.verb == "lock":
-            from .inputs import make_archive
             from .lock import lock_summary, resolve_lock, write_lock
+            from .stages.fetch import make_archive
 
             lock = resolve_lock(cfg, make_archive(cfg, ContentCache(), stats, emitter), report=emitter.info)
             if args.check:
@@ -177,7 +180,7 @@ def _dispatch(args: argparse.Namespace, console: Any) -> int:
             console.print(f"wrote {cfg.lock_path}")
             console.print_json(json.dumps(lock_summary(lock)))
         elif args.verb == "fetch":
-            from .inputs import fetch_inputs
+            from .stages.fetch import fetch_inputs
 
             with emitter.stage("fetch"):
                 inputs = fetch_inputs(cfg, ContentCache(), stats, emitter, all_udebs=args.all_udebs)
@@ -193,7 +196,7 @@ def _dispatch(args: argparse.Namespace, console: Any) -> int:
             from .pipeline import build
 
             result = build(cfg, on_event=emitter, output=args.output, force=args.force,
-                           keep_workdir=args.keep_workdir, use_cache=not args.no_cache)
+                           keep_workdir=args.keep_workdir, use_cache=not args.no_cache, on_error=args.on_error)
             console.print(f"[green]built[/green] {result.image} ({result.size_bytes / 2**20:.0f} MiB) "
                           f"in {result.duration_s / 60:.1f} min", markup=True)
         elif args.verb == "verify":

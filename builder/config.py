@@ -256,6 +256,8 @@ class InstallerConfig(_Model):
 class ProvisionConfig(_Model):
     enabled: bool = True
     playbook: Path = Path("../playbooks/cloud-gpu-worker.yml")
+    # Run after the playbook, also when provisioning is off: makes the machine an image (roles/finalize).
+    finalize_playbook: Path = Path("../playbooks/finalize.yml")
     roles_path: tuple[Path, ...] = (Path("../roles"),)
     extra_vars: dict[str, Any] = Field(default_factory=dict)
     task_timeout: Annotated[int, Field(ge=30)] = 3600
@@ -427,9 +429,12 @@ def from_dict(data: dict[str, Any], *, source: Path | None = None, host_defaults
         pb = cfg.resolve(cfg.provision.playbook)
         if not pb.is_file():
             problems.append(("provision.playbook", f"file not found: {pb}"))
-        for i, rp in enumerate(cfg.provision.roles_path):
-            if not cfg.resolve(rp).is_dir():
-                problems.append((f"provision.roles_path.{i}", f"directory not found: {cfg.resolve(rp)}"))
+    fpb = cfg.resolve(cfg.provision.finalize_playbook)
+    if not fpb.is_file():
+        problems.append(("provision.finalize_playbook", f"file not found: {fpb}"))
+    for i, rp in enumerate(cfg.provision.roles_path):
+        if not cfg.resolve(rp).is_dir():
+            problems.append((f"provision.roles_path.{i}", f"directory not found: {cfg.resolve(rp)}"))
     if not problems:
         try:
             install_packages(cfg)

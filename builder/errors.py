@@ -7,7 +7,8 @@ Tree::
 
     BuilderError                 stage, hint, log_tail
     ├── ConfigError              bad input: YAML, unknown key, wrong type, missing file   (exit 2)
-    ├── ToolError                a required host tool is missing or failed (command, returncode, stderr tail)
+    ├── ToolError                a required host tool failed (command, returncode, stderr tail)
+    │   └── MissingToolError     a required host tool is not installed (tool, Debian package)
     ├── FetchError               mirror unreachable, HTTP error, short read
     ├── VerificationError        signature or checksum does not match (never retried silently)
     ├── LockError                lock file missing, stale or inconsistent
@@ -93,6 +94,17 @@ class ToolError(BuilderError):
         self.returncode = returncode
         kw.setdefault("log_tail", list(stderr_tail))
         super().__init__(message, **kw)  # type: ignore[arg-type]
+
+
+class MissingToolError(ToolError):
+    """A host tool builder needs is not installed. ``package`` is the Debian package that provides it."""
+
+    def __init__(self, tool: str, *, package: str | None = None, why: str | None = None, **kw: object) -> None:
+        self.tool = tool
+        self.package = package
+        what = f"required tool not found: {tool}" + (f" ({why})" if why else "")
+        kw.setdefault("hint", f"install it: apt-get install {package}" if package else None)
+        super().__init__(what, command=[tool], **kw)  # type: ignore[arg-type]
 
 
 class FetchError(BuilderError):

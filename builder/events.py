@@ -38,6 +38,7 @@ class Emitter:
         self._cb = on_event
         self.durations: dict[str, float] = {}
         self.stage_name = ""
+        self.stage_started: float | None = None
 
     def emit(self, ev: Event) -> None:
         level = logging.WARNING if ev.kind == "warning" else logging.DEBUG if ev.kind == "progress" else logging.INFO
@@ -65,7 +66,8 @@ class Emitter:
     @contextmanager
     def stage(self, name: str, message: str = "") -> Iterator[Emitter]:
         prev, self.stage_name = self.stage_name, name
-        t0 = time.monotonic()
+        prev_t0 = self.stage_started
+        t0 = self.stage_started = time.monotonic()
         self.emit(Event("stage-start", name, message))
         try:
             yield self
@@ -73,4 +75,4 @@ class Emitter:
             dt = time.monotonic() - t0
             self.durations[name] = self.durations.get(name, 0.0) + dt
             self.emit(Event("stage-end", name, f"{dt:.1f} s", elapsed=dt))
-            self.stage_name = prev
+            self.stage_name, self.stage_started = prev, prev_t0

@@ -14,15 +14,14 @@ import json
 import logging
 import os
 import re
-import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import ImageError, ToolError
-from .run import run, tail
+from .errors import ImageError, MissingToolError, ToolError
+from .run import Child, run, spawn, tail, which
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +31,14 @@ _PROGRESS_RE = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 
 
 def _qemu_img() -> str:
-    path = shutil.which("qemu-img")
-    if path is None:
-        raise ImageError("qemu-img not found", hint="install it: apt-get install qemu-utils")
-    return path
+    return which("qemu-img", package="qemu-utils")
 
 
 def _run(argv: list[str], what: str) -> subprocess.CompletedProcess[bytes]:
     try:
         return run([_qemu_img(), *argv], stage="image")
+    except MissingToolError:
+        raise
     except ToolError as exc:
         detail = exc.log_tail[-1] if exc.log_tail else f"exit code {exc.returncode}"
         raise ImageError(f"{what} failed: {detail}", log_tail=exc.log_tail) from exc
@@ -149,16 +147,11 @@ def convert(
     log.debug("run: %s", " ".join(argv))
     with tempfile.TemporaryFile() as err:
         try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
-                                    close_fds=True, bufsize=0)  # unbuffered: read() returns what is there
-        except OSError as exc:
-            raise ImageError(f"cannot run qemu-img: {exc}") from exc
-        try:
-            last = _stream_progress(proc, on_progress)
-            rc = proc.wait()
+            # unbuffered stdout: read() returns what is there; the child is stopped and reaped however we leave
+            with spawn(argv, stdout=subprocess.PIPE, stderr=err, new_session=False, stage="image") as proc:
+                last = _stream_progress(proc, on_progress)
+                rc = proc.wait()
         except BaseException:
-            proc.kill()
-            proc.wait()
             with contextlib.suppress(FileNotFoundError):
                 part.unlink()
             raise
@@ -176,7 +169,7 @@ def convert(
     return dst
 
 
-def _stream_progress(proc: subprocess.Popen[bytes], on_progress: Callable[[float], None] | None) -> float:
+def _stream_progress(proc: Child, on_progress: Callable[[float], None] | None) -> float:
     """Feed ``on_progress`` from qemu-img's stdout until it closes; the last percentage seen (-1 if none)."""
     assert proc.stdout is not None
     pending = b""

@@ -1,9 +1,11 @@
-"""The ansible-runner adapter: run a playbook against the build VM over SSH with its pinned host key.
+"""Provisioning: the interface the provision and finalize stages use (:class:`Provisioner`: run a playbook
+against a reachable host, stream its events, be cancelled), and its one implementation, ansible-runner
+(:class:`AnsibleRunner`), which runs a playbook against the build VM over SSH with its pinned host key.
 
 Pure parts (tested by comparing output): :func:`inventory`, :func:`ssh_common_args`, :func:`build_envvars`,
 :func:`failures_from_events`, :func:`provision_error`. The effectful part is :func:`run_playbook`.
 
-Why the environment looks the way it does (research/libraries.md, gotchas G1–G7):
+Why the environment looks the way it does (ansible-runner's and OpenSSH's behaviour, G1–G7):
 
 * G1 ansible-runner finds ``ansible-playbook`` through PATH: the bin dir of *this* interpreter goes first.
 * G2 ``artifacts/<ident>/command`` holds the whole environment: the private data dir is 0700 and the file
@@ -34,7 +36,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .errors import ProvisionError
 from .run import run, tail
@@ -274,11 +276,14 @@ def run_playbook(
     check: bool = False,
     tags: str | Iterable[str] = (),
     diff: bool = False,
+    cancel: Callable[[], bool] | None = None,
 ) -> ProvisionResult:
     """Run ``playbook`` against ``target`` with ansible-runner; raise ProvisionError unless it succeeds.
 
     Events go to ``on_event`` and are appended to ``workdir/ansible-events.jsonl``. ``check`` runs in
-    check mode; ``diff`` reports file differences (rendered templates) in the events.
+    check mode; ``diff`` reports file differences (rendered templates) in the events. ``cancel`` is polled
+    while the playbook runs (every few seconds); when it returns True the run is stopped and reported as
+    ``canceled`` (the caller says why, e.g. the VM died).
     """
     import ansible_runner  # slow import (~0.3 s); only when provisioning
 
@@ -335,6 +340,7 @@ def run_playbook(
             event_handler=handler,
             quiet=True,
             timeout=timeout,
+            cancel_callback=cancel,
         )
     except Exception as exc:  # ansible-runner's ConfigurationError, OSError from pexpect, …
         raise ProvisionError(f"ansible-runner could not run {playbook.name}: {exc}", stage="provision") from exc
@@ -358,3 +364,26 @@ def run_playbook(
         err.result = result  # type: ignore[attr-defined]  # for callers that want the stats and artifacts
         raise err
     return result
+
+
+class Provisioner(Protocol):
+    """What the provision and finalize stages need from a provisioning tool."""
+
+    def run(self, playbook: Path, target: Target, *, roles_path: Sequence[Path], extra_vars: Mapping[str, Any],
+            workdir: Path, on_event: Callable[[dict[str, Any]], None] | None = None,
+            cancel: Callable[[], bool] | None = None, check: bool = False) -> ProvisionResult: ...
+
+
+@dataclass(frozen=True)
+class AnsibleRunner:
+    """:class:`Provisioner` through ansible-runner (:func:`run_playbook`)."""
+
+    task_timeout: int = 3600
+    timeout: int = 7200
+
+    def run(self, playbook: Path, target: Target, *, roles_path: Sequence[Path], extra_vars: Mapping[str, Any],
+            workdir: Path, on_event: Callable[[dict[str, Any]], None] | None = None,
+            cancel: Callable[[], bool] | None = None, check: bool = False) -> ProvisionResult:
+        return run_playbook(playbook, target, roles_path=roles_path, extra_vars=extra_vars, workdir=workdir,
+                            task_timeout=self.task_timeout, timeout=self.timeout, on_event=on_event, cancel=cancel,
+                            check=check)

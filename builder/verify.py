@@ -1,4 +1,4 @@
-"""Stage 8 (also the ``verify`` verb): boot a published qcow2 the way a cloud would, and check it.
+"""The ``verify`` verb (and the build's last check): boot a published qcow2 the way a cloud would, and check it.
 
 A NoCloud seed ISO (volume label ``CIDATA``, made with pycdlib) gives cloud-init a user with a fresh key and the
 guest's SSH host key, so paramiko can pin it. The image itself is never written: the VM runs on an overlay.
@@ -20,11 +20,11 @@ import pycdlib
 import yaml
 
 from . import image
-from .config import ImageConfig
+from .config import ImageConfig, seed_packages
 from .errors import VerifyError
 from .events import Emitter
 from .ssh import KeyPair, generate_keypair, run_command, wait_for_ssh
-from .vm import open_machine
+from .vm import guestnet, open_machine
 from .vm.accel import choose_accel
 from .vm.net import find_free_port
 from .vm.spec import Drive, VmSpec
@@ -95,11 +95,19 @@ class VerifyReport:
         return ET.tostring(suite, encoding="unicode")
 
 
+# cloud-init's view of a top-level key: /etc/cloud/cloud.cfg, then cloud.cfg.d/*.cfg in order, later wins
+_EFFECTIVE_CLOUD_CFG = (
+    "python3 -c \"import glob, yaml; d = {{}}; [d.update(yaml.safe_load(open(f)) or {{}}) for f in "
+    "['/etc/cloud/cloud.cfg'] + sorted(glob.glob('/etc/cloud/cloud.cfg.d/*.cfg'))]; print(d.get('{key}'))\""
+)
+
+
 def checks_for(cfg: ImageConfig) -> list[tuple[str, str, str]]:
     """(name, shell command, expectation) — the command must exit 0; the expectation is documentation."""
     size_gib = cfg.disk.size >> 30
-    pkgs = " ".join(p for p in ("openssh-server", "cloud-init", "curl", "wget", "vim", "htop", "python3",
-                                "network-manager", "dkms"))
+    pkgs = " ".join(p.split("=", 1)[0] for p in seed_packages(cfg))
+    build_hosts = " ".join(f"-e {shlex.quote(h)}" for h in (guestnet.GATEWAY_IP, guestnet.HOST))
+    etc_hosts = cfg.provision.extra_vars.get("base_cloud_init_manage_etc_hosts", True)
     out = [
         ("debian 13", "grep -E '^13' /etc/debian_version", "Debian 13.x"),
         ("seed packages", f"dpkg-query -W -f '${{Package}} ${{Status}}\\n' {pkgs} | grep -v 'install ok installed' "
@@ -111,10 +119,13 @@ def checks_for(cfg: ImageConfig) -> list[tuple[str, str, str]]:
          "root filesystem fills the disk"),
         ("cloud-init ran", "cloud-init status --wait >/dev/null; test -f /var/tmp/builder-verify", "runcmd executed"),
         ("hostname resolvable", "getent hosts $(hostname)", "manage_etc_hosts"),
-        ("ssh key-only", "sshd -T | grep -qx 'passwordauthentication no'", "PasswordAuthentication no"),
+        ("ssh key-only", "sshd -T | grep -qx 'passwordauthentication no' && sshd -T | grep -x 'permitrootlogin no'",
+         "PasswordAuthentication no, PermitRootLogin no"),
+        ("cloud-init manage_etc_hosts", _EFFECTIVE_CLOUD_CFG.format(key="manage_etc_hosts") + f" | grep -x {etc_hosts}",
+         f"manage_etc_hosts {etc_hosts} in the effective configuration"),
         ("NetworkManager", "systemctl is-active NetworkManager", "active"),
         ("no build user", f"! getent passwd {shlex.quote(cfg.installer.build_user)}", "removed"),
-        ("apt sources", "! grep -rs 10.0.2.2 /etc/apt/", "no build gateway left"),
+        ("apt sources", f"! grep -rsF {build_hosts} /etc/apt/", "no build gateway left"),
         ("machine-id fresh", "test -s /etc/machine-id", "generated at first boot"),
     ]
     if cfg.provision.enabled:

@@ -8,13 +8,12 @@ of the trusted fingerprints (gpgv alone accepts any key in the keyring).
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..errors import ToolError, VerificationError
-from ..run import run, tail
+from ..errors import VerificationError
+from ..run import run, tail, which
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +74,7 @@ def verify_inrelease(
             f"{name}: keyring {keyring} does not exist", hint="apt-get install debian-archive-keyring"
         )
     _check_shape(data, name)
-    gpgv = shutil.which("gpgv")
-    if gpgv is None:
-        raise ToolError("required tool not found: gpgv", command=["gpgv"], hint="apt-get install gpgv")
+    gpgv = which("gpgv", package="gpgv")
     with tempfile.TemporaryDirectory(prefix="builder-gpgv-") as tmp:
         src = Path(tmp, "InRelease")
         out = Path(tmp, "signed.txt")

@@ -10,12 +10,9 @@ per process.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
-import shutil
-import subprocess
 import tempfile
 import threading
 import time
@@ -24,8 +21,8 @@ from pathlib import Path
 from typing import Literal
 
 from ..errors import VmError
+from ..run import Child, spawn, which
 from .logs import read_text, tail_lines
-from .qemu import _die_with_parent_preexec
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +94,7 @@ def boot_probe(
 ) -> tuple[bool, str]:
     """Boot ``kernel`` (or the firmware) under ``accel``/``cpu`` and tell whether the guest ran; the engine of
     :func:`kvm_works` (tests run it under TCG to check that a working boot is recognised)."""
-    qemu = shutil.which(binary)
-    if qemu is None:
-        raise VmError(f"QEMU not found: {binary}", hint="install it: apt-get install qemu-system-x86")
+    qemu = which(binary, package="qemu-system-x86")
     if kernel is not None and not Path(kernel).is_file():
         raise VmError(f"KVM probe: kernel {kernel} does not exist")
     what = "kernel" if kernel is not None else "firmware"
@@ -109,27 +104,19 @@ def boot_probe(
         serial, out_path = Path(tmp) / "serial.log", Path(tmp) / "qemu.log"
         argv = probe_argv(kernel, serial=serial, binary=qemu, accel=accel, cpu=cpu)
         log.debug("boot probe: %s", " ".join(argv))
-        with out_path.open("wb") as out:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    close_fds=True, start_new_session=True, preexec_fn=_die_with_parent_preexec())
-        try:
+        with out_path.open("wb") as out, spawn(argv, stdout=out, grace=0, stage="vm") as proc:
             ok, reason = _watch(proc, serial, out_path, done, timeout)
-        finally:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-            proc.wait()
     elapsed = time.monotonic() - t0
     reason = f"{reason} ({what} probe, -accel {accel} -cpu {cpu}, {elapsed:.1f} s)"
     log.info("boot probe: %s: %s", "works" if ok else "failed", reason)
     return ok, reason
 
 
-def _watch(proc: subprocess.Popen[bytes], serial: Path, out_path: Path, done: Callable[[str], str | None],
+def _watch(proc: Child, serial: Path, out_path: Path, done: Callable[[str], str | None],
            timeout: float) -> tuple[bool, str]:
     deadline = time.monotonic() + timeout
     while True:
-        exited = proc.poll() is not None
+        exited = not proc.running()
         failure = _KVM_FAILURE.search(read_text(out_path))
         if failure:
             return False, f"QEMU failed: {failure.group(0).strip()}"

@@ -15,14 +15,10 @@ start machines from the main thread, or from a thread that outlives them.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 import os
 import shlex
-import shutil
 import signal
-import subprocess
 import tempfile
 import threading
 import time
@@ -31,14 +27,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import VmError
+from ..errors import BuilderError, MissingToolError, VmError
+from ..run import Child, start, which
+from .guestnet import RELAY_PACKAGE, RELAY_TOOL
 from .logs import tail_lines, wait_for_pattern
 from .qmp import QmpClient
 from .spec import Drive, VmSpec
 
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
 _SOCKET_PATH_MAX = 100  # sun_path is 108 bytes including the NUL; keep a margin
 
 
@@ -117,36 +114,10 @@ def qemu_argv(spec: VmSpec, *, qmp_socket: Path, binary: str = "qemu-system-x86_
 
 # -- process management -------------------------------------------------------------------------------------
 
-_libc: Any = None
 
-
-def _load_libc() -> Any:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    return _libc
-
-
-def _die_with_parent_preexec() -> Any:
-    """A preexec_fn that makes the child get SIGKILL when the forking thread dies (Linux prctl)."""
-    prctl = _load_libc().prctl  # resolved before fork: the child only calls it
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return preexec
-
-
-def _reap(proc: subprocess.Popen[bytes], paths: tuple[Path, ...]) -> None:
-    """Kill ``proc`` if it still runs, reap it, remove its socket files. Used by __exit__ and as finalizer."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=10)
+def _reap(child: Child, paths: tuple[Path, ...]) -> None:
+    """Kill QEMU if it still runs, reap it, remove its socket files. Used by close() and as finalizer."""
+    child.stop(grace=0)
     for path in paths:
         with contextlib.suppress(OSError):
             path.rmdir() if path.is_dir() else path.unlink()
@@ -182,7 +153,7 @@ class QemuMachine:
         self.die_with_parent = die_with_parent
         self.stop_method: str | None = None
         self.startup_seconds: float | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: Child | None = None
         self._qmp: QmpClient | None = None
         self._qmp_path: Path | None = None
         self._sockdir: Path | None = None
@@ -202,7 +173,7 @@ class QemuMachine:
 
     @property
     def returncode(self) -> int | None:
-        return None if self._proc is None else self._proc.poll()
+        return None if self._proc is None else self._proc.returncode
 
     def start(self) -> None:
         """Spawn QEMU and wait until QMP answers. A second call while it runs does nothing.
@@ -211,12 +182,12 @@ class QemuMachine:
         missing file, KVM failure, port in use) or its QMP socket does not answer in ``start_timeout``.
         """
         if self._proc is not None:
-            if self._proc.poll() is None:
+            if self._proc.returncode is None:
                 return
             raise VmError(f"VM {self.name} has already run; create a new QemuMachine to start it again")
-        binary = shutil.which(self.binary)
-        if binary is None:
-            raise VmError(f"QEMU not found: {self.binary}", hint="install it: apt-get install qemu-system-x86")
+        binary = which(self.binary, package="qemu-system-x86")
+        if self.spec.guest_services:
+            which(RELAY_TOOL, package=RELAY_PACKAGE, why="it relays the guest's connections to builder's services")
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.serial_log.parent.mkdir(parents=True, exist_ok=True)
         qmp_path = self.workdir.absolute() / f"{self.name}.qmp"
@@ -238,16 +209,10 @@ class QemuMachine:
             with self.log_path.open("wb") as out:
                 out.write(f"# {shlex.join(argv)}\n".encode())
                 out.flush()
-                self._proc = subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    close_fds=True,
-                    start_new_session=True,
-                    preexec_fn=_die_with_parent_preexec() if self.die_with_parent else None,
-                )
-        except OSError as exc:
+                self._proc = start(argv, stdout=out, die_with_parent=self.die_with_parent, stage="vm")
+        except MissingToolError:
+            raise
+        except (OSError, BuilderError) as exc:
             raise VmError(f"cannot run QEMU ({binary}): {exc}") from exc
         paths = (qmp_path, self._sockdir) if self._sockdir else (qmp_path,)
         self._finalizer = weakref.finalize(self, _reap, self._proc, paths)
@@ -280,15 +245,14 @@ class QemuMachine:
                        hint=f"full QEMU output: {self.log_path}")
 
     def is_running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self._proc is not None and self._proc.returncode is None
 
     def wait(self, timeout: float | None = None) -> int | None:
         """Wait for QEMU to exit (guest power-off, or reboot with ``no_reboot``); its exit code, or None."""
         if self._proc is None:
             raise VmError(f"VM {self.name} has not been started")
-        try:
-            rc = self._proc.wait(timeout)
-        except subprocess.TimeoutExpired:
+        rc = self._proc.wait(timeout)
+        if rc is None:
             return None
         if self.stop_method is None:
             self.stop_method = "exited"
@@ -303,7 +267,7 @@ class QemuMachine:
         if self._proc is None:
             raise VmError(f"VM {self.name} has not been started")
         steps: list[tuple[str, float]] = [("powerdown", timeout), ("quit", 10), ("terminate", 10), ("kill", 30)]
-        rc = self.wait(0) if self._proc.poll() is not None else None  # already exited on its own
+        rc = self.wait(0) if self._proc.returncode is not None else None  # already exited on its own
         for method, wait_s in steps:
             if rc is not None:
                 break
@@ -315,9 +279,9 @@ class QemuMachine:
                                 timeout)
                     self._execute("quit")
                 elif method == "terminate":
-                    self._proc.terminate()
+                    self._proc.popen.terminate()
                 else:
-                    self._proc.kill()
+                    self._proc.popen.kill()
             except (VmError, ProcessLookupError) as exc:
                 log.debug("VM %s: %s failed: %s", self.name, method, exc)
             self.stop_method = method
@@ -333,9 +297,7 @@ class QemuMachine:
             assert self._proc is not None
             log.debug("VM %s: killing QEMU pid %d", self.name, self._proc.pid)
             self.stop_method = "kill"
-            with contextlib.suppress(ProcessLookupError):
-                self._proc.kill()
-            self._proc.wait()
+            self._proc.stop(grace=0)
         if self._qmp is not None:
             self._qmp.close()
 

@@ -73,7 +73,7 @@ def test_killed_build_leaves_nothing(repo, tmp_path, sig):
         assert "interrupted" in output
         assert not any(p.exists() for p in mine), f"work directory left behind: {mine}"
     else:  # nothing could clean up after SIGKILL: the next build sweeps the dead build's work directory
-        from builder.pipeline import _sweep_stale_workdirs
+        from builder.pipeline import sweep_stale_workdirs
 
-        _sweep_stale_workdirs(work)
+        sweep_stale_workdirs(work)
         assert not any(p.exists() for p in mine), f"stale work directory not swept: {mine}"

@@ -10,16 +10,14 @@ from contextlib import ExitStack
 
 import pytest
 
-from builder import image
-from builder.archive.cache import ContentCache
-from builder.archive.http import FetchStats
+from builder import image, services
+from builder.context import BuildContext, BuildOptions
+from builder.diagnostics import Diagnostics
 from builder.events import Emitter
-from builder.inputs import fetch_inputs
-from builder.install import install_spec
-from builder.installer.preseed import check_preseed_syntax, render_preseed
-from builder.installer.progress import InstallTracker, SyslogListener, console_question
-from builder.pipeline import GUEST_HOST, _preseed_context, make_media, pick_accel, start_gateway
-from builder.ssh import generate_keypair
+from builder.installer.progress import console_question
+from builder.stages import fetch, media
+from builder.stages.install import install_spec
+from builder.vm import guestnet
 from builder.vm.logs import pid_alive, read_text
 from builder.vm.qemu import QemuMachine
 
@@ -29,24 +27,24 @@ pytestmark = [pytest.mark.integration, pytest.mark.vm]
 @pytest.mark.timeout(1800)
 def test_installer_fetches_signed_udebs_and_reaches_partitioner(default_config, tmp_path):
     cfg = default_config
-    emitter = Emitter()
-    cache, stats = ContentCache(), FetchStats()
-    inputs = fetch_inputs(cfg, cache, stats, emitter)
     with ExitStack() as stack:
-        gw, key = start_gateway(cfg, stack, inputs, cache)
-        accel = pick_accel(cfg, inputs, emitter)
-        tracker = InstallTracker()
-        listener = stack.enter_context(SyslogListener(tmp_path / "install.syslog", tracker))
-        preseed = render_preseed(_preseed_context(cfg, gw.guest_host(GUEST_HOST), generate_keypair("c"),
-                                                  generate_keypair("h")))
+        diagnostics = stack.enter_context(Diagnostics(tmp_path))
+        ctx = BuildContext(cfg, BuildOptions(tmp_path / "out"), tmp_path, Emitter(), stack, diagnostics)
+        inputs = fetch.run(ctx)
+        ctx = services.start(ctx, inputs)
+        assert ctx.services is not None
+        gw, tracker = ctx.services.gateway, ctx.services.tracker
+        m = media.run(ctx, inputs)
+        preseed = m.preseed
         settings = "\n".join(ln for ln in preseed.splitlines() if not ln.lstrip().startswith("#"))
         assert "allow_unauthenticated" not in settings and "--no-check-gpg" not in settings
-        check_preseed_syntax(preseed)
-        iso = make_media(cfg, inputs, preseed, key, tmp_path, log_port=listener.port)
+        # the guest reaches the gateway at the fixed address (guestfwd), never at a per-build port
+        assert f"mirror/http/hostname string {guestnet.GATEWAY}\n" in preseed and str(gw.port) not in settings
         disk = tmp_path / "disk.qcow2"
         image.create(disk, cfg.disk.size)
-        spec = install_spec(name="t-install", iso=iso, disk=disk, accel=accel, cpus=cfg.vm.cpus,
-                            memory=cfg.vm.memory, workdir=tmp_path)
+        assert m.iso is not None
+        spec = install_spec(name="t-install", iso=m.iso, disk=disk, accel=ctx.accel, cpus=cfg.vm.cpus,
+                            memory=cfg.vm.memory, workdir=tmp_path, gateway_port=gw.port)
         t0 = time.monotonic()
         reached = None
         with QemuMachine(spec, tmp_path) as vm:

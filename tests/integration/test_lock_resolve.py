@@ -5,9 +5,9 @@ import pytest
 
 from builder.archive.cache import ContentCache
 from builder.archive.http import FetchStats
-from builder.inputs import make_archive
 from builder.installer import netboot
 from builder.lock import Lock, lock_differences, read_lock, resolve_lock
+from builder.stages.fetch import make_archive
 
 pytestmark = pytest.mark.integration
 

@@ -4,16 +4,15 @@ throw-away private key, then swapped into the output directory atomically (an ol
 import hashlib
 import json
 import subprocess
-import time
+from contextlib import ExitStack
 
 import pytest
 
 from builder import image
-from builder.archive.http import FetchStats
+from builder.context import BuildContext, BuildOptions
+from builder.diagnostics import Diagnostics
 from builder.events import Emitter
-from builder.inputs import InstallerInputs
-from builder.lock import read_lock
-from builder.pipeline import publish
+from builder.stages import finalize, publish
 
 pytestmark = pytest.mark.integration
 
@@ -28,13 +27,16 @@ def test_publish_small_disk(default_config, tmp_path):
     (work / "packages.txt").write_text("openssh-server 1:10.0p1-7\n")
     (work / "install.syslog").write_text("late ( echo '-----BEGIN OPENSSH PRIVATE KEY-----'; echo 'c2VjcmV0'; "
                                          "echo '-----END OPENSSH PRIVATE KEY-----' )\n")
-    lock = read_lock(default_config.lock_path)
-    inputs = InstallerInputs(lock, disk, disk, b"", b"", b"", {}, b"InRelease")
     out = tmp_path / "out"
     out.mkdir()
     (out / "stale-file").write_text("from an older build")
-    res = publish(default_config, disk, out, inputs=inputs, manifest={"name": "t"}, emitter=Emitter(),
-                  stats=FetchStats(), started=time.monotonic(), workdir=work)
+    with ExitStack() as stack:
+        ctx = BuildContext(default_config, BuildOptions(out), work, Emitter(), stack, Diagnostics(work),
+                           manifest={"installer": {"netboot": "20250803+deb13u6"}})
+        final = finalize.compress(ctx, disk)
+        assert final.image.parent.parent == tmp_path and final.image.is_file()  # staged beside the output
+        assert not (out / "cloud-gpu-worker.qcow2").exists()  # nothing published before publish
+        res = publish.run(ctx, final)
     assert res.image == out / "cloud-gpu-worker.qcow2" and res.image.is_file()
     assert not (out / "stale-file").exists()  # the old output was replaced as a whole
     assert not list(tmp_path.glob(".out.*")), "staging or old output left behind"
@@ -44,6 +46,7 @@ def test_publish_small_disk(default_config, tmp_path):
     assert info["format"] == "qcow2" and info["virtual-size"] == 64 << 20
     assert image.check(res.image).get("compressed-clusters", 1) > 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["sha256"] == digest and manifest["installer"]["netboot"] == lock.netboot.version
+    assert manifest["sha256"] == digest and manifest["installer"]["netboot"] == "20250803+deb13u6"
+    assert manifest["raw_disk_bytes"] >= 8 << 20 and "stages" in manifest
     assert (out / "packages.txt").read_text().startswith("openssh-server")
     assert "c2VjcmV0" not in (out / "logs" / "install.syslog").read_text()

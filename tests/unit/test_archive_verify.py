@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 from archive_testlib import GpgKey, gpg_key
 
-from builder.archive import verify as verify_mod
 from builder.archive.verify import parse_status, verify_inrelease
-from builder.errors import ToolError, VerificationError
+from builder.errors import MissingToolError, ToolError, VerificationError
 
 BODY = b"Origin: Test\nSuite: stable\nCodename: testsuite\nSHA256:\n"
 
@@ -92,11 +91,13 @@ def test_shape_is_checked_like_apt(key: GpgKey, mangle) -> None:  # type: ignore
         verify_inrelease(mangle(key.clearsign(BODY)), key.keyring, [key.fingerprint])
 
 
-def test_missing_gpgv_is_a_tool_error(key: GpgKey, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(verify_mod.shutil, "which", lambda name: None)
-    with pytest.raises(ToolError) as exc:
-        verify_inrelease(key.clearsign(BODY), key.keyring, [key.fingerprint])
-    assert exc.value.hint == "apt-get install gpgv"
+def test_missing_gpgv_is_a_missing_tool_error(key: GpgKey, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    signed = key.clearsign(BODY)
+    monkeypatch.setenv("PATH", str(tmp_path))  # a host without gpgv
+    with pytest.raises(MissingToolError) as exc:
+        verify_inrelease(signed, key.keyring, [key.fingerprint])
+    assert isinstance(exc.value, ToolError) and exc.value.package == "gpgv"
+    assert exc.value.hint == "install it: apt-get install gpgv"
 
 
 def test_parse_status_takes_the_primary_fingerprint() -> None:

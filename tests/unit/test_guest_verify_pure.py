@@ -1,35 +1,30 @@
 import io
+import os
 import subprocess
+from pathlib import Path
 
 import pycdlib
 import yaml
 
-from builder.guest import apt_sources, hygiene_script, repoint_apt
+from builder.redact import redact_private_keys
 from builder.ssh import generate_keypair
+from builder.stages.finalize import finalize_vars
 from builder.verify import Check, VerifyReport, checks_for, nocloud_seed, nocloud_user_data
+from builder.vm import guestnet
+
+REPO = Path(__file__).resolve().parents[2]
 
 
-def test_apt_sources_use_config_mirrors(default_config):
-    text = apt_sources(default_config)
-    assert default_config.debian.mirror in text and default_config.debian.security_mirror in text
-    assert "trixie-security" in text and "non-free-firmware" in text and "10.0.2.2" not in text
-
-
-def test_hygiene_script_is_valid_shell_and_complete(default_config):
-    script = hygiene_script(default_config)
-    subprocess.run(["sh", "-n"], input=script.encode(), check=True)
-    for must in ("truncate -s 0 /etc/machine-id", "rm -f /var/lib/dbus/machine-id /etc/ssh/ssh_host_*",
-                 "cloud-init clean", "userdel -f -r builder", "fstrim", "/etc/cloud/cloud-init.disabled",
-                 "ssh-keygen -A", "/var/lib/dkms/mok.key"):
-        assert must in script
-
-
-def test_repoint_apt_rewrites_port(tmp_path):
-    f = tmp_path / "sources.list"
-    f.write_text("deb http://10.0.2.2:4711/debian trixie main\ndeb http://10.0.2.2:4711/debian-security x main\n")
-    cmd = repoint_apt(9999).replace("/etc/apt/sources.list /etc/apt/sources.list.d/*", str(f))
-    subprocess.run(["sh", "-c", cmd], check=True)
-    assert f.read_text().count("10.0.2.2:9999/") == 2 and "4711" not in f.read_text()
+def test_finalize_vars_point_apt_at_the_config_mirrors(default_config):
+    v = finalize_vars(default_config)
+    assert v["finalize_apt_mirror"] == default_config.debian.mirror
+    assert v["finalize_apt_security_mirror"] == default_config.debian.security_mirror
+    assert v["finalize_apt_components"] == ["main", "contrib", "non-free", "non-free-firmware"]
+    assert v["finalize_build_user"] == "builder" and v["finalize_apt_suite"] == "trixie"
+    # the role checks that no apt file names the build's own services afterwards
+    assert set(v["finalize_build_hosts"]) == {guestnet.GATEWAY_IP, guestnet.HOST}
+    defaults = yaml.safe_load((REPO / "roles/finalize/defaults/main.yml").read_text())
+    assert set(v) <= set(defaults), "every variable builder passes is a documented role default"
 
 
 def test_nocloud_seed_reads_back(tmp_path):
@@ -68,18 +63,16 @@ def test_report_junit(tmp_path):
 
 
 def test_published_logs_lose_private_keys():
-    from builder.pipeline import _redact_private_keys
-
     text = ("late_command ( echo '-----BEGIN OPENSSH PRIVATE KEY-----'; echo 'b3BlbnNzaC1rZXk'; "
             "echo '-----END OPENSSH PRIVATE KEY-----' ) > /target/etc/ssh/ssh_host_ed25519_key")
-    out = _redact_private_keys(text)
+    out = redact_private_keys(text)
     assert "b3BlbnNzaC1rZXk" not in out and "<private key removed>" in out
+    cut = "echo '-----BEGIN OPENSSH PRIVATE KEY-----'; echo 'b3BlbnNzaC1rZXk'; echo 'c2Vjb25k"  # log cut short
+    assert "b3BlbnNzaC1rZXk" not in redact_private_keys(cut) and "c2Vjb25k" not in redact_private_keys(cut)
 
 
 def test_sweep_stale_workdirs(tmp_path):
-    import os
-
-    from builder.pipeline import _sweep_stale_workdirs
+    from builder.pipeline import sweep_stale_workdirs
 
     dead = tmp_path / "img-pid999999999-abc"
     alive = tmp_path / f"img-pid{os.getpid()}-def"
@@ -87,5 +80,25 @@ def test_sweep_stale_workdirs(tmp_path):
     for d in (dead, alive, kept):
         d.mkdir()
     (kept / "KEEP").touch()
-    _sweep_stale_workdirs(tmp_path)
+    sweep_stale_workdirs(tmp_path)
     assert not dead.exists() and alive.exists() and kept.exists()
+
+
+def test_clean_spares_a_live_build_and_its_base(tmp_path, monkeypatch):
+    from builder.pipeline import clean
+
+    monkeypatch.setenv("BUILDER_CACHE_DIR", str(tmp_path))
+    live = tmp_path / "work" / f"img-pid{os.getpid()}-live"
+    dead = tmp_path / "work" / "img-pid999999999-dead"
+    used, unused = tmp_path / "installed" / "k1", tmp_path / "installed" / "k2"
+    for d in (live, dead, used, unused):
+        d.mkdir(parents=True)
+    (used / "disk.qcow2").write_bytes(b"q")
+    (live / "BASE").write_text(f"{used / 'disk.qcow2'}\n")
+    (tmp_path / "blobs").mkdir()
+    lines = clean(all_downloads=True)
+    assert live.exists() and used.exists() and (tmp_path / "blobs").exists()
+    assert not dead.exists() and not unused.exists()
+    assert any(line.startswith("skipped") and str(os.getpid()) in line for line in lines)
+    assert any("base disk of a running build" in line for line in lines)
+    assert "skipped the download cache (a build is running)" in lines

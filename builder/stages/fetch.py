@@ -1,4 +1,4 @@
-"""Stage 1 (``fetch``): every input of the installer, verified, cached and pinned by the lock.
+"""Stage ``fetch``: every input of the installer, verified, cached and pinned by the lock.
 
 Result: the netboot kernel and initrd, the boot loader files, and the installer's udeb suite as the builder
 decides it (the verified upstream index with the lock's overrides), ready for the gateway and the media.
@@ -13,19 +13,23 @@ import logging
 import lzma
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .archive.cache import ContentCache, atomic_write
-from .archive.client import Archive
-from .archive.deb import deb_extract
-from .archive.http import FetchStats
-from .archive.packages import parse_packages
-from .config import ImageConfig
-from .errors import FetchError, LockError, VerificationError
-from .events import Emitter
-from .gateway import udeb as udeb_suite
-from .gateway.server import Pin
-from .installer import netboot
-from .lock import UDEB_INDEX, FilePin, Lock, read_lock, resolve_lock
+from ..archive.cache import ContentCache, atomic_write
+from ..archive.client import Archive
+from ..archive.deb import deb_extract
+from ..archive.http import FetchStats
+from ..archive.packages import parse_packages
+from ..config import ImageConfig
+from ..errors import FetchError, LockError, VerificationError
+from ..events import Emitter
+from ..gateway import udeb as udeb_suite
+from ..gateway.server import Pin
+from ..installer import netboot
+from ..lock import UDEB_INDEX, FilePin, Lock, read_lock, resolve_lock
+
+if TYPE_CHECKING:
+    from ..context import BuildContext
 
 log = logging.getLogger(__name__)
 
@@ -159,3 +163,15 @@ def _owner(member: str) -> str:
 
 
 __all__ = ["UDEB_INDEX", "InstallerInputs", "fetch_inputs"]
+
+
+def run(ctx: BuildContext) -> InstallerInputs:
+    """The stage: the verified installer inputs of ``ctx.config`` (from the cache when it has them)."""
+    inputs = fetch_inputs(ctx.config, ctx.cache, ctx.stats, ctx.emitter)
+    ctx.manifest["installer"] = {
+        "netboot": inputs.lock.netboot.version, "netboot_sha256": inputs.lock.netboot.sha256,
+        "kernel_abi": inputs.lock.kernel_abi, "udeb_index_sha256": inputs.lock.udeb_index.sha256,
+        "udeb_overrides": len(inputs.lock.overrides),
+    }
+    ctx.manifest["inrelease_sha256"] = hashlib.sha256(inputs.inrelease).hexdigest()
+    return inputs

@@ -1,4 +1,4 @@
-"""Stage 4: the unattended debian-installer run in a VM.
+"""Stage ``install``: the unattended debian-installer run in a VM, or the cached installed disk it made before.
 
 The installer boots from the preseed ISO onto an empty disk. Its remote syslog is the progress bar and the
 failure report; its serial console tells when it waits at a question the preseed did not answer. Success is
@@ -7,18 +7,24 @@ a clean exit of QEMU (the installer powers off) after the finish step.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from .errors import InstallError
-from .events import Emitter
-from .installer.progress import InstallTracker, SyslogListener, console_question
-from .vm import open_machine
-from .vm.guestnet import gateway_service
-from .vm.logs import read_text, tail_lines
-from .vm.spec import Drive, VmSpec
+from .. import image
+from ..context import BuildContext
+from ..errors import InstallError
+from ..events import Emitter
+from ..installer.progress import InstallTracker, SyslogListener, console_question
+from ..ssh import KeyPair
+from ..vm import Machine, open_machine
+from ..vm.guestnet import gateway_service
+from ..vm.logs import read_text, tail_lines
+from ..vm.spec import Drive, VmSpec
+from .media import INSTALL_MACHINE, Media
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +41,23 @@ class InstallResult:
     serial_log: Path
 
 
+@dataclass(frozen=True)
+class InstalledBase:
+    """The installed disk (read-only from here on: later stages write to an overlay) and the SSH keys baked
+    into it."""
+
+    disk: Path
+    client_key: KeyPair
+    host_key: KeyPair
+    cached: bool
+    facts: dict[str, Any]
+
+
 def install_spec(*, name: str, iso: Path, disk: Path, accel: str, cpus: int, memory: int, workdir: Path,
                  gateway_port: int) -> VmSpec:
     return VmSpec(
         name=name, memory_mib=memory >> 20, cpus=cpus, accel=accel,  # type: ignore[arg-type]
-        drives=(Drive(disk, cache="unsafe"), Drive.cdrom(iso)), boot="cdrom",
+        drives=(Drive(disk, cache="unsafe"), Drive.cdrom(iso)), boot="cdrom", machine=INSTALL_MACHINE,
         serial_log=workdir / "install.serial.log", no_reboot=True,
         guest_services=(gateway_service(gateway_port),),
     )
@@ -47,12 +65,14 @@ def install_spec(*, name: str, iso: Path, disk: Path, accel: str, cpus: int, mem
 
 def run_install(spec: VmSpec, *, workdir: Path, tracker: InstallTracker, listener: SyslogListener,
                 emitter: Emitter, timeout: float, stall_timeout: float, backend: str = "qemu",
-                libvirt_uri: str = "qemu:///system") -> InstallResult:
-    """Boot the installer; follow it until QEMU exits. InstallError on failure, question, stall or timeout."""
+                libvirt_uri: str = "qemu:///system", machine: Machine | None = None) -> InstallResult:
+    """Boot the installer; follow it until QEMU exits. InstallError on failure, question, stall or timeout.
+    ``machine``: an already started VM for ``spec`` (the build's, watched by its diagnostics)."""
     t0 = time.monotonic()
     last_step = ""
-    with open_machine(spec, workdir, backend=backend, libvirt_uri=libvirt_uri) as vm:  # type: ignore[arg-type]
-        vm.start()
+    own = machine is None
+    vm = machine or open_machine(spec, workdir, backend=backend, libvirt_uri=libvirt_uri)  # type: ignore[arg-type]
+    with vm if own else contextlib.nullcontext(vm):  # entering an own machine starts it
         while True:
             rc = vm.wait(POLL)
             if tracker.step != last_step or int(time.monotonic() - t0) % 60 < POLL:
@@ -65,7 +85,6 @@ def run_install(spec: VmSpec, *, workdir: Path, tracker: InstallTracker, listene
                 raise InstallError(
                     f"debian-installer failed at step '{tracker.failed_step}': {tracker.failed}",
                     step=tracker.failed_step, log_tail=list(tracker.tail)[-25:],
-                    hint=f"full logs: {listener.log_file} and {spec.serial_log}",
                 )
             question = console_question(read_text(spec.serial_log)[-20000:])
             if question:
@@ -94,3 +113,29 @@ def run_install(spec: VmSpec, *, workdir: Path, tracker: InstallTracker, listene
         )
     return InstallResult(seconds, tracker.udebs, tracker.packages, tuple(tracker.milestones), listener.log_file,
                          spec.serial_log)  # type: ignore[arg-type]
+
+
+def run(ctx: BuildContext, media: Media) -> InstalledBase:
+    """The stage: the cached installed disk for ``media.install_key``, or a fresh install (then cached)."""
+    cfg, emitter = ctx.config, ctx.emitter
+    cached = ctx.disks.lookup(media.install_key) if ctx.options.use_cache else None
+    if cached is not None:
+        emitter.info(f"reusing the installed disk from {cached.created} (key {media.install_key}), unchanged")
+        facts = {"cached": True, "created": cached.created, "key": media.install_key}
+        ctx.manifest["install"] = facts
+        return InstalledBase(cached.disk, cached.client_key, cached.host_key, True, facts)
+    assert ctx.services is not None and media.iso is not None
+    services = ctx.services
+    disk = ctx.workdir / "installed.qcow2"
+    image.create(disk, cfg.disk.size)
+    spec = install_spec(name=f"{cfg.name}-install", iso=media.iso, disk=disk, accel=ctx.accel, cpus=cfg.vm.cpus,
+                        memory=cfg.vm.memory, workdir=ctx.workdir, gateway_port=services.gateway.port)
+    with ctx.machine(spec) as vm:
+        res = run_install(spec, workdir=ctx.workdir, tracker=services.tracker, listener=services.syslog,
+                          emitter=emitter, timeout=cfg.installer.timeout, stall_timeout=cfg.installer.stall_timeout,
+                          machine=vm)
+    facts = {"cached": False, "key": media.install_key, "seconds": round(res.seconds, 1), "udebs": res.udebs,
+             "packages": res.packages, "milestones": list(res.milestones), "gateway": services.gateway.stats.as_dict()}
+    ctx.manifest["install"] = facts
+    base = ctx.disks.store(media.install_key, disk, media.client_key, media.host_key)
+    return InstalledBase(base, media.client_key, media.host_key, False, facts)

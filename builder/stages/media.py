@@ -1,0 +1,108 @@
+"""Stage ``media``: the build's throw-away SSH keys, the preseed, the installer's kernel command line, the
+installer ISO (pycdlib; the preseed and the keyring that trusts the build's installer suite appended to the
+netboot initrd), and the installed-disk cache key computed from exactly what the installer is fed.
+
+:func:`render` is pure apart from key generation; :func:`make_iso` writes the ISO.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..archive.http import FetchStats
+from ..config import ImageConfig
+from ..context import BuildContext
+from ..events import Emitter
+from ..gateway.signing import EphemeralKey, combined_keyring
+from ..installcache import install_key
+from ..installer.cpio import append_to_initrd
+from ..installer.iso import build_iso
+from ..installer.preseed import PreseedContext, check_preseed_syntax, installer_cmdline, render_preseed
+from ..services import UDEB_SUITE
+from ..ssh import KeyPair, generate_keypair
+from ..vm import guestnet
+from .fetch import InstallerInputs
+
+INSTALLER_EXTRA_ARGS = ("TERM=dumb",)  # no GNU screen on the serial console: plain text
+INSTALL_MACHINE = "q35"
+
+
+@dataclass(frozen=True)
+class Media:
+    preseed: str
+    cmdline: str
+    install_key: str
+    client_key: KeyPair
+    host_key: KeyPair
+    iso: Path | None = None
+
+
+def preseed_context(cfg: ImageConfig, client: KeyPair, host: KeyPair) -> PreseedContext:
+    """The preseed's inputs beyond the config: the gateway as the guest sees it, the build's keys."""
+    return PreseedContext(
+        config=cfg, mirror_host=guestnet.GATEWAY, mirror_dir="/debian", security_host=guestnet.GATEWAY,
+        security_dir="/debian-security", udeb_suite=UDEB_SUITE, authorized_key=client.public_openssh,
+        host_key_private=host.private_openssh, host_key_public=host.public_openssh,
+    )
+
+
+def disk_key(cfg: ImageConfig, inputs: InstallerInputs, preseed: str, client: KeyPair, host: KeyPair) -> str:
+    """The installed-disk cache key: the rendered preseed and command line (keys and syslog port masked), the
+    lock, and the settings that shape the disk outside the preseed."""
+    cmdline = installer_cmdline(cfg, log_port=1, extra=INSTALLER_EXTRA_ARGS)
+    return install_key(preseed=preseed, cmdline=cmdline, lock=inputs.lock,
+                       secrets=(client.private_openssh, client.public_openssh, host.private_openssh,
+                                host.public_openssh),
+                       settings={"disk_size": cfg.disk.size, "firmware": cfg.vm.firmware, "machine": INSTALL_MACHINE})
+
+
+def render(cfg: ImageConfig, inputs: InstallerInputs, *, log_port: int) -> Media:
+    """Fresh keys, the checked preseed, the command line and the cache key (no ISO yet)."""
+    client = generate_keypair(f"builder@{cfg.name}")
+    host = generate_keypair(f"root@{cfg.installer.hostname}")
+    preseed = render_preseed(preseed_context(cfg, client, host))
+    check_preseed_syntax(preseed)
+    cmdline = installer_cmdline(cfg, log_port=log_port, extra=INSTALLER_EXTRA_ARGS)
+    return Media(preseed, cmdline, disk_key(cfg, inputs, preseed, client, host), client, host)
+
+
+def make_iso(cfg: ImageConfig, inputs: InstallerInputs, media: Media, key: EphemeralKey, target: Path) -> Path:
+    """The installer initrd (preseed + keyring appended) on a pycdlib ISO at ``target``."""
+    keyring = combined_keyring(cfg.debian.keyring, key.public_key())
+    initrd = append_to_initrd(inputs.initrd.read_bytes(), {
+        "preseed.cfg": media.preseed.encode(),
+        "usr/share/keyrings/archive.gpg": keyring,
+    })
+    iso = build_iso(target, kernel=inputs.kernel, initrd=initrd, isolinux_bin=inputs.isolinux_bin,
+                    ldlinux_c32=inputs.ldlinux_c32, append=media.cmdline,
+                    extra_files={"preseed.cfg": media.preseed.encode()})
+    return iso
+
+
+def run(ctx: BuildContext, inputs: InstallerInputs) -> Media:
+    """The stage: keys, preseed (also written to the work directory), command line, ISO, cache key."""
+    assert ctx.services is not None
+    media = render(ctx.config, inputs, log_port=ctx.services.syslog.port)
+    (ctx.workdir / "preseed.cfg").write_text(media.preseed)
+    iso = make_iso(ctx.config, inputs, media, ctx.services.signing_key, ctx.workdir / "installer.iso")
+    ctx.manifest["install_key"] = media.install_key
+    return Media(media.preseed, media.cmdline, media.install_key, media.client_key, media.host_key, iso)
+
+
+def write_iso(cfg: ImageConfig, out: Path | None, *, emitter: Emitter, stats: FetchStats) -> Path:
+    """The ``iso`` verb: the installer ISO alone (its syslog port is a placeholder; nothing listens)."""
+    from ..archive.cache import ContentCache
+    from .fetch import fetch_inputs
+
+    with emitter.stage("fetch"):
+        inputs = fetch_inputs(cfg, ContentCache(), stats, emitter)
+    with EphemeralKey() as key, emitter.stage("media"):
+        media = render(cfg, inputs, log_port=5140)
+        target = out or cfg.output_dir / "installer.iso"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        part = target.with_name(f".{target.name}.part")
+        make_iso(cfg, inputs, media, key, part)
+        os.replace(part, target)
+    return target
