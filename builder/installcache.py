@@ -55,11 +55,22 @@ def install_key(*, preseed: str, cmdline: str, lock: Lock, secrets: Iterable[str
 
 
 @dataclass(frozen=True)
+class DirectBoot:
+    """Boot a disk's kernel directly (QEMU ``-kernel``/``-initrd``/``-append``) instead of its boot loader: for
+    a root file system made without the installer (a disk image from another tool, the tests' small disks)."""
+
+    kernel: Path
+    initrd: Path
+    append: str
+
+
+@dataclass(frozen=True)
 class InstalledDisk:
     disk: Path
     client_key: KeyPair
     host_key: KeyPair
     created: str
+    direct_boot: DirectBoot | None = None
 
 
 class InstalledDiskCache:
@@ -70,17 +81,21 @@ class InstalledDiskCache:
         d = self.root / key
         try:
             meta = json.loads((d / "meta.json").read_text())
+            boot = meta.get("direct_boot")
             return InstalledDisk(
                 d / "disk.qcow2",
                 KeyPair((d / "client_key").read_text(), meta["client_pub"]),
                 KeyPair((d / "host_key").read_text(), meta["host_pub"]),
                 meta["created"],
+                DirectBoot(d / "kernel", d / "initrd", str(boot["append"])) if boot else None,
             )
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    def store(self, key: str, disk: Path, client_key: KeyPair, host_key: KeyPair) -> Path:
-        """Move ``disk`` into the cache (same filesystem: a rename) with its keys; return the cached path."""
+    def store(self, key: str, disk: Path, client_key: KeyPair, host_key: KeyPair, *,
+              direct_boot: DirectBoot | None = None) -> Path:
+        """Move ``disk`` into the cache (same filesystem: a rename) with its keys (and, for a disk booted
+        directly, copies of its kernel and initrd); return the cached path."""
         d = self.root / key
         tmp = self.root / f".{key}.{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -89,8 +104,12 @@ class InstalledDiskCache:
         host_key.write(tmp, "host_key")
         shutil.move(str(disk), tmp / "disk.qcow2")
         (tmp / "disk.qcow2").chmod(0o444)
-        meta = {"client_pub": client_key.public_openssh, "host_pub": host_key.public_openssh,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        meta: dict[str, Any] = {"client_pub": client_key.public_openssh, "host_pub": host_key.public_openssh,
+                                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if direct_boot is not None:
+            shutil.copyfile(direct_boot.kernel, tmp / "kernel")
+            shutil.copyfile(direct_boot.initrd, tmp / "initrd")
+            meta["direct_boot"] = {"append": direct_boot.append}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         shutil.rmtree(d, ignore_errors=True)
         os.replace(tmp, d)

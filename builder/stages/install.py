@@ -18,6 +18,7 @@ from .. import image
 from ..context import BuildContext
 from ..errors import InstallError
 from ..events import Emitter
+from ..installcache import DirectBoot
 from ..installer.progress import InstallTracker, SyslogListener, console_question
 from ..ssh import KeyPair
 from ..vm import Machine, open_machine
@@ -51,6 +52,7 @@ class InstalledBase:
     host_key: KeyPair
     cached: bool
     facts: dict[str, Any]
+    direct_boot: DirectBoot | None = None
 
 
 def install_spec(*, name: str, iso: Path, disk: Path, accel: str, cpus: int, memory: int, workdir: Path,
@@ -123,7 +125,7 @@ def run(ctx: BuildContext, media: Media) -> InstalledBase:
         emitter.info(f"reusing the installed disk from {cached.created} (key {media.install_key}), unchanged")
         facts = {"cached": True, "created": cached.created, "key": media.install_key}
         ctx.manifest["install"] = facts
-        return InstalledBase(cached.disk, cached.client_key, cached.host_key, True, facts)
+        return InstalledBase(cached.disk, cached.client_key, cached.host_key, True, facts, cached.direct_boot)
     assert ctx.services is not None and media.iso is not None
     services = ctx.services
     disk = ctx.workdir / "installed.qcow2"

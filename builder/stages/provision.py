@@ -23,6 +23,7 @@ from ..config import ImageConfig
 from ..context import BuildContext
 from ..errors import ProvisionError, SshError, VmError
 from ..events import Emitter
+from ..installcache import DirectBoot
 from ..provision import AnsibleRunner, Provisioner, Target
 from ..ssh import known_hosts_line, run_command, wait_for_ssh
 from ..vm import Machine
@@ -51,12 +52,14 @@ class Guest:
 
 
 def provision_spec(cfg: ImageConfig, disk: Path, workdir: Path, accel: str, ssh_port: int,
-                   gateway_port: int) -> VmSpec:
+                   gateway_port: int, direct_boot: DirectBoot | None = None) -> VmSpec:
     return VmSpec(
         name=f"{cfg.name}-provision", memory_mib=cfg.provision.memory >> 20, cpus=cfg.vm.cpus,
         accel=accel,  # type: ignore[arg-type]
         drives=(Drive(disk, discard=True),), boot="disk", serial_log=workdir / "provision.serial.log",
         ssh_forward=ssh_port, no_reboot=False, guest_services=(gateway_service(gateway_port),),
+        kernel=direct_boot.kernel if direct_boot else None, initrd=direct_boot.initrd if direct_boot else None,
+        append=direct_boot.append if direct_boot else "",
     )
 
 
@@ -99,7 +102,7 @@ def run(ctx: BuildContext, base: InstalledBase, *, provisioner: Provisioner | No
                                                timeout=cfg.provision.timeout)
     disk = image.overlay(base.disk, wd / "disk.qcow2")
     port = find_free_port()
-    spec = provision_spec(cfg, disk, wd, ctx.accel, port, ctx.gateway.port)
+    spec = provision_spec(cfg, disk, wd, ctx.accel, port, ctx.gateway.port, base.direct_boot)
     user = cfg.installer.build_user
     key_path, _ = base.client_key.write(wd, "build_key")
     known_hosts = wd / "known_hosts"
