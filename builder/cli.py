@@ -67,17 +67,33 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(debug: bool, quiet: bool) -> Any:
+    """The stderr console, and logging through it. Nothing printed is ever read as Rich markup or emoji codes,
+    and nothing is wrapped: messages, hints, log tails, paths and URLs come out as they were written."""
     from rich.console import Console
-    from rich.logging import RichHandler
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, markup=False, emoji=False, highlight=False, soft_wrap=True)
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
-    handler = RichHandler(console=console, show_path=False, rich_tracebacks=debug, markup=False,
-                          show_time=True, omit_repeated_times=False, log_time_format="[%X]")
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[handler], force=True)
+    handler: logging.Handler
+    if console.is_terminal:
+        from rich.logging import RichHandler
+
+        handler = RichHandler(console=console, show_path=False, rich_tracebacks=debug, markup=False,
+                              show_time=True, omit_repeated_times=False, log_time_format="[%X]")
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:  # a pipe or a file (CI): plain lines, never folded to 80 columns
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[%(asctime)s] %(levelname)-7s %(message)s", datefmt="%H:%M:%S"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
     logging.getLogger("builder").setLevel(level)
     logging.getLogger("paramiko").setLevel(logging.WARNING if debug else logging.CRITICAL)
     return console
+
+
+def _say(console: Any, text: str, style: str | None = None, *, prefix: str = "") -> None:
+    """Print ``text`` verbatim (``prefix`` in ``style``)."""
+    from rich.text import Text
+
+    console.print(Text.assemble((prefix, style or ""), text) if prefix else Text(text, style=style or ""))
 
 
 class _Progress:
@@ -87,7 +103,7 @@ class _Progress:
         from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.console = console
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+        self.progress = Progress(TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(),
                                  TimeElapsedColumn(), console=console, transient=True)
         self.tasks: dict[str, Any] = {}
 
@@ -116,24 +132,37 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
-    console = _setup_logging(args.debug, args.quiet)
+    console: Any = None
+    previous_sigterm = None
     try:
+        args = _parser().parse_args(argv)
+        if threading.current_thread() is threading.main_thread():
+            previous_sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
+        console = _setup_logging(args.debug, args.quiet)
         return _dispatch(args, console)
     except KeyboardInterrupt:
-        console.print("[red]interrupted[/red]")
+        _interrupted(console)
         return EXIT_INTERRUPTED
     except BuilderError as exc:
         if args.debug:
             console.print_exception()
-        console.print(f"[bold red]error:[/bold red] {exc.describe()}", markup=True, highlight=False)
+        _say(console, exc.describe(), "bold red", prefix="error: ")
         return exc.exit_code
     except Exception:
-        console.print_exception() if args.debug else console.print(
-            "[bold red]internal error[/bold red] (run with --debug for the traceback)")
+        if console is None or args.debug:
+            raise
+        _say(console, " (run with --debug for the traceback)", "bold red", prefix="internal error")
         return EXIT_FAILED
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _interrupted(console: Any) -> None:
+    if console is None:
+        sys.stderr.write("interrupted\n")
+    else:
+        _say(console, "interrupted", "red")
 
 
 def _dispatch(args: argparse.Namespace, console: Any) -> int:
@@ -143,11 +172,11 @@ def _dispatch(args: argparse.Namespace, console: Any) -> int:
         from .pipeline import clean
 
         for line in clean(all_downloads=args.all):
-            console.print(line)
+            _say(console, line)
         return EXIT_OK
     cfg = load_config(args.image, args.var)
     if args.verb == "validate":
-        console.print(f"{args.image}: ok ({cfg.name}, Debian {cfg.debian.release} {cfg.debian.suite}, "
+        _say(console, f"{args.image}: ok ({cfg.name}, Debian {cfg.debian.release} {cfg.debian.suite}, "
                       f"disk {cfg.disk.size >> 30}G)")
         return EXIT_OK
     if args.verb == "show-config":
@@ -170,40 +199,40 @@ def _dispatch(args: argparse.Namespace, console: Any) -> int:
 
                 diffs = lock_differences(read_lock(cfg.lock_path), lock)
                 for line in diffs:
-                    console.print(f"  {line}", markup=False)
-                console.print(f"{cfg.lock_path.name}: " + ("differs from the archive" if diffs else "up to date"))
+                    _say(console, f"  {line}")
+                _say(console, f"{cfg.lock_path.name}: " + ("differs from the archive" if diffs else "up to date"))
                 return EXIT_FAILED if diffs else EXIT_OK
             write_lock(lock, cfg.lock_path)
-            console.print(f"wrote {cfg.lock_path}")
+            _say(console, f"wrote {cfg.lock_path}")
             console.print_json(json.dumps(lock_summary(lock)))
         elif args.verb == "fetch":
             from .inputs import fetch_inputs
 
             with emitter.stage("fetch"):
                 inputs = fetch_inputs(cfg, ContentCache(), stats, emitter, all_udebs=args.all_udebs)
-            console.print(f"verified and cached: netboot {inputs.lock.netboot.version} (kernel "
+            _say(console, f"verified and cached: netboot {inputs.lock.netboot.version} (kernel "
                           f"{inputs.kernel_abi}), {len(inputs.udeb_pins)} udebs in the installer suite; "
                           f"{stats.bytes_fetched} bytes fetched upstream in {time.monotonic() - t0:.1f} s")
         elif args.verb == "iso":
             from .pipeline import write_iso
 
             out = write_iso(cfg, args.output, emitter=emitter, stats=stats)
-            console.print(f"wrote {out}")
+            _say(console, f"wrote {out}")
         elif args.verb == "build":
             from .pipeline import build
 
             result = build(cfg, on_event=emitter, output=args.output, force=args.force,
                            keep_workdir=args.keep_workdir, use_cache=not args.no_cache)
-            console.print(f"[green]built[/green] {result.image} ({result.size_bytes / 2**20:.0f} MiB) "
-                          f"in {result.duration_s / 60:.1f} min", markup=True)
+            _say(console, f" {result.image} ({result.size_bytes / 2**20:.0f} MiB) in {result.duration_s / 60:.1f} min",
+                 "green", prefix="built")
         elif args.verb == "verify":
             from .verify import verify_image
 
             qcow2 = args.image_file or cfg.output_dir / f"{cfg.name}.qcow2"
             report_dir = args.report_dir or cfg.output_dir / "verify"
             report = verify_image(cfg, qcow2, report_dir, emitter=emitter)
-            console.print(report.text(), markup=False, highlight=False)
-            console.print(f"reports: {report_dir}/verify-report.{{xml,txt,json}}")
+            _say(console, report.text())
+            _say(console, f"reports: {report_dir}/verify-report.{{xml,txt,json}}")
             if not report.ok:
                 return EXIT_FAILED
         else:  # pragma: no cover - argparse guards this
