@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 
 from . import __version__
 from .errors import BuilderError, ConfigError
+from .redact import redact_private_keys
 
 log = logging.getLogger("builder")
 
@@ -83,16 +84,28 @@ def _setup_logging(debug: bool, quiet: bool) -> Any:
     else:  # a pipe or a file (CI): plain lines, never folded to 80 columns
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("[%(asctime)s] %(levelname)-7s %(message)s", datefmt="%H:%M:%S"))
+    handler.addFilter(_RedactKeys())
     logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
     logging.getLogger("builder").setLevel(level)
     logging.getLogger("paramiko").setLevel(logging.WARNING if debug else logging.CRITICAL)
     return console
 
 
+class _RedactKeys(logging.Filter):
+    """No log record shows a private key (a d-i or Ansible line quoting the build's host key)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "PRIVATE KEY" in message:
+            record.msg, record.args = redact_private_keys(message), ()
+        return True
+
+
 def _say(console: Any, text: str, style: str | None = None, *, prefix: str = "") -> None:
-    """Print ``text`` verbatim (``prefix`` in ``style``)."""
+    """Print ``text`` verbatim (``prefix`` in ``style``), private keys removed."""
     from rich.text import Text
 
+    text = redact_private_keys(text)
     console.print(Text.assemble((prefix, style or ""), text) if prefix else Text(text, style=style or ""))
 
 

@@ -112,3 +112,51 @@ def test_main_restores_the_sigterm_handler(tmp_path):
         raise SystemExit(rc)
     """)
     assert p.returncode == 0, p.stderr
+
+
+def test_private_keys_in_an_error_log_tail_are_not_printed():
+    """An install failure's log tail is the last d-i syslog lines, which can include the late_command record
+    with the build's host key (cut short, so without its END line)."""
+    p = run_script("""
+        import builder.cli as cli
+        from builder.errors import InstallError
+        from builder.ssh import generate_keypair
+
+        pem = generate_keypair("h").private_openssh
+        record = "preseed: running preseed command preseed/late_command: ( echo '" + "'; echo '".join(
+            pem.splitlines())
+        body = pem.splitlines()[1]
+        print(body)
+
+        def boom(args, console):
+            raise InstallError("late_command failed", log_tail=["main-menu: INFO: Menu item 'x' selected",
+                                                                 record[:200]])
+
+        cli._dispatch = boom
+        raise SystemExit(cli.main(["validate", "unused.yaml"]))
+    """)
+    body = p.stdout.strip()
+    assert p.returncode == 1 and len(body) > 40, p.stderr
+    assert "  | main-menu: INFO: Menu item 'x' selected" in p.stderr
+    assert "<private key removed" in p.stderr
+    assert body[:30] not in p.stderr and body[-30:] not in p.stderr
+
+
+def test_private_keys_in_a_log_record_are_not_printed():
+    p = run_script("""
+        import builder.cli as cli, builder.pipeline as pipeline, logging
+        from builder.ssh import generate_keypair
+
+        pem = generate_keypair("h").private_openssh
+        print(pem.splitlines()[1])
+
+        def clean(all_downloads=False):
+            logging.getLogger("builder.test").warning("ansible said: %s", pem)
+            return []
+
+        pipeline.clean = clean
+        raise SystemExit(cli.main(["clean"]))
+    """)
+    body = p.stdout.strip()
+    assert p.returncode == 0 and len(body) > 40, p.stderr
+    assert "ansible said: <private key removed>" in p.stderr and body[:30] not in p.stderr
