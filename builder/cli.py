@@ -121,7 +121,8 @@ class _Progress:
         self.tasks: dict[str, Any] = {}
 
     def __enter__(self) -> _Progress:
-        self.progress.start()
+        if self.console.is_terminal:  # elsewhere a live display only leaves an empty line behind
+            self.progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
