@@ -62,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     sp = image_cmd("verify", "boot a built qcow2 with a NoCloud seed and check it (JUnit + text report)")
     sp.add_argument("--image-file", type=Path, help="qcow2 to check (default: the build output of IMAGE.yaml)")
     sp.add_argument("--report-dir", type=Path, help="where reports go (default: OUTPUT_DIR/verify)")
+    sp = image_cmd("gateway", "serve the verified, caching archive gateway (with the signed installer suite) until "
+                              "interrupted; prints its URLs")
+    sp.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT",
+                    help="IPv4 address and port (default 127.0.0.1, any free port)")
+    sp.add_argument("--allow-remote", action="store_true",
+                    help="allow a --listen address other than loopback (the gateway has no authentication)")
     sp = sub.add_parser("clean", help="remove cached downloads and installed-disk caches")
     sp.add_argument("--all", action="store_true", help="also the content cache of downloads")
     return p
@@ -196,6 +202,8 @@ def _dispatch(args: argparse.Namespace, console: Any) -> int:
     if args.verb == "show-config":
         sys.stdout.write(dump_config(cfg))
         return EXIT_OK
+    if args.verb == "gateway":
+        return _gateway(args, cfg, console)
     from .archive import ContentCache, FetchStats
     from .events import Emitter
 
@@ -251,4 +259,39 @@ def _dispatch(args: argparse.Namespace, console: Any) -> int:
                 return EXIT_FAILED
         else:  # pragma: no cover - argparse guards this
             raise ConfigError(f"unknown verb {args.verb}")
+    return EXIT_OK
+
+
+def _gateway(args: argparse.Namespace, cfg: Any, console: Any) -> int:
+    """Serve until SIGINT (exit 130) or SIGTERM (exit 0; while still starting, 130 like every verb)."""
+    from .events import Emitter
+    from .gateway.standalone import check_listen, parse_listen, serve
+
+    listen = parse_listen(args.listen)
+    check_listen(listen, allow_remote=args.allow_remote)  # serve() checks too; this fails before any output
+    stop = threading.Event()
+    serving = False
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        if not serving:
+            raise KeyboardInterrupt
+        stop.set()
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
+    try:
+        with _Progress(console) as progress:
+            def ready(urls: list[str]) -> None:
+                nonlocal serving
+                progress.progress.stop()  # nothing more to download: no live display while serving
+                sys.stdout.write("".join(f"{url}\n" for url in urls))
+                sys.stdout.flush()
+                serving = True
+
+            stats = serve(cfg, listen, allow_remote=args.allow_remote, emitter=Emitter(progress), ready=ready,
+                          stop=stop)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    _say(console, f"gateway stopped ({stats.requests} request{'' if stats.requests == 1 else 's'} served)")
     return EXIT_OK

@@ -10,6 +10,11 @@ test binds anything but 127.0.0.1.
 
 import functools
 import hashlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import urllib.error
 import urllib.request
@@ -267,3 +272,85 @@ def test_allow_remote_binds_as_asked_and_warns(tmp_path, image, monkeypatch):
     warnings = [e.message for e in events if e.kind == "warning"]
     assert len(warnings) == 1 and "192.0.2.7" in warnings[0] and "not a loopback address" in warnings[0]
     assert made["generated"][f"debian/{standalone.SIGNING_KEY}"] == b"pub"
+
+
+# ---------------------------------------------------------------------------------------------- the verb
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "builder", *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("listen, why", [
+    ("0.0.0.0:8080", "is not a loopback address"),
+    ("192.0.2.7:0", "is not a loopback address"),
+    ("127.0.0.1:99999", "is not a port number"),
+    ("[::1]:8080", "IPv4 only"),
+    ("x[/b]", "is not an IPv4 address"),
+])
+def test_verb_rejects_bad_listen_with_one_line(image, listen, why):
+    p = run("gateway", str(image), "--listen", listen)
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --listen {listen.strip()}") and why in lines[0]
+    assert p.stdout == ""
+
+
+VERB = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tests!r})
+    import test_gateway_standalone as t
+    import builder.cli as cli
+    import builder.gateway.standalone as standalone
+
+    standalone.fetch_inputs = lambda *a, **k: t.fake_inputs()  # the only part that would need the mirror
+    raise SystemExit(cli.main(["gateway", {image!r}, *sys.argv[1:]]))
+""")
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 0)])
+def test_verb_serves_until_signalled(tmp_path, image, sig, code):
+    """The verb as a process (inputs injected as above): URLs on stdout, then a clean stop on the signal."""
+    env = dict(os.environ, BUILDER_CACHE_DIR=str(tmp_path / "cache"))
+    p = subprocess.Popen([sys.executable, "-c", VERB.format(tests=str(Path(__file__).parent), image=str(image))],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        main = p.stdout.readline().strip()
+        security = p.stdout.readline().strip()
+        assert main.startswith("http://127.0.0.1:") and main.endswith("/debian"), p.stderr.read()
+        assert security == main + "-security"
+        assert get(f"{main}/dists/builder-installer/InRelease")[0] == 200
+        p.send_signal(sig)
+        out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == code, err
+    assert "Traceback" not in err and out == ""
+    assert err.rstrip().splitlines()[-1] == ("interrupted" if sig == signal.SIGINT else
+                                             "gateway stopped (1 request served)")
+    assert "gateway ready: " + main in err
+
+
+def test_verb_sigterm_while_still_starting_is_an_interrupt(tmp_path, image):
+    """SIGTERM before the gateway listens (here: during a slow fetch) stops like any verb: exit 130."""
+    script = VERB.format(tests=str(Path(__file__).parent), image=str(image)).replace(
+        "standalone.fetch_inputs = lambda *a, **k: t.fake_inputs()",
+        "import time\n"
+        "def slow(*a, **k):\n"
+        "    print('fetching', flush=True)\n"
+        "    time.sleep(30)\n"
+        "standalone.fetch_inputs = slow")
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, BUILDER_CACHE_DIR=str(tmp_path / "cache")))
+    try:
+        assert p.stdout.readline() == "fetching\n", p.stderr.read()
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=20)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert out == ""
+    assert p.returncode == 130 and err.rstrip().splitlines()[-1] == "interrupted" and "Traceback" not in err
