@@ -12,12 +12,40 @@ Public API::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+# First thing, before the imports below (pydantic and yaml take ~0.1 s): under ``python -m builder`` a Ctrl-C
+# from here until builder.__main__ hands over to the CLI is one line and exit 130, not a traceback from the
+# middle of an import. A program that merely imports builder keeps its own SIGINT handling. (_signal, sys and os
+# are loaded at interpreter start; the signal module itself takes milliseconds to import.)
+import _signal  # type: ignore[import-not-found]
+import os as _os
+import sys as _sys
 
-from . import errors
-from .config import ImageConfig, load_config
-from .errors import BuilderError
-from .events import Event
+
+def _interrupted_early(signum: int, frame: object) -> None:
+    try:
+        _os.write(2, b"interrupted\n")
+    finally:
+        _os._exit(130)
+
+
+def _started_as_main() -> bool:
+    """True while ``python -m builder`` imports this package (runpy sets sys.argv[0] to "-m" until then)."""
+    argv, orig = _sys.argv, getattr(_sys, "orig_argv", [])
+    if argv[:1] != ["-m"] or len(orig) <= len(argv):
+        return False
+    token = orig[-len(argv)]  # the module name after -m (or "-mbuilder" as one argument)
+    return token == "builder" or (token.startswith("-") and not token.startswith("--") and token.endswith("mbuilder"))
+
+
+if _started_as_main() and _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
+    _signal.signal(_signal.SIGINT, _interrupted_early)
+
+from typing import TYPE_CHECKING, Any  # noqa: E402
+
+from . import errors  # noqa: E402
+from .config import ImageConfig, load_config  # noqa: E402
+from .errors import BuilderError  # noqa: E402
+from .events import Event  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 
 from . import __version__
 from .errors import BuilderError, ConfigError
+from .redact import redact_private_keys
 
 log = logging.getLogger("builder")
 
@@ -64,23 +65,57 @@ def _parser() -> argparse.ArgumentParser:
     sp = image_cmd("verify", "boot a built qcow2 with a NoCloud seed and check it (JUnit + text report)")
     sp.add_argument("--image-file", type=Path, help="qcow2 to check (default: the build output of IMAGE.yaml)")
     sp.add_argument("--report-dir", type=Path, help="where reports go (default: OUTPUT_DIR/verify)")
+    sp = image_cmd("gateway", "serve the verified, caching archive gateway (with the signed installer suite) until "
+                              "interrupted; prints its URLs")
+    sp.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT",
+                    help="IPv4 address and port (default 127.0.0.1, any free port)")
+    sp.add_argument("--allow-remote", action="store_true",
+                    help="allow a --listen address other than loopback (the gateway has no authentication)")
     sp = sub.add_parser("clean", help="remove work directories and cached installed disks (never a live build's)")
     sp.add_argument("--all", action="store_true", help="also the content cache of downloads")
     return p
 
 
 def _setup_logging(debug: bool, quiet: bool) -> Any:
+    """The stderr console, and logging through it. Nothing printed is ever read as Rich markup or emoji codes,
+    and nothing is wrapped: messages, hints, log tails, paths and URLs come out as they were written."""
     from rich.console import Console
-    from rich.logging import RichHandler
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, markup=False, emoji=False, highlight=False, soft_wrap=True)
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
-    handler = RichHandler(console=console, show_path=False, rich_tracebacks=debug, markup=False,
-                          show_time=True, omit_repeated_times=False, log_time_format="[%X]")
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[handler], force=True)
+    handler: logging.Handler
+    if console.is_terminal:
+        from rich.logging import RichHandler
+
+        handler = RichHandler(console=console, show_path=False, rich_tracebacks=debug, markup=False,
+                              show_time=True, omit_repeated_times=False, log_time_format="[%X]")
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:  # a pipe or a file (CI): plain lines, never folded to 80 columns
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[%(asctime)s] %(levelname)-7s %(message)s", datefmt="%H:%M:%S"))
+    handler.addFilter(_RedactKeys())
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
     logging.getLogger("builder").setLevel(level)
     logging.getLogger("paramiko").setLevel(logging.WARNING if debug else logging.CRITICAL)
     return console
+
+
+class _RedactKeys(logging.Filter):
+    """No log record shows a private key (a d-i or Ansible line quoting the build's host key)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "PRIVATE KEY" in message:
+            record.msg, record.args = redact_private_keys(message), ()
+        return True
+
+
+def _say(console: Any, text: str, style: str | None = None, *, prefix: str = "") -> None:
+    """Print ``text`` verbatim (``prefix`` in ``style``), private keys removed."""
+    from rich.text import Text
+
+    text = redact_private_keys(text)
+    console.print(Text.assemble((prefix, style or ""), text) if prefix else Text(text, style=style or ""))
 
 
 class _Progress:
@@ -90,12 +125,13 @@ class _Progress:
         from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.console = console
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+        self.progress = Progress(TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(),
                                  TimeElapsedColumn(), console=console, transient=True)
         self.tasks: dict[str, Any] = {}
 
     def __enter__(self) -> _Progress:
-        self.progress.start()
+        if self.console.is_terminal:  # elsewhere a live display only leaves an empty line behind
+            self.progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -119,24 +155,37 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
-    console = _setup_logging(args.debug, args.quiet)
+    console: Any = None
+    previous_sigterm = None
     try:
+        args = _parser().parse_args(argv)
+        if threading.current_thread() is threading.main_thread():
+            previous_sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
+        console = _setup_logging(args.debug, args.quiet)
         return _dispatch(args, console)
     except KeyboardInterrupt:
-        console.print("[red]interrupted[/red]")
+        _interrupted(console)
         return EXIT_INTERRUPTED
     except BuilderError as exc:
         if args.debug:
             console.print_exception()
-        console.print(f"[bold red]error:[/bold red] {exc.describe()}", markup=True, highlight=False)
+        _say(console, exc.describe(), "bold red", prefix="error: ")
         return exc.exit_code
     except Exception:
-        console.print_exception() if args.debug else console.print(
-            "[bold red]internal error[/bold red] (run with --debug for the traceback)")
+        if console is None or args.debug:
+            raise
+        _say(console, " (run with --debug for the traceback)", "bold red", prefix="internal error")
         return EXIT_FAILED
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _interrupted(console: Any) -> None:
+    if console is None:
+        sys.stderr.write("interrupted\n")
+    else:
+        _say(console, "interrupted", "red")
 
 
 def _dispatch(args: argparse.Namespace, console: Any) -> int:
@@ -146,16 +195,18 @@ def _dispatch(args: argparse.Namespace, console: Any) -> int:
         from .pipeline import clean
 
         for line in clean(all_downloads=args.all):
-            console.print(line)
+            _say(console, line)
         return EXIT_OK
     cfg = load_config(args.image, args.var)
     if args.verb == "validate":
-        console.print(f"{args.image}: ok ({cfg.name}, Debian {cfg.debian.release} {cfg.debian.suite}, "
+        _say(console, f"{args.image}: ok ({cfg.name}, Debian {cfg.debian.release} {cfg.debian.suite}, "
                       f"disk {cfg.disk.size >> 30}G)")
         return EXIT_OK
     if args.verb == "show-config":
         sys.stdout.write(dump_config(cfg))
         return EXIT_OK
+    if args.verb == "gateway":
+        return _gateway(args, cfg, console)
     from .archive import ContentCache, FetchStats
     from .events import Emitter
 
@@ -173,42 +224,77 @@ def _dispatch(args: argparse.Namespace, console: Any) -> int:
 
                 diffs = lock_differences(read_lock(cfg.lock_path), lock)
                 for line in diffs:
-                    console.print(f"  {line}", markup=False)
-                console.print(f"{cfg.lock_path.name}: " + ("differs from the archive" if diffs else "up to date"))
+                    _say(console, f"  {line}")
+                _say(console, f"{cfg.lock_path.name}: " + ("differs from the archive" if diffs else "up to date"))
                 return EXIT_FAILED if diffs else EXIT_OK
             write_lock(lock, cfg.lock_path)
-            console.print(f"wrote {cfg.lock_path}")
+            _say(console, f"wrote {cfg.lock_path}")
             console.print_json(json.dumps(lock_summary(lock)))
         elif args.verb == "fetch":
             from .stages.fetch import fetch_inputs
 
             with emitter.stage("fetch"):
                 inputs = fetch_inputs(cfg, ContentCache(), stats, emitter, all_udebs=args.all_udebs)
-            console.print(f"verified and cached: netboot {inputs.lock.netboot.version} (kernel "
+            _say(console, f"verified and cached: netboot {inputs.lock.netboot.version} (kernel "
                           f"{inputs.kernel_abi}), {len(inputs.udeb_pins)} udebs in the installer suite; "
                           f"{stats.bytes_fetched} bytes fetched upstream in {time.monotonic() - t0:.1f} s")
         elif args.verb == "iso":
             from .pipeline import write_iso
 
             out = write_iso(cfg, args.output, emitter=emitter, stats=stats)
-            console.print(f"wrote {out}")
+            _say(console, f"wrote {out}")
         elif args.verb == "build":
             from .pipeline import build
 
             result = build(cfg, on_event=emitter, output=args.output, force=args.force,
                            keep_workdir=args.keep_workdir, use_cache=not args.no_cache, on_error=args.on_error)
-            console.print(f"[green]built[/green] {result.image} ({result.size_bytes / 2**20:.0f} MiB) "
-                          f"in {result.duration_s / 60:.1f} min", markup=True)
+            _say(console, f" {result.image} ({result.size_bytes / 2**20:.0f} MiB) in {result.duration_s / 60:.1f} min",
+                 "green", prefix="built")
         elif args.verb == "verify":
             from .verify import verify_image
 
             qcow2 = args.image_file or cfg.output_dir / f"{cfg.name}.qcow2"
             report_dir = args.report_dir or cfg.output_dir / "verify"
             report = verify_image(cfg, qcow2, report_dir, emitter=emitter)
-            console.print(report.text(), markup=False, highlight=False)
-            console.print(f"reports: {report_dir}/verify-report.{{xml,txt,json}}")
+            _say(console, report.text())
+            _say(console, f"reports: {report_dir}/verify-report.{{xml,txt,json}}")
             if not report.ok:
                 return EXIT_FAILED
         else:  # pragma: no cover - argparse guards this
             raise ConfigError(f"unknown verb {args.verb}")
+    return EXIT_OK
+
+
+def _gateway(args: argparse.Namespace, cfg: Any, console: Any) -> int:
+    """Serve until SIGINT (exit 130) or SIGTERM (exit 0; while still starting, 130 like every verb)."""
+    from .events import Emitter
+    from .gateway.standalone import check_listen, parse_listen, serve
+
+    listen = parse_listen(args.listen)
+    check_listen(listen, allow_remote=args.allow_remote)  # serve() checks too; this fails before any output
+    stop = threading.Event()
+    serving = False
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        if not serving:
+            raise KeyboardInterrupt
+        stop.set()
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
+    try:
+        with _Progress(console) as progress:
+            def ready(urls: list[str]) -> None:
+                nonlocal serving
+                progress.progress.stop()  # nothing more to download: no live display while serving
+                sys.stdout.write("".join(f"{url}\n" for url in urls))
+                sys.stdout.flush()
+                serving = True
+
+            stats = serve(cfg, listen, allow_remote=args.allow_remote, emitter=Emitter(progress), ready=ready,
+                          stop=stop)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    _say(console, f"gateway stopped ({stats.requests} request{'' if stats.requests == 1 else 's'} served)")
     return EXIT_OK

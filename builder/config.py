@@ -36,6 +36,15 @@ KARG_RE = re.compile(r"[A-Za-z0-9_.,:=/+@%-]+")
 _LOCALES_FILE = Path("/usr/share/i18n/SUPPORTED")
 
 
+def builtin_dir(name: str) -> Path | None:
+    """builder's own ``roles``/``playbooks``: beside the package in a source tree, package data when installed."""
+    here = Path(__file__).resolve().parent
+    for cand in (here.parent / name, here / "data" / name):
+        if cand.is_dir():
+            return cand
+    return None
+
+
 def _supported_locales() -> set[str]:
     """Locale names glibc supports (the host's list, which matches the installer's); empty if unknown."""
     try:
@@ -257,8 +266,10 @@ class ProvisionConfig(_Model):
     enabled: bool = True
     playbook: Path = Path("../playbooks/cloud-gpu-worker.yml")
     # Run after the playbook, also when provisioning is off: makes the machine an image (roles/finalize).
-    finalize_playbook: Path = Path("../playbooks/finalize.yml")
-    roles_path: tuple[Path, ...] = (Path("../roles"),)
+    # Default: builder's own playbooks/finalize.yml.
+    finalize_playbook: Path | None = None
+    # Searched before builder's own roles (base, nvidia-gpu-drivers, finalize), which are always on the path.
+    roles_path: tuple[Path, ...] = ()
     extra_vars: dict[str, Any] = Field(default_factory=dict)
     task_timeout: Annotated[int, Field(ge=30)] = 3600
     timeout: Annotated[int, Field(ge=60)] = 7200
@@ -304,6 +315,20 @@ class ImageConfig(_Model):
         return p if p.is_absolute() else (self.base_dir / p).resolve()
 
     @property
+    def roles_dirs(self) -> list[Path]:
+        """The roles path Ansible gets: ``provision.roles_path``, then builder's own roles."""
+        dirs = [self.resolve(p) for p in self.provision.roles_path]
+        own = builtin_dir("roles")
+        return list(dict.fromkeys([*dirs, *([own] if own else [])]))
+
+    @property
+    def finalize_playbook(self) -> Path:
+        if self.provision.finalize_playbook is not None:
+            return self.resolve(self.provision.finalize_playbook)
+        own = builtin_dir("playbooks")
+        return (own or self.base_dir) / "finalize.yml"
+
+    @property
     def lock_path(self) -> Path:
         if self.source is None:
             return Path.cwd() / f"{self.name}.lock.json"
@@ -323,13 +348,13 @@ SEED_EXTRA_VAR = "base_extra_packages"
 
 def base_role_defaults(cfg: ImageConfig) -> Path:
     """``defaults/main.yml`` of the base role on the provisioning roles path (the seed list's one home)."""
-    for rp in cfg.provision.roles_path:
-        cand = cfg.resolve(rp) / BASE_ROLE / "defaults" / "main.yml"
+    for rp in cfg.roles_dirs:
+        cand = rp / BASE_ROLE / "defaults" / "main.yml"
         if cand.is_file():
             return cand
     raise ConfigError("the base role (its defaults/main.yml) is not on provision.roles_path",
                       problems=[("provision.roles_path", f"no {BASE_ROLE}/defaults/main.yml in any of "
-                                 + ", ".join(str(cfg.resolve(p)) for p in cfg.provision.roles_path))])
+                                 + ", ".join(str(p) for p in cfg.roles_dirs))])
 
 
 def seed_packages(cfg: ImageConfig) -> tuple[str, ...]:
@@ -429,7 +454,7 @@ def from_dict(data: dict[str, Any], *, source: Path | None = None, host_defaults
         pb = cfg.resolve(cfg.provision.playbook)
         if not pb.is_file():
             problems.append(("provision.playbook", f"file not found: {pb}"))
-    fpb = cfg.resolve(cfg.provision.finalize_playbook)
+    fpb = cfg.finalize_playbook
     if not fpb.is_file():
         problems.append(("provision.finalize_playbook", f"file not found: {fpb}"))
     for i, rp in enumerate(cfg.provision.roles_path):

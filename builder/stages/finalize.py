@@ -89,8 +89,7 @@ def run(ctx: BuildContext, guest: Guest, *, provisioner: Provisioner | None = No
     facts: dict[str, Any] = {}
     ctx.manifest["finalize"] = facts
     facts["ansible"] = run_playbook_on(
-        guest, provisioner, cfg.resolve(cfg.provision.finalize_playbook),
-        roles_path=[cfg.resolve(p) for p in cfg.provision.roles_path], extra_vars=finalize_vars(cfg),
+        guest, provisioner, cfg.finalize_playbook, roles_path=cfg.roles_dirs, extra_vars=finalize_vars(cfg),
         workdir=ctx.workdir, emitter=ctx.emitter, during="finalize")
     t0 = time.monotonic()
     facts["stopped_by"] = power_off(ctx, guest)

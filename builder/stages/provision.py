@@ -129,7 +129,7 @@ def run(ctx: BuildContext, base: InstalledBase, *, provisioner: Provisioner | No
         if cfg.provision.enabled:
             facts["ansible"] = run_playbook_on(
                 guest, provisioner, cfg.resolve(cfg.provision.playbook),
-                roles_path=[cfg.resolve(p) for p in cfg.provision.roles_path],
+                roles_path=cfg.roles_dirs,
                 extra_vars=dict(cfg.provision.extra_vars), workdir=wd, emitter=emitter, during="provisioning")
         else:
             emitter.info("provision.enabled is false: no playbook")
