@@ -432,7 +432,9 @@ def from_dict(data: dict[str, Any], *, source: Path | None = None, host_defaults
         raise ConfigError(f"{source or 'config'}: top level must be a mapping")
     data = dict(data)
     if host_defaults:
-        deb = dict(data.get("debian") or {}) if isinstance(data.get("debian"), dict) else data.get("debian")
+        # every key is optional, the whole debian section too: the host's mirrors fill what is not given
+        raw = data.get("debian")
+        deb = dict(raw) if isinstance(raw, dict) else {} if raw is None else raw
         if isinstance(deb, dict):
             mirror, security = hostapt.debian_mirrors()
             if not deb.get("mirror") and mirror:

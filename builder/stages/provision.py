@@ -72,25 +72,34 @@ def dead_vm(vm: Machine, during: str, cause: BaseException | None = None) -> VmE
                    log_tail=vm.serial_tail(20) + vm.stderr_tail(5))
 
 
-def ansible_progress(emitter: Emitter) -> Callable[[dict[str, Any]], None]:
+def ansible_progress(emitter: Emitter, current: dict[str, str] | None = None) -> Callable[[dict[str, Any]], None]:
+    """Task starts as progress lines; ``current["task"]`` is the running task ("role : task")."""
     def on_event(ev: dict[str, Any]) -> None:
         data = ev.get("event_data", {})
         if ev.get("event") == "playbook_on_task_start":
-            emitter.info(f"ansible: {data.get('task', '')}")
+            task = str(data.get("task", ""))
+            role = str(data.get("role") or "")
+            if current is not None:
+                current["task"] = f"{role} : {task}" if role else task
+            emitter.info(f"ansible: {task}")
     return on_event
 
 
 def run_playbook_on(guest: Guest, provisioner: Provisioner, playbook: Path, *, roles_path: list[Path],
                     extra_vars: dict[str, Any], workdir: Path, emitter: Emitter, during: str) -> dict[str, Any]:
-    """Run ``playbook`` against the guest; a VM that dies meanwhile cancels the run and is a VmError."""
+    """Run ``playbook`` against the guest; a VM that dies meanwhile cancels the run and is a VmError that names
+    the task that was running."""
     vm = guest.vm
+    current: dict[str, str] = {}
     t0 = time.monotonic()
     try:
         res = provisioner.run(playbook, guest.target, roles_path=roles_path, extra_vars=extra_vars,
-                              workdir=workdir, on_event=ansible_progress(emitter), cancel=lambda: not vm.is_running())
+                              workdir=workdir, on_event=ansible_progress(emitter, current),
+                              cancel=lambda: not vm.is_running())
     except ProvisionError as exc:
         if not vm.is_running():
-            raise dead_vm(vm, f"{during} (task '{exc.task}')" if exc.task else during) from exc
+            task = current.get("task") or exc.task
+            raise dead_vm(vm, f"{during} (in task '{task}')" if task else during) from exc
         raise
     return {"seconds": round(time.monotonic() - t0, 1), "changed": res.changed, "status": res.status}
 

@@ -88,7 +88,8 @@ def qemu_argv(spec: VmSpec, *, qmp_socket: Path, binary: str = "qemu-system-x86_
 
     order = [i for i, d in enumerate(spec.drives) if d.media == spec.boot]
     order += [i for i, d in enumerate(spec.drives) if d.media != spec.boot]
-    bootindex = {drive_index: position for position, drive_index in enumerate(order)}
+    first = 1 if spec.kernel is not None else 0  # a direct kernel boot (-kernel) takes bootindex 0 itself
+    bootindex = {drive_index: position + first for position, drive_index in enumerate(order)}
     ide_bus = 0
     for i, drive in enumerate(spec.drives):
         argv += _drive_args(i, drive, bootindex[i], ide_bus)

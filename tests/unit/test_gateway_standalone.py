@@ -22,7 +22,6 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from builder.stages.fetch import InstallerInputs
 
 from builder.archive.cache import ContentCache
 from builder.config import load_config
@@ -31,6 +30,7 @@ from builder.events import Emitter
 from builder.gateway import standalone
 from builder.gateway.server import Pin
 from builder.gateway.signing import gpgv_verify_detached
+from builder.stages.fetch import InstallerInputs
 
 UDEB = b"udeb-bytes" * 100
 UDEB_PATH = "debian/pool/main/a/anna/anna_1_amd64.udeb"
