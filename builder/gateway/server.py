@@ -11,17 +11,23 @@ prefix (``/debian`` → the Debian mirror, ``/debian-security`` → the security
 * ``pool/…`` files with a known hash (udebs of the installer suite, lock pins) are served from the content
   cache, fetched and checked on first use; other pool files are fetched once, stored by their SHA256 and
   served from the cache afterwards (apt in the target verifies them against the signed indexes).
+
+Request paths are decoded once and normalised before anything else: a path with control characters, spaces,
+backslashes or non-ASCII (raw or percent-encoded) is a 400; one with a ``.`` or ``..`` segment (however it is
+encoded) a 404; what goes upstream is re-encoded from the clean path, so it cannot leave the upstream's tree.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import shutil
 import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -39,6 +45,32 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 RELEASE_FILES = ("InRelease", "Release", "Release.gpg")
+_BAD_CHARS = re.compile(r"[^\x21-\x7e]|\\")  # control characters, space, DEL, non-ASCII, backslash
+_SAFE = "/+~:@!$&'()*,;="  # left unencoded in the path sent upstream
+
+
+class BadRequest(GatewayError):
+    """The client's request path is malformed (answered with 400)."""
+
+
+def clean_path(url_path: str) -> str | None:
+    """The request path decoded once and normalised (no leading slash, no empty segments); None when it
+    has a ``.`` or ``..`` segment; :class:`BadRequest` for control characters, non-ASCII or bad encoding."""
+    raw = url_path.split("?", 1)[0].split("#", 1)[0]
+    if _BAD_CHARS.search(raw):
+        raise BadRequest(f"bad request path {url_path!r}: control, space or non-ASCII characters")
+    try:
+        decoded = urllib.parse.unquote(raw, errors="strict")
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"bad request path {url_path!r}: not UTF-8 once decoded") from exc
+    if _BAD_CHARS.search(decoded):
+        raise BadRequest(f"bad request path {url_path!r}: encodes control, space or non-ASCII characters")
+    parts = [p for p in decoded.split("/") if p]
+    if any(p in (".", "..") for p in parts):
+        return None
+    return "/".join(parts)
+
+
 
 
 @dataclass
@@ -150,11 +182,9 @@ class Gateway:
 
     # ------------------------------------------------------------------ resolution
     def resolve(self, url_path: str) -> Path | bytes | None:
-        """The content for a request path: bytes, a cache file, or None (404)."""
-        rel = url_path.split("?", 1)[0].lstrip("/")
-        while "//" in rel:
-            rel = rel.replace("//", "/")
-        if ".." in rel.split("/"):
+        """The content for a request path: bytes, a cache file, or None (404). BadRequest for a malformed path."""
+        rel = clean_path(url_path)
+        if rel is None:
             return None
         prefix, _, path = rel.partition("/")
         if prefix not in self.upstreams:
@@ -217,7 +247,7 @@ class Gateway:
         return self._passthrough(prefix, f"dists/{suite}/{sub}")
 
     def _upstream_url(self, prefix: str, path: str) -> str:
-        return f"{self.upstreams[prefix]}/{path}"
+        return f"{self.upstreams[prefix]}/{urllib.parse.quote(path, safe=_SAFE)}"
 
     def _get(self, url: str, dest: Path | None = None) -> bytes | None:
         """GET from upstream; None on 404. Into ``dest`` (streamed) when given."""
@@ -353,6 +383,10 @@ class _Handler(BaseHTTPRequestHandler):
             gw.stats.requests += 1
         try:
             content = gw.resolve(self.path)
+        except BadRequest as exc:
+            log.info("gateway: 400 %s", exc)
+            self._status(HTTPStatus.BAD_REQUEST, str(exc).encode("ascii", "backslashreplace"))
+            return
         except BuilderError as exc:
             log.warning("gateway: %s: %s", self.path, exc)
             with gw._lock:
