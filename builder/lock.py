@@ -239,17 +239,16 @@ def find_netboot(cfg: ImageConfig, main: Archive, index: Mapping[str, Mapping[st
 
 def _fetch_unpinned(arch: Archive, filename: str) -> Path:
     """Fetch a pool file no signed index lists (lock time only): it is pinned by the sha256 recorded now.
-    Pool files are immutable, so one fetched before (by the lock or the gateway) is taken from the cache."""
+    Pool files are immutable, so one fetched before from the same mirror (by the lock or the gateway) is taken
+    from the cache; the path map is keyed by the full URL, so another mirror's copy is never reused."""
     paths = PathMap(cache_base() / "gateway" / "paths")
-    key = f"debian/{filename}"
+    key = arch.url(filename)
     known = paths.get(key)
     hit = arch.cache.get(known) if known else None
     if hit is not None:
         return hit
-    data = arch.get_url(filename, label=filename)
-    sha = hashlib.sha256(data).hexdigest()
-    stored = arch.cache.put(data, sha)
-    paths.put(key, sha)
+    stored = arch.fetch_unpinned(filename)
+    paths.put(key, stored.name)
     return stored
 
 

@@ -280,8 +280,9 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 class PathMap:
-    """Remembers which blob a mirror path held when it was fetched without a pinned hash (``prefix/path`` →
-    sha256), so a second fetch of an immutable pool file is served from the :class:`ContentCache`."""
+    """Remembers which blob a mirror file held when it was fetched without a pinned hash (its full upstream
+    URL → sha256), so a second fetch of an immutable pool file is served from the :class:`ContentCache`.
+    Keyed by the URL, mirror included: what one mirror served is never handed out for another."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -291,9 +292,10 @@ class PathMap:
 
     def get(self, key: str) -> str | None:
         try:
-            return self._file(key).read_text().strip() or None
-        except OSError:
+            value = self._file(key).read_text().strip().lower()
+        except (OSError, UnicodeDecodeError):
             return None
+        return value if _SHA256_RE.fullmatch(value) else None
 
     def put(self, key: str, sha256: str) -> None:
         atomic_write(self._file(key), sha256.encode())
