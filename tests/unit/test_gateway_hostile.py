@@ -7,8 +7,10 @@ never-ending upstream answers.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import socket
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -21,7 +23,7 @@ from builder.archive.cache import ContentCache
 from builder.gateway.server import Gateway
 
 KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
-FAST: dict[str, object] = {}
+FAST = {"retries": 1, "backoff": 0.01}
 
 
 @pytest.fixture()
@@ -128,3 +130,131 @@ def test_control_and_non_ascii_get_400_without_a_traceback(
     assert mirror.requests == ["/debian/pool/none.deb"]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
     assert gw.stats.errors == 0
+
+
+# ------------------------------------------------------------------------------------------- 3: truncation
+
+POOL = "/debian/pool/main/t/tool/tool_1_amd64.deb"
+
+
+@pytest.mark.timeout(30)
+def test_truncated_body_is_not_cached_and_a_good_mirror_serves_the_file(tmp_path: Path) -> None:
+    good = bytes(range(256)) * 4  # 1024 bytes
+    with hostile_mirror() as bad:
+        bad.route(POOL, Answer(body=good[:10], length=len(good)))  # announces 1024, sends 10, hangs up
+        with gateway(tmp_path, bad.url("/debian")) as gw:
+            code, body = status(f"http://127.0.0.1:{gw.port}{POOL}")
+            assert code == 502 and b"10 of 1024" in body
+        assert bad.hits(POOL) == 2  # retried once (retries=1)
+    assert blobs(tmp_path) == []
+    assert not list((tmp_path / "gw").rglob("paths/*"))
+    with hostile_mirror() as fine:
+        fine.route(POOL, Answer(body=good))
+        with gateway(tmp_path, fine.url("/debian")) as gw:
+            assert status(f"http://127.0.0.1:{gw.port}{POOL}") == (200, good)
+
+
+@pytest.mark.timeout(30)
+def test_path_map_is_keyed_by_upstream(tmp_path: Path) -> None:
+    with hostile_mirror() as a, hostile_mirror() as b:
+        a.route(POOL, Answer(body=b"what mirror A serves"))
+        b.route(POOL, Answer(body=b"what mirror B serves"))
+        with gateway(tmp_path, a.url("/debian")) as gw:
+            assert status(f"http://127.0.0.1:{gw.port}{POOL}") == (200, b"what mirror A serves")
+        with gateway(tmp_path, b.url("/debian")) as gw:
+            assert status(f"http://127.0.0.1:{gw.port}{POOL}") == (200, b"what mirror B serves")
+        with gateway(tmp_path, a.url("/debian")) as gw:
+            assert status(f"http://127.0.0.1:{gw.port}{POOL}") == (200, b"what mirror A serves")
+        assert a.hits(POOL) == 1 and b.hits(POOL) == 1  # each mirror's copy is taken from the cache
+
+
+@pytest.mark.timeout(30)
+def test_truncated_chunked_release_is_a_502_not_a_500(
+    tmp_path: Path, mirror: HostileMirror, caplog: pytest.LogCaptureFixture
+) -> None:
+    mirror.route("/debian/dists/x/Release", Answer(body=b"Origin: cut", chunked=True))
+    with gateway(tmp_path, mirror.url("/debian")) as gw:
+        code, body = status(f"http://127.0.0.1:{gw.port}/debian/dists/x/Release")
+    assert code == 502, body
+    assert b"short read" in body
+    assert not [r for r in caplog.records if r.exc_info]
+    assert mirror.hits("/debian/dists/x/Release") == 2
+
+
+@pytest.mark.timeout(30)
+def test_pinned_file_short_or_wrong_is_never_stored(tmp_path: Path, mirror: HostileMirror) -> None:
+    from builder.gateway.server import Pin
+
+    data = b"the udeb" * 100
+    sha = hashlib.sha256(data).hexdigest()
+    path = "pool/main/a/anna/anna_1_amd64.udeb"
+    mirror.route("/debian/" + path, Answer(body=data[:50], length=len(data)), Answer(body=b"X" * len(data)),
+                 Answer(body=data + b"more"), Answer(body=data))
+    with gateway(tmp_path, mirror.url("/debian"), pins={"debian/" + path: Pin(sha, len(data))}, retries=0) as gw:
+        u = f"http://127.0.0.1:{gw.port}/debian/{path}"
+        assert status(u)[0] == 502  # short
+        assert status(u)[0] == 502  # wrong hash
+        assert status(u)[0] == 502  # too long
+        assert blobs(tmp_path) == []
+        assert status(u) == (200, data)
+        assert status(u) == (200, data)
+    assert mirror.hits("/debian/" + path) == 4
+
+
+# ------------------------------------------------------------------------------------------- 4: bounds
+
+
+@pytest.mark.timeout(30)
+def test_oversized_index_answer_is_refused_early(tmp_path: Path, mirror: HostileMirror) -> None:
+    from builder.archive.http import Limits
+
+    mirror.route("/debian/dists/x/Release", Answer(size=600 << 20))  # 600 MiB announced and sent
+    mirror.route("/debian/dists/y/Release", Answer(size=8 << 20, length=-1))  # 8 MiB, no Content-Length
+    with gateway(tmp_path, mirror.url("/debian"), limits=Limits(max_index_size=1 << 20)) as gw:
+        started = time.monotonic()
+        code, body = status(f"http://127.0.0.1:{gw.port}/debian/dists/x/Release")
+        assert code == 502 and b"more than" in body and b"/debian/dists/x/Release" in body
+        code, body = status(f"http://127.0.0.1:{gw.port}/debian/dists/y/Release")
+        assert code == 502 and b"more than" in body
+        assert time.monotonic() - started < 10
+        assert gw.stats.upstream_bytes <= 2 * (1 << 20) + (2 << 20)  # the caps plus one read each, not 608 MiB
+
+
+@pytest.mark.timeout(30)
+def test_unpinned_pool_file_has_a_cap_too(tmp_path: Path, mirror: HostileMirror) -> None:
+    from builder.archive.http import Limits
+
+    mirror.route(POOL, Answer(size=4 << 20))
+    with gateway(tmp_path, mirror.url("/debian"), limits=Limits(max_file_size=1 << 20)) as gw:
+        code, body = status(f"http://127.0.0.1:{gw.port}{POOL}")
+    assert code == 502 and b"more than 1048576 bytes" in body
+    assert blobs(tmp_path) == []
+
+
+@pytest.mark.timeout(30)
+def test_dripping_mirror_hits_the_overall_deadline(tmp_path: Path, mirror: HostileMirror) -> None:
+    from builder.archive.http import Limits
+
+    mirror.route(POOL, Answer(body=b"x" * 1000, drip=0.05))  # 50 s in total; every single read is quick
+    with gateway(tmp_path, mirror.url("/debian"), timeout=5, limits=Limits(min_deadline=0.5)) as gw:
+        started = time.monotonic()
+        code, body = status(f"http://127.0.0.1:{gw.port}{POOL}")
+        took = time.monotonic() - started
+    assert code == 502 and b"deadline" in body and POOL.encode() in body
+    assert took < 3
+    assert mirror.hits(POOL) == 1  # a deadline is not retried
+    assert blobs(tmp_path) == []
+
+
+@pytest.mark.timeout(30)
+def test_redirect_to_file_and_4xx_5xx_are_502(tmp_path: Path, mirror: HostileMirror) -> None:
+    mirror.route("/debian/pool/r.deb", Answer(302, location="file:///etc/passwd"))
+    mirror.route("/debian/pool/f.deb", Answer(403, b"forbidden"))
+    mirror.route("/debian/pool/e.deb", Answer(500, b"oops"), Answer(500, b"oops"), Answer(200, b"ok now"))
+    with gateway(tmp_path, mirror.url("/debian"), retries=2) as gw:
+        u = f"http://127.0.0.1:{gw.port}/debian/pool/"
+        code, body = status(u + "r.deb")
+        assert code == 502 and b"root:" not in body
+        assert status(u + "f.deb")[0] == 502
+        assert status(u + "e.deb") == (200, b"ok now")  # 5xx retried
+    assert mirror.hits("/debian/pool/f.deb") == 1  # 4xx not retried
