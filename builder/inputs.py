@@ -106,8 +106,8 @@ def fetch_inputs(cfg: ImageConfig, cache: ContentCache, stats: FetchStats, emitt
                  all_udebs: bool = False) -> InstallerInputs:
     """Verify and cache everything the installer will read (``all_udebs``: every udeb of the suite too)."""
     main = make_archive(cfg, cache, stats, emitter)
+    lock = load_or_resolve_lock(cfg, main, emitter)  # a malformed lock fails here, before any download
     main.release()
-    lock = load_or_resolve_lock(cfg, main, emitter)
     kernel, initrd = _netboot_images(cfg, lock, main, cache)
     abi = netboot.kernel_release(kernel.read_bytes())
     if abi != lock.kernel_abi:
