@@ -150,6 +150,17 @@ class ContentCache:
             _verified[memo] = key
         return path
 
+    def size_conflict(self, sha256: str, size: int) -> int | None:
+        """The real size of the intact blob ``sha256`` when it is not ``size`` (so the caller's size is wrong,
+        not the blob: it is kept), else None. Hashes the blob only in that case."""
+        try:
+            actual = self.path(sha256).stat().st_size
+        except FileNotFoundError:
+            return None
+        if actual == size or self.get(sha256) is None:
+            return None
+        return actual
+
     def __contains__(self, sha256: str) -> bool:
         return self.get(sha256) is not None
 

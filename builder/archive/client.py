@@ -295,6 +295,11 @@ class Archive:
     def fetch(self, filename: str, sha256: str, size: int) -> Path:
         """A pool file (``pool/main/…``), verified by size and sha256, as a path in the cache."""
         sha256 = sha256.lower()
+        actual = self.cache.size_conflict(sha256, size)
+        if actual is not None:
+            raise VerificationError(
+                f"{filename}: expected {size} bytes with sha256 {sha256}, but the file with that sha256 has "
+                f"{actual} bytes: the expected size is wrong (nothing was downloaded)")
         path = self.cache.get(sha256, size)
         if path is not None:
             self.stats.add(cache_hits=1)
