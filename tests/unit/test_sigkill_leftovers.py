@@ -1,12 +1,14 @@
 """What a SIGKILLed builder leaves behind is swept by the next one: partial downloads in the blob cache's tmp
-dir (named after their writer's PID)."""
+dir (named after their writer's PID) and ephemeral GNUPGHOMEs (the private signing key, a gpg-agent)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
@@ -16,6 +18,7 @@ import pytest
 from hostile_mirror import Answer, HostileMirror, hostile_mirror
 
 from builder.archive.cache import ContentCache
+from builder.gateway.signing import EphemeralKey, sweep_stale_homes
 from builder.run import pid_alive
 
 REPO = Path(__file__).resolve().parents[2]
@@ -103,3 +106,80 @@ def test_put_stages_in_the_tmp_dir_under_the_pid(tmp_path: Path, monkeypatch: py
     c = ContentCache(tmp_path)
     c.put(b"data", hashlib.sha256(b"data").hexdigest())
     assert seen and all(Path(s).parent == c.tmp_dir and Path(s).name.startswith(f"{os.getpid()}.") for s in seen)
+
+
+# ------------------------------------------------------------------------------------------- gpg homes
+
+KEYMAKER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    sys.path.insert(0, sys.argv[1])
+    from builder.gateway.signing import EphemeralKey
+    key = EphemeralKey("builder sigkill test", home_parent=Path(sys.argv[2]))
+    key.create()
+    print(key._home, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+    """
+)
+
+
+def agent_pid(home: Path) -> int | None:
+    p = subprocess.run(["gpg-connect-agent", "--homedir", str(home), "--no-autostart", "getinfo pid", "/bye"],
+                       capture_output=True, text=True, timeout=20, check=False)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("D ")]
+    return int(lines[0][2:]) if lines else None
+
+
+@pytest.fixture()
+def short_parent() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="bgh"))  # short: gpg-agent's socket path must fit in sun_path
+    try:
+        yield d
+    finally:
+        for home in d.iterdir():  # never leave an agent behind, whatever the test did
+            subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "gpg-agent"], check=False,
+                           capture_output=True, timeout=20)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.timeout(60)
+def test_killed_build_leaves_a_key_and_an_agent_that_the_sweep_removes(short_parent: Path) -> None:
+    proc = subprocess.run([sys.executable, "-c", KEYMAKER, str(REPO), str(short_parent)], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    home = Path(proc.stdout.strip())
+    assert home.parent == short_parent and home.name.startswith("builder-gnupg-")
+    assert any((home / "private-keys-v1.d").iterdir())  # the ephemeral private key, left behind
+    agent = agent_pid(home)
+    assert agent is not None and pid_alive(agent)  # and its gpg-agent, still running
+    assert sweep_stale_homes(short_parent) == [home]
+    assert not home.exists()
+    deadline = time.monotonic() + 10
+    while pid_alive(agent):
+        assert time.monotonic() < deadline, "gpg-agent still running"
+        time.sleep(0.1)
+
+
+@pytest.mark.timeout(60)
+def test_sweep_keeps_live_homes_and_foreign_dirs(short_parent: Path) -> None:
+    with EphemeralKey("builder live test", home_parent=short_parent) as key:
+        assert key._home is not None and key._home.parent == short_parent
+        assert key._home.name.startswith(f"builder-gnupg-{os.getpid()}-")
+        other = short_parent / "builder-gnupg-notapid"
+        other.mkdir()
+        stale = short_parent / f"builder-gnupg-{dead_pid()}-abc"
+        stale.mkdir()
+        assert sweep_stale_homes(short_parent) == [stale]
+        assert key._home.exists() and other.exists()
+        assert key.detach_sign(b"still works")
+    assert not list(short_parent.glob(f"builder-gnupg-{os.getpid()}-*"))  # closed normally: removed
+    assert sweep_stale_homes(short_parent / "missing") == []
+
+
+@pytest.mark.timeout(60)
+def test_default_home_is_still_in_the_system_tmp_dir() -> None:
+    with EphemeralKey("builder default test") as key:
+        assert key._home is not None and key._home.parent == Path(tempfile.gettempdir())
+        home = key._home
+    assert not home.exists()
