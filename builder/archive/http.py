@@ -274,7 +274,8 @@ class HttpClient:
     def _late(url: str, got: int, total: int | None, seconds: float) -> DeadlineExceeded:
         of = f" of {total}" if total is not None else ""
         return DeadlineExceeded(
-            f"{url}: download did not finish within its deadline of {seconds:.0f} s ({got}{of} bytes received)",
+            f"{url}: download did not finish within its deadline of {seconds:.{0 if seconds >= 10 else 1}f} s "
+            f"({got}{of} bytes received)",
             hint="the mirror is far too slow; try another mirror (debian.mirror)",
         )
 
