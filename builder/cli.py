@@ -236,7 +236,8 @@ def _dispatch(args: argparse.Namespace, console: Any) -> int:
             with emitter.stage("fetch"):
                 inputs = fetch_inputs(cfg, ContentCache(), stats, emitter, all_udebs=args.all_udebs)
             _say(console, f"verified and cached: netboot {inputs.lock.netboot.version} (kernel "
-                          f"{inputs.kernel_abi}), {len(inputs.udeb_pins)} udebs in the installer suite; "
+                          f"{inputs.kernel_abi}), {inputs.udebs_verified} of the {len(inputs.udeb_pins)} udebs "
+                          "in the installer suite (the rest are checked when served); "
                           f"{stats.bytes_fetched} bytes fetched upstream in {time.monotonic() - t0:.1f} s")
         elif args.verb == "iso":
             from .pipeline import write_iso

@@ -12,6 +12,7 @@ Tree::
     ├── FetchError               mirror unreachable, HTTP error, short read
     ├── VerificationError        signature or checksum does not match (never retried silently)
     ├── LockError                lock file missing, stale or inconsistent
+    │   └── MalformedLockError   not JSON, or breaks the lock schema (field named)        (exit 2)
     ├── InstallerError           no usable installer (kernel ABI without served module udebs, …)
     ├── MediaError               preseed ISO / initrd could not be built
     ├── GatewayError             the archive gateway could not start or serve
@@ -117,6 +118,18 @@ class VerificationError(BuilderError):
 
 class LockError(BuilderError):
     """The lock file is missing, malformed or disagrees with the archive."""
+
+
+class MalformedLockError(LockError):
+    """The lock file is not JSON or breaks its schema. ``problems`` lists every (field, message) found."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, problems: Sequence[tuple[str, str]] = (), **kw: object) -> None:
+        self.problems = list(problems)
+        if self.problems:
+            message = message + "\n" + "\n".join(f"  {p}: {m}" if p else f"  {m}" for p, m in self.problems)
+        super().__init__(message, **kw)  # type: ignore[arg-type]
 
 
 class InstallerError(BuilderError):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -30,7 +31,7 @@ from .archive.client import Archive
 from .archive.deb import deb_control, deb_extract
 from .archive.packages import parse_packages
 from .config import ImageConfig
-from .errors import BuilderError, FetchError, InstallerError, LockError, VerificationError
+from .errors import BuilderError, FetchError, InstallerError, LockError, MalformedLockError, VerificationError
 from .installer import netboot
 
 log = logging.getLogger(__name__)
@@ -104,25 +105,31 @@ class Lock:
         return json.dumps(data, indent=2, sort_keys=False) + "\n"
 
     @classmethod
-    def from_json(cls, text: str, *, source: str = "lock") -> Lock:
+    def from_json(cls, text: str | bytes, *, source: str = "lock") -> Lock:
+        """Parse and schema-check a lock; MalformedLockError (exit 2) names every bad field."""
+        hint = "regenerate it with: python -m builder lock IMAGE.yaml"
         try:
             data = json.loads(text)
-            if data.pop("lock_version", None) != LOCK_VERSION:
-                raise LockError(f"{source}: unsupported lock version (expected {LOCK_VERSION})")
-            return cls(
-                suite=data["suite"], codename=data["codename"], arch=data["arch"], created=data["created"],
-                netboot=FilePin(**data["netboot"]), kernel_abi=data["kernel_abi"],
-                udeb_index=IndexPin(**data["udeb_index"]),
-                overrides=tuple(UdebOverride(**o) for o in data.get("overrides", ())),
-                removed=tuple(UdebRemoval(**r) for r in data.get("removed", ())),
-                boot=tuple(FilePin(**b) for b in data.get("boot", ())),
-                notes=tuple(data.get("notes", ())),
-            )
-        except LockError:
-            raise
-        except (ValueError, KeyError, TypeError) as exc:
-            raise LockError(f"{source}: malformed lock file: {exc}",
-                            hint="regenerate it with: python -m builder lock IMAGE.yaml") from exc
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, too deep
+            raise MalformedLockError(f"{source}: malformed lock file: not JSON: {exc}", hint=hint) from exc
+        if not isinstance(data, dict):
+            raise MalformedLockError(f"{source}: malformed lock file: expected a JSON object, got {_show(data)}",
+                                     hint=hint)
+        if data.get("lock_version") != LOCK_VERSION:
+            raise MalformedLockError(f"{source}: unsupported lock version {_show(data.get('lock_version'))} "
+                                     f"(expected {LOCK_VERSION})", hint=hint)
+        problems: list[tuple[str, str]] = []
+        top = _check_object(data, _LOCK_SCHEMA, "", problems)
+        if problems:
+            raise MalformedLockError(f"{source}: malformed lock file", problems=problems, hint=hint)
+        return cls(
+            suite=top["suite"], codename=top["codename"], arch=top["arch"], created=top["created"],
+            netboot=FilePin(**top["netboot"]), kernel_abi=top["kernel_abi"], udeb_index=IndexPin(**top["udeb_index"]),
+            overrides=tuple(UdebOverride(**o) for o in top.get("overrides", ())),
+            removed=tuple(UdebRemoval(**r) for r in top.get("removed", ())),
+            boot=tuple(FilePin(**b) for b in top.get("boot", ())),
+            notes=tuple(top.get("notes", ())),
+        )
 
     def override_fields(self) -> dict[str, dict[str, str]]:
         """Per package, the index fields the overrides replace (for gateway.udeb.rewrite_index)."""
@@ -138,10 +145,123 @@ class Lock:
 
 def read_lock(path: Path) -> Lock:
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError as exc:
         raise LockError(f"no lock file at {path}", hint=f"create it with: python -m builder lock {path}") from exc
-    return Lock.from_json(text, source=str(path))
+    except OSError as exc:
+        raise LockError(f"cannot read the lock file {path}: {exc.strerror or exc}") from exc
+    return Lock.from_json(raw, source=str(path))
+
+
+# ---------------------------------------------------------------------------------------------- schema
+
+Check = Callable[[object], "str | None"]
+_SAFE_TEXT = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no space: names, versions, paths
+_MAX_SIZE = 1 << 40
+
+
+def _show(value: object) -> str:
+    r = repr(value)
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
+def _text(v: object) -> str | None:
+    return None if isinstance(v, str) else f"expected a string, got {_show(v)}"
+
+
+def _token(v: object) -> str | None:
+    if not isinstance(v, str) or not _SAFE_TEXT.fullmatch(v):
+        return f"expected a non-empty string of printable ASCII without spaces, got {_show(v)}"
+    return None
+
+
+def _hex(n: int) -> Check:
+    pattern = re.compile(f"[0-9a-f]{{{n}}}")
+
+    def check(v: object) -> str | None:
+        if isinstance(v, str) and pattern.fullmatch(v):
+            return None
+        return f"expected {n} lowercase hex digits, got {_show(v)}"
+
+    return check
+
+
+def _size(v: object) -> str | None:
+    if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= _MAX_SIZE:
+        return None
+    return f"expected a size in bytes (an integer from 0 to {_MAX_SIZE}), got {_show(v)}"
+
+
+def _relpath(v: object) -> str | None:
+    bad = _token(v)
+    if bad is not None:
+        return bad
+    assert isinstance(v, str)
+    parts = v.split("/")
+    if v.startswith("/") or "" in parts or any(p in (".", "..") for p in parts):
+        return f"expected a relative path without empty, '.' or '..' segments, got {_show(v)}"
+    return None
+
+
+def _pool(v: object) -> str | None:
+    bad = _relpath(v)
+    if bad is None and not str(v).startswith("pool/"):
+        bad = f"expected a path under pool/, got {_show(v)}"
+    return bad
+
+
+def _trust(v: object) -> str | None:
+    if isinstance(v, str) and re.fullmatch(r"lock|index(:[\x21-\x7e]+)?", v):
+        return None
+    return f"expected 'lock', 'index' or 'index:<suite>', got {_show(v)}"
+
+
+_SHA256, _MD5 = _hex(64), _hex(32)
+Schema = dict[str, Any]  # field -> Check | Schema (an object) | [Check | Schema] (a list of those)
+_FILE_PIN: Schema = {"package": _token, "version": _token, "filename": _pool, "sha256": _SHA256, "size": _size,
+                     "trust": _trust}
+_INDEX_PIN: Schema = {"release_suite": _token, "release_date": _text, "path": _relpath, "sha256": _SHA256,
+                      "size": _size}
+_OVERRIDE: Schema = {"package": _token, "index_version": _token, "version": _token, "filename": _pool,
+                     "sha256": _SHA256, "size": _size, "md5sum": _MD5, "depends": _text, "reason": _text}
+_REMOVAL: Schema = {"package": _token, "index_version": _token, "reason": _text}
+_LOCK_SCHEMA: Schema = {"lock_version": lambda v: None, "suite": _token, "codename": _token, "arch": _token,
+                        "created": _text, "netboot": _FILE_PIN, "kernel_abi": _token, "udeb_index": _INDEX_PIN,
+                        "overrides": [_OVERRIDE], "removed": [_REMOVAL], "boot": [_FILE_PIN], "notes": [_text]}
+_OPTIONAL = {"trust", "overrides", "removed", "boot", "notes"}  # the fields with defaults
+
+
+def _check_object(data: object, schema: Schema, where: str, problems: list[tuple[str, str]]) -> dict[str, Any]:
+    """``data`` checked against ``schema``; every problem is appended as (field path, message)."""
+    if not isinstance(data, dict):
+        problems.append((where or "(top)", f"expected an object, got {_show(data)}"))
+        return {}
+    for key in data:
+        if key not in schema:
+            problems.append((f"{where}.{key}".lstrip("."), "unknown field"))
+    out: dict[str, Any] = {}
+    for key, rule in schema.items():
+        name = f"{where}.{key}".lstrip(".")
+        if key not in data:
+            if key not in _OPTIONAL:
+                problems.append((name, "missing"))
+            continue
+        out[key] = _check_value(data[key], rule, name, problems)
+    return out
+
+
+def _check_value(value: object, rule: Any, name: str, problems: list[tuple[str, str]]) -> Any:
+    if isinstance(rule, dict):
+        return _check_object(value, rule, name, problems)
+    if isinstance(rule, list):
+        if not isinstance(value, list):
+            problems.append((name, f"expected a list, got {_show(value)}"))
+            return []
+        return [_check_value(item, rule[0], f"{name}[{i}]", problems) for i, item in enumerate(value)]
+    bad = rule(value)
+    if bad is not None:
+        problems.append((name, bad))
+    return value
 
 
 def write_lock(lock: Lock, path: Path) -> None:
@@ -239,17 +359,16 @@ def find_netboot(cfg: ImageConfig, main: Archive, index: Mapping[str, Mapping[st
 
 def _fetch_unpinned(arch: Archive, filename: str) -> Path:
     """Fetch a pool file no signed index lists (lock time only): it is pinned by the sha256 recorded now.
-    Pool files are immutable, so one fetched before (by the lock or the gateway) is taken from the cache."""
+    Pool files are immutable, so one fetched before from the same mirror (by the lock or the gateway) is taken
+    from the cache; the path map is keyed by the full URL, so another mirror's copy is never reused."""
     paths = PathMap(cache_base() / "gateway" / "paths")
-    key = f"debian/{filename}"
+    key = arch.url(filename)
     known = paths.get(key)
     hit = arch.cache.get(known) if known else None
     if hit is not None:
         return hit
-    data = arch.get_url(filename, label=filename)
-    sha = hashlib.sha256(data).hexdigest()
-    stored = arch.cache.put(data, sha)
-    paths.put(key, sha)
+    stored = arch.fetch_unpinned(filename)
+    paths.put(key, stored.name)
     return stored
 
 

@@ -24,6 +24,7 @@ from .context import BuildContext, BuildOptions, OnError
 from .diagnostics import Diagnostics, bundle_path
 from .errors import BuilderError
 from .events import Emitter, Event
+from .gateway.signing import sweep_stale_homes
 from .stages import fetch, finalize, install, media, provision, publish
 from .stages.media import write_iso
 from .stages.publish import BuildResult
@@ -79,6 +80,7 @@ class _WorkDir:
         self.base = cache_base() / "work"
         self.base.mkdir(parents=True, exist_ok=True)
         sweep_stale_workdirs(self.base)
+        sweep_stale_homes()  # signing-key homes (and their gpg-agents) of builds that were killed outright
         self.path = Path(tempfile.mkdtemp(prefix=f"{cfg.name}-pid{os.getpid()}-", dir=self.base))
         self.keep = options.keep_workdir
         self.emitter = emitter

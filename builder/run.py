@@ -62,6 +62,23 @@ def missing_tools(tools: Iterable[str]) -> list[MissingToolError]:
     return [MissingToolError(t, package=package_of(t)) for t in dict.fromkeys(tools) if shutil.which(t) is None]
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (a zombie counts as dead)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != "Z"
+
+
 def tail(text: str | bytes, n: int = TAIL_LINES) -> list[str]:
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")

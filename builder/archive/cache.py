@@ -4,10 +4,12 @@ Layout under the root (default ``$XDG_CACHE_HOME/builder/blobs``, or ``$BUILDER_
 
     ab/abcdef…          the blob whose sha256 is abcdef…
     locks/abcdef….lock  per-key lock file (fcntl.flock), so parallel builds fetch a blob once
-    tmp/                staging files; renamed into place atomically once verified
+    tmp/                staging files (``<pid>.<host>.<name>``); renamed into place atomically once verified
 
 Blobs are immutable, so the cache is safe to share between builds and processes. A corrupted entry (wrong size
-or hash) is detected on :meth:`ContentCache.get`, logged, removed, and reported as absent.
+or hash) is detected on :meth:`ContentCache.get`, logged, removed, and reported as absent. Staging files carry
+their writer's PID and host, so those of a process that died (SIGKILL, power loss) are removed the next time a
+cache is opened on the same host.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -28,11 +31,14 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import FetchError, VerificationError
+from ..run import pid_alive
 
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_STAGING_RE = re.compile(r"(\d+)\.([0-9a-f]{8})\.")  # <pid>.<host>. at the start of a staging file's name
 
 # (path, st_dev, st_ino, st_mtime_ns, st_size) -> sha256 already verified in this process.
 _verified: dict[tuple[str, int, int, int, int], str] = {}
@@ -86,6 +92,7 @@ class ContentCache:
 
     def __init__(self, root: Path | None = None) -> None:
         self.root = Path(root) if root is not None else cache_base() / "blobs"
+        self.sweep_staging()
 
     def __repr__(self) -> str:
         return f"ContentCache({str(self.root)!r})"
@@ -103,13 +110,36 @@ class ContentCache:
         d.mkdir(parents=True, exist_ok=True)
         return d
 
+    def _mkstemp(self, prefix: str) -> tuple[int, str]:
+        return tempfile.mkstemp(prefix=f"{os.getpid()}.{_HOST}.{prefix}", dir=self.tmp_dir)
+
+    def sweep_staging(self) -> list[Path]:
+        """Remove the staging files of writers on this host that are gone; return them."""
+        try:
+            entries = list(os.scandir(self.root / "tmp"))
+        except OSError:
+            return []
+        removed = []
+        for entry in entries:
+            m = _STAGING_RE.match(entry.name)
+            if m is None or m.group(2) != _HOST or pid_alive(int(m.group(1))):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        if removed:
+            log.info("removed %d partial downloads left by processes that died: %s", len(removed),
+                     ", ".join(p.name for p in removed))
+        return removed
+
     @contextlib.contextmanager
     def staging(self, prefix: str = "blob-") -> Iterator[tuple[Path, BinaryIO]]:
         """A temp file on the cache's filesystem, for streaming a download before :meth:`put`.
 
-        Yields (path, binary file object). The file is removed on exit unless it was moved into the cache.
+        Yields (path, binary file object). The file is removed on exit unless it was moved into the cache;
+        if the process dies first, the next cache open removes it (its name carries the PID).
         """
-        fd, name = tempfile.mkstemp(prefix=prefix, dir=self.tmp_dir)
+        fd, name = self._mkstemp(prefix)
         path = Path(name)
         try:
             with os.fdopen(fd, "wb") as f:
@@ -150,6 +180,17 @@ class ContentCache:
             _verified[memo] = key
         return path
 
+    def size_conflict(self, sha256: str, size: int) -> int | None:
+        """The real size of the intact blob ``sha256`` when it is not ``size`` (so the caller's size is wrong,
+        not the blob: it is kept), else None. Hashes the blob only in that case."""
+        try:
+            actual = self.path(sha256).stat().st_size
+        except FileNotFoundError:
+            return None
+        if actual == size or self.get(sha256) is None:
+            return None
+        return actual
+
     def __contains__(self, sha256: str) -> bool:
         return self.get(sha256) is not None
 
@@ -181,7 +222,7 @@ class ContentCache:
             actual = hashlib.sha256(data).hexdigest()
             if actual != key:
                 raise VerificationError(f"refusing to cache blob: sha256 is {actual}, expected {key}")
-            fd, tmp = tempfile.mkstemp(prefix=f".{key[:12]}-", dir=dest.parent)
+            fd, tmp = self._mkstemp(f"put-{key[:12]}-")
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
@@ -205,8 +246,7 @@ class ContentCache:
         log.debug("cached %s (%d bytes)", key[:12], st.st_size)
         return dest
 
-    @staticmethod
-    def _move_in(src: Path, dest: Path) -> None:
+    def _move_in(self, src: Path, dest: Path) -> None:
         with open(src, "rb+") as f:
             os.fsync(f.fileno())
         try:
@@ -215,7 +255,7 @@ class ContentCache:
         except OSError as exc:
             if exc.errno != errno.EXDEV:  # another filesystem: copy, then rename
                 raise
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name[:12]}-", dir=dest.parent)
+        fd, tmp = self._mkstemp(f"put-{dest.name[:12]}-")
         try:
             with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
                 shutil.copyfileobj(inp, out, CHUNK)
@@ -280,8 +320,9 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 class PathMap:
-    """Remembers which blob a mirror path held when it was fetched without a pinned hash (``prefix/path`` →
-    sha256), so a second fetch of an immutable pool file is served from the :class:`ContentCache`."""
+    """Remembers which blob a mirror file held when it was fetched without a pinned hash (its full upstream
+    URL → sha256), so a second fetch of an immutable pool file is served from the :class:`ContentCache`.
+    Keyed by the URL, mirror included: what one mirror served is never handed out for another."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -291,9 +332,10 @@ class PathMap:
 
     def get(self, key: str) -> str | None:
         try:
-            return self._file(key).read_text().strip() or None
-        except OSError:
+            value = self._file(key).read_text().strip().lower()
+        except (OSError, UnicodeDecodeError):
             return None
+        return value if _SHA256_RE.fullmatch(value) else None
 
     def put(self, key: str, sha256: str) -> None:
         atomic_write(self._file(key), sha256.encode())

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..errors import FetchError, VerificationError
 from .cache import ContentCache
-from .http import FetchStats, HttpClient, NotFound
+from .http import FetchStats, HttpClient, Limits, NotFound, TooLarge
 from .packages import parse_packages
 from .release import FileEntry, Release, parse_release
 from .verify import verify_inrelease
@@ -82,6 +82,7 @@ class Archive:
         retries: int = 3,
         backoff: float = 0.3,
         fallback_suites: Iterable[str] = (),
+        limits: Limits | None = None,
     ) -> None:
         self.mirror = mirror.rstrip("/")
         self.suite = suite
@@ -90,7 +91,7 @@ class Archive:
         self.cache = cache
         self.stats = stats if stats is not None else FetchStats()
         self.on_progress = on_progress
-        self.http = HttpClient(self.stats, timeout=timeout, retries=retries, backoff=backoff)
+        self.http = HttpClient(self.stats, timeout=timeout, retries=retries, backoff=backoff, limits=limits)
         self._lock = threading.RLock()
         self._release: Release | None = None
         self._inrelease_raw: bytes | None = None
@@ -217,12 +218,16 @@ class Archive:
                     self.stats.add(cache_hits=1)
                     return VerifiedIndex(path, entry, rel, self.suite, blob, dec)
                 for url_path in urls:
+                    problem: str | None
                     try:
-                        data = self.get_url(url_path, label=entry.path)
+                        data = self.get_url(url_path, label=entry.path, max_size=entry.size)
                     except NotFound:
                         failures.append(f"{url_path}: 404")
                         continue
-                    problem = _mismatch(data, entry)
+                    except TooLarge:
+                        data, problem = b"", f"size does not match the signed size {entry.size}: the mirror sends more"
+                    else:
+                        problem = _mismatch(data, entry)
                     if problem:
                         failures.append(f"{url_path}: {problem}")
                         log.warning("%s%s: %s", self.url(""), url_path, problem)
@@ -290,6 +295,11 @@ class Archive:
     def fetch(self, filename: str, sha256: str, size: int) -> Path:
         """A pool file (``pool/main/…``), verified by size and sha256, as a path in the cache."""
         sha256 = sha256.lower()
+        actual = self.cache.size_conflict(sha256, size)
+        if actual is not None:
+            raise VerificationError(
+                f"{filename}: expected {size} bytes with sha256 {sha256}, but the file with that sha256 has "
+                f"{actual} bytes: the expected size is wrong (nothing was downloaded)")
         path = self.cache.get(sha256, size)
         if path is not None:
             self.stats.add(cache_hits=1)
@@ -340,7 +350,10 @@ class Archive:
 
             if self.on_progress:
                 self.on_progress(name, 0, size)
-            self.http.stream(url, sink, reset)
+            try:
+                self.http.stream(url, sink, reset, max_size=size)
+            except TooLarge as exc:
+                raise VerificationError(f"{url}: larger than the signed size {size}; refusing it") from exc
             f.flush()
             if got < size:
                 raise _Truncated(got)
@@ -367,8 +380,35 @@ class Archive:
         """Whether the mirror serves ``filename`` (HEAD: 200 → True, 404 → False, else FetchError)."""
         return self.http.head(self.url(filename))
 
-    def get_url(self, url_path: str, *, label: str | None = None) -> bytes:
-        """Raw GET of ``<mirror>/<url_path>`` (unverified: the caller verifies). Counted in stats."""
+    def fetch_unpinned(self, filename: str) -> Path:
+        """A pool file no signed index lists, streamed to disk (within ``limits.max_file_size``) and stored in
+        the cache under the sha256 it has now: the caller pins that hash. Unverified: use it only to pin."""
+        url = self.url(filename)
+        name = posixpath.basename(filename)
+        with self.cache.staging(prefix=f"{name[:40]}-") as (tmp, f):
+            h = hashlib.sha256()
+
+            def sink(chunk: bytes, total: int | None) -> None:
+                h.update(chunk)
+                f.write(chunk)
+                if self.on_progress:
+                    self.on_progress(name, f.tell(), total)
+
+            def reset() -> None:
+                nonlocal h
+                h = hashlib.sha256()
+                f.seek(0)
+                f.truncate()
+
+            self.http.stream(url, sink, reset)
+            f.close()
+            self.stats.add(files_fetched=1)
+            return self.cache.put(tmp, h.hexdigest())
+
+    def get_url(self, url_path: str, *, label: str | None = None, max_size: int | None = None) -> bytes:
+        """Raw GET of ``<mirror>/<url_path>`` (unverified: the caller verifies). Counted in stats.
+
+        ``max_size``: the known size (a larger body is a :class:`~.http.TooLarge` error); else the index cap."""
         name = label or posixpath.basename(url_path)
         cb = None
         if self.on_progress is not None:
@@ -377,7 +417,7 @@ class Archive:
             def cb(done: int, total: int | None) -> None:
                 progress(name, done, total)
 
-        return self.http.get(self.url(url_path), cb)
+        return self.http.get(self.url(url_path), cb, max_size=max_size)
 
 
 def _mismatch(data: bytes, entry: FileEntry) -> str | None:

@@ -11,26 +11,35 @@ prefix (``/debian`` → the Debian mirror, ``/debian-security`` → the security
 * ``pool/…`` files with a known hash (udebs of the installer suite, lock pins) are served from the content
   cache, fetched and checked on first use; other pool files are fetched once, stored by their SHA256 and
   served from the cache afterwards (apt in the target verifies them against the signed indexes).
+
+Request paths are decoded once and normalised before anything else: a path with control characters, spaces,
+backslashes or non-ASCII (raw or percent-encoded) is a 400; one with a ``.`` or ``..`` segment (however it is
+encoded) a 404; what goes upstream is re-encoded from the clean path, so it cannot leave the upstream's tree.
+Upstream downloads go through :class:`~builder.archive.http.HttpClient`: retried as the archive client
+retries, bounded in size and time (:class:`~builder.archive.http.Limits`), and a body that is short or fails
+its size or hash is never stored.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import re
 import shutil
-import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Mapping
+import urllib.parse
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
+from typing import BinaryIO
 
 from ..archive.cache import ContentCache, PathMap, atomic_write, sha256_file
+from ..archive.http import FetchStats, HttpClient, Limits, NotFound, TooLarge
 from ..archive.release import Release, parse_release
 from ..archive.verify import verify_inrelease
 from ..errors import BuilderError, FetchError, GatewayError, VerificationError
@@ -39,6 +48,31 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 RELEASE_FILES = ("InRelease", "Release", "Release.gpg")
+USER_AGENT = "builder-gateway/0.1"
+_BAD_CHARS = re.compile(r"[^\x21-\x7e]|\\")  # control characters, space, DEL, non-ASCII, backslash
+_SAFE = "/+~:@!$&'()*,;="  # left unencoded in the path sent upstream
+
+
+class BadRequest(GatewayError):
+    """The client's request path is malformed (answered with 400)."""
+
+
+def clean_path(url_path: str) -> str | None:
+    """The request path decoded once and normalised (no leading slash, no empty segments); None when it
+    has a ``.`` or ``..`` segment; :class:`BadRequest` for control characters, non-ASCII or bad encoding."""
+    raw = url_path.split("?", 1)[0].split("#", 1)[0]
+    if _BAD_CHARS.search(raw):
+        raise BadRequest(f"bad request path {url_path!r}: control, space or non-ASCII characters")
+    try:
+        decoded = urllib.parse.unquote(raw, errors="strict")
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"bad request path {url_path!r}: not UTF-8 once decoded") from exc
+    if _BAD_CHARS.search(decoded):
+        raise BadRequest(f"bad request path {url_path!r}: encodes control, space or non-ASCII characters")
+    parts = [p for p in decoded.split("/") if p]
+    if any(p in (".", "..") for p in parts):
+        return None
+    return "/".join(parts)
 
 
 @dataclass
@@ -80,6 +114,9 @@ class Gateway:
         offline: bool = False,
         timeout: float = 60,
         on_request: Callable[[str, int, int], None] | None = None,
+        retries: int = 3,
+        backoff: float = 0.3,
+        limits: Limits | None = None,
     ) -> None:
         self.upstreams = {k.strip("/"): v.rstrip("/") for k, v in upstreams.items()}
         self.cache = cache
@@ -95,6 +132,9 @@ class Gateway:
         self.timeout = timeout
         self.on_request = on_request
         self.stats = GatewayStats()
+        self.fetch_stats = FetchStats()
+        self.http = HttpClient(self.fetch_stats, timeout=timeout, retries=retries, backoff=backoff, limits=limits,
+                               user_agent=USER_AGENT)
         self.paths = PathMap(self.state_dir / "paths")
         self._releases: dict[tuple[str, str], Release] = {}
         self._meta: dict[str, bytes] = {}
@@ -150,11 +190,9 @@ class Gateway:
 
     # ------------------------------------------------------------------ resolution
     def resolve(self, url_path: str) -> Path | bytes | None:
-        """The content for a request path: bytes, a cache file, or None (404)."""
-        rel = url_path.split("?", 1)[0].lstrip("/")
-        while "//" in rel:
-            rel = rel.replace("//", "/")
-        if ".." in rel.split("/"):
+        """The content for a request path: bytes, a cache file, or None (404). BadRequest for a malformed path."""
+        rel = clean_path(url_path)
+        if rel is None:
             return None
         prefix, _, path = rel.partition("/")
         if prefix not in self.upstreams:
@@ -217,37 +255,44 @@ class Gateway:
         return self._passthrough(prefix, f"dists/{suite}/{sub}")
 
     def _upstream_url(self, prefix: str, path: str) -> str:
-        return f"{self.upstreams[prefix]}/{path}"
+        return f"{self.upstreams[prefix]}/{urllib.parse.quote(path, safe=_SAFE)}"
 
-    def _get(self, url: str, dest: Path | None = None) -> bytes | None:
-        """GET from upstream; None on 404. Into ``dest`` (streamed) when given."""
+    def _get(self, url: str, *, size: int | None = None) -> bytes | None:
+        """GET from upstream into memory (at most ``size``, else the index cap); None on 404/410."""
+        with self._upstream(url):
+            try:
+                return self.http.get(url, max_size=size)
+            except NotFound:
+                return None
+
+    def _stream(self, url: str, f: BinaryIO, *, size: int | None = None) -> bool:
+        """GET from upstream into the file ``f`` (at most ``size``, else the file cap); False on 404/410."""
+
+        def sink(chunk: bytes, _total: int | None) -> None:
+            f.write(chunk)
+
+        def reset() -> None:
+            f.seek(0)
+            f.truncate()
+
+        with self._upstream(url):
+            try:
+                self.http.stream(url, sink, reset, max_size=size)
+            except NotFound:
+                return False
+        f.flush()
+        return True
+
+    @contextlib.contextmanager
+    def _upstream(self, url: str) -> Iterator[None]:
         if self.offline:
             raise FetchError(f"offline: not in the cache: {url}")
-        req = urllib.request.Request(url, headers={"User-Agent": "builder-gateway/0.1"})
-        with self._lock:
-            self.stats.upstream_requests += 1
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                if dest is None:
-                    data = resp.read()
-                    with self._lock:
-                        self.stats.upstream_bytes += len(data)
-                    return data
-                n = 0
-                with open(dest, "wb") as f:
-                    while chunk := resp.read(CHUNK):
-                        f.write(chunk)
-                        n += len(chunk)
-                with self._lock:
-                    self.stats.upstream_bytes += n
-                return b""
-        except urllib.error.HTTPError as exc:
-            if exc.code == 404:
-                return None
-            raise FetchError(f"upstream answered {exc.code} for {url}") from exc
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise FetchError(f"upstream unreachable for {url}: {reason}") from exc
+            yield
+        finally:
+            with self._lock:
+                self.stats.upstream_requests = self.fetch_stats.requests
+                self.stats.upstream_bytes = self.fetch_stats.bytes_fetched
 
     def _release_file(self, prefix: str, suite: str, name: str, *, quiet: bool = False) -> bytes | None:
         key = f"{prefix}/dists/{suite}/{name}"
@@ -294,38 +339,37 @@ class Gateway:
                 urls.append(self._upstream_url(prefix, f"{d}/by-hash/SHA256/{sha256}"))
             urls.append(self._upstream_url(prefix, path))
             for url in urls:
-                with tempfile.NamedTemporaryFile(dir=self.cache.tmp_dir, delete=False) as tmp:
-                    tmp_path = Path(tmp.name)
-                try:
-                    if self._get(url, tmp_path) is None:
+                with self.cache.staging(prefix="gw-") as (tmp, f):
+                    try:
+                        if not self._stream(url, f, size=size):
+                            continue
+                    except TooLarge:
+                        log.warning("%s: larger than the expected %d bytes", url, size)
                         continue
-                    got = sha256_file(tmp_path)
-                    if got != sha256 or tmp_path.stat().st_size != size:
-                        log.warning("%s: hash %s does not match the expected %s", url, got, sha256)
+                    f.close()
+                    got, n = sha256_file(tmp), tmp.stat().st_size
+                    if got != sha256 or n != size:
+                        log.warning("%s: %d bytes, sha256 %s; expected %d bytes, sha256 %s", url, n, got, size, sha256)
                         continue
-                    return self.cache.put(tmp_path, sha256)
-                finally:
-                    tmp_path.unlink(missing_ok=True)
+                    return self.cache.put(tmp, sha256)
         raise VerificationError(f"no upstream copy of {prefix}/{path} matches sha256 {sha256}")
 
     def _pool(self, prefix: str, path: str) -> Path | None:
-        known = self.paths.get(f"{prefix}/{path}")
+        url = self._upstream_url(prefix, path)
+        known = self.paths.get(url)
         if known is not None:
             hit = self.cache.get(known)
             if hit is not None:
                 with self._lock:
                     self.stats.cache_hits += 1
                 return hit
-        with tempfile.NamedTemporaryFile(dir=self.cache.tmp_dir, delete=False) as tmp:
-            tmp_path = Path(tmp.name)
-        try:
-            if self._get(self._upstream_url(prefix, path), tmp_path) is None:
+        with self.cache.staging(prefix="gw-") as (tmp, f):
+            if not self._stream(url, f):
                 return None
-            sha256 = sha256_file(tmp_path)
-            stored = self.cache.put(tmp_path, sha256)
-        finally:
-            tmp_path.unlink(missing_ok=True)
-        self.paths.put(f"{prefix}/{path}", sha256)
+            f.close()
+            sha256 = sha256_file(tmp)
+            stored = self.cache.put(tmp, sha256)
+        self.paths.put(url, sha256)
         return stored
 
     def _passthrough(self, prefix: str, path: str) -> bytes | None:
@@ -353,11 +397,15 @@ class _Handler(BaseHTTPRequestHandler):
             gw.stats.requests += 1
         try:
             content = gw.resolve(self.path)
+        except BadRequest as exc:
+            log.info("gateway: 400 %s", exc)
+            self._status(HTTPStatus.BAD_REQUEST, str(exc).encode("ascii", "backslashreplace"))
+            return
         except BuilderError as exc:
             log.warning("gateway: %s: %s", self.path, exc)
             with gw._lock:
                 gw.stats.errors += 1
-            self._status(HTTPStatus.BAD_GATEWAY, str(exc).encode())
+            self._status(HTTPStatus.BAD_GATEWAY, str(exc).encode("utf-8", "backslashreplace"))
             return
         except Exception:  # a bug must not kill the server thread silently
             log.exception("gateway: internal error for %s", self.path)

@@ -3,6 +3,9 @@
 The key lives in a private, temporary GNUPGHOME and dies with the build. Only that build's installer trusts
 it: its public part is appended to the Debian archive keyring that goes into the installer initrd as
 ``/usr/share/keyrings/archive.gpg`` (see BUILD-HOST-FACTS.md: d-i only creates that file when it is absent).
+
+The GNUPGHOME is named ``builder-gnupg-<pid>-…``: when a build is SIGKILLed, its home (private key and all)
+and its gpg-agent outlive it, and :func:`sweep_stale_homes` removes those of dead PIDs.
 """
 
 from __future__ import annotations
@@ -11,22 +14,28 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from types import TracebackType
 
 from ..errors import GatewayError, ToolError, VerificationError
-from ..run import run, which
+from ..run import pid_alive, run, which
 
 log = logging.getLogger(__name__)
+
+HOME_PREFIX = "builder-gnupg-"
+_HOME_RE = re.compile(re.escape(HOME_PREFIX) + r"(\d+)-.+")
 
 
 class EphemeralKey:
     """``with EphemeralKey("builder build 1234") as key: key.detach_sign(data)``."""
 
-    def __init__(self, uid: str = "builder ephemeral installer key", *, algo: str = "ed25519") -> None:
+    def __init__(self, uid: str = "builder ephemeral installer key", *, algo: str = "ed25519",
+                 home_parent: Path | None = None) -> None:
         self.uid = uid
         self.algo = algo
+        self.home_parent = home_parent  # where the GNUPGHOME is made; None: the system temp dir
         self._home: Path | None = None
         self.fingerprint = ""
 
@@ -40,7 +49,11 @@ class EphemeralKey:
 
     def create(self) -> None:
         self._gpg = which("gpg", package="gpg")
-        self._home = Path(tempfile.mkdtemp(prefix="builder-gnupg-"))
+        parent = None
+        if self.home_parent is not None:
+            parent = Path(self.home_parent)
+            parent.mkdir(parents=True, exist_ok=True)
+        self._home = Path(tempfile.mkdtemp(prefix=f"{HOME_PREFIX}{os.getpid()}-", dir=parent))
         os.chmod(self._home, 0o700)
         self._call(
             ["--quick-generate-key", "--passphrase", "", self.uid, self.algo, "sign", "1d"],
@@ -55,10 +68,7 @@ class EphemeralKey:
 
     def close(self) -> None:
         if self._home is not None:
-            agent = shutil.which("gpgconf")
-            if agent:
-                run([agent, "--kill", "gpg-agent"], env={"GNUPGHOME": str(self._home)}, check=False)
-            shutil.rmtree(self._home, ignore_errors=True)
+            _remove_home(self._home)
             self._home = None
 
     # -- operations
@@ -88,6 +98,43 @@ class EphemeralKey:
         """A clear-signed copy (``InRelease``)."""
         return self._call(["--local-user", self.fingerprint, "--clearsign", "--digest-algo", "SHA512",
                            "--output", "-"], data=data, what="clear-sign").stdout
+
+
+def _remove_home(home: Path) -> None:
+    """Stop the gpg-agent of ``home`` (by its home directory, never by process name), then remove it."""
+    gpgconf = shutil.which("gpgconf")
+    if gpgconf:
+        try:
+            run([gpgconf, "--homedir", str(home), "--kill", "gpg-agent"], check=False, timeout=30)
+        except ToolError as exc:
+            log.warning("could not stop the gpg-agent of %s: %s", home, exc)
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def sweep_stale_homes(parent: Path | None = None) -> list[Path]:
+    """Remove the ephemeral GNUPGHOMEs under ``parent`` (default: the system temp dir) whose creating
+    process is dead, stopping their gpg-agent first. Homes of live processes, directories of other users and
+    names without a PID are left alone. Returns the homes removed."""
+    base = Path(parent) if parent is not None else Path(tempfile.gettempdir())
+    try:
+        entries = sorted(base.iterdir())
+    except OSError:
+        return []
+    removed = []
+    for home in entries:
+        m = _HOME_RE.fullmatch(home.name)
+        if m is None or pid_alive(int(m.group(1))):
+            continue
+        try:
+            st = home.lstat()
+        except OSError:
+            continue
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            continue
+        log.info("removing the signing key home %s left by process %s, which is gone", home, m.group(1))
+        _remove_home(home)
+        removed.append(home)
+    return removed
 
 
 def combined_keyring(debian_keyring: Path, *extra_public_keys: bytes) -> bytes:

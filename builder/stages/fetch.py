@@ -26,7 +26,7 @@ from ..events import Emitter
 from ..gateway import udeb as udeb_suite
 from ..gateway.server import Pin
 from ..installer import netboot
-from ..lock import UDEB_INDEX, FilePin, Lock, read_lock, resolve_lock
+from ..lock import UDEB_INDEX, FilePin, Lock, UdebOverride, read_lock, resolve_lock
 
 if TYPE_CHECKING:
     from ..context import BuildContext
@@ -47,6 +47,7 @@ class InstallerInputs:
     udeb_packages: bytes           # the rewritten debian-installer Packages index
     udeb_pins: dict[str, Pin]      # pool path → pin, for every udeb of the generated suite
     inrelease: bytes               # the suite's InRelease as served (verified)
+    udebs_verified: int = 0        # how many of udeb_pins were fetched and checked now (the rest: when served)
 
     @property
     def kernel_abi(self) -> str:
@@ -76,13 +77,40 @@ def load_or_resolve_lock(cfg: ImageConfig, main: Archive, emitter: Emitter) -> L
     return resolve_lock(cfg, main, report=emitter.info)
 
 
-def _fetch_pin(main: Archive, pin: FilePin) -> Path:
-    return main.fetch(pin.filename, pin.sha256, pin.size)
+def _fetch_pin(main: Archive, pin: FilePin | UdebOverride, field: str) -> Path:
+    """The file a lock entry pins, fetched (or found in the cache) and checked against its size and sha256."""
+    try:
+        return main.fetch(pin.filename, pin.sha256, pin.size)
+    except VerificationError as exc:
+        raise VerificationError(f"the lock's {field} ({pin.package} {pin.version}) does not match: {exc}",
+                                hint="the lock or the mirror changed: run python -m builder lock IMAGE.yaml"
+                                ) from exc
+
+
+def fetch_overrides(main: Archive, lock: Lock) -> int:
+    """Fetch and check every override udeb the lock pins (no signed index vouches for them: only the lock
+    does). Returns how many were checked."""
+    for i, o in enumerate(lock.overrides):
+        _fetch_pin(main, o, f"overrides[{i}]")
+    return len(lock.overrides)
+
+
+def inputs_summary(lock: Lock, abi: str, suite_udebs: int, udebs_verified: int) -> str:
+    """What fetch verified, and only that: the rest of the suite's udebs are checked when they are served."""
+    rest = suite_udebs - udebs_verified
+    return (f"installer inputs verified: netboot {lock.netboot.version} (kernel {abi}), {len(lock.boot)} boot "
+            f"loader packages, the udeb index, {udebs_verified} of {suite_udebs} udebs "
+            f"({len(lock.overrides)} overridden, {len(lock.removed)} removed)"
+            + (f"; the other {rest} are checked against their pins when the gateway serves them" if rest else ""))
 
 
 def udeb_index(cfg: ImageConfig, lock: Lock, cache: ContentCache, main: Archive) -> bytes:
     """The pinned debian-installer index: from the cache by its sha256, else from the Release that signed it."""
     pin = lock.udeb_index
+    actual = cache.size_conflict(pin.sha256, pin.size)
+    if actual is not None:
+        raise LockError(f"the lock's udeb_index.size is {pin.size}, but {pin.path} with its sha256 {pin.sha256} "
+                        f"has {actual} bytes", hint="run: python -m builder lock IMAGE.yaml")
     blob = cache.read(pin.sha256, pin.size)
     if blob is None:
         alias = main if pin.release_suite == main.suite else Archive(
@@ -90,10 +118,11 @@ def udeb_index(cfg: ImageConfig, lock: Lock, cache: ContentCache, main: Archive)
             stats=main.stats, on_progress=main.on_progress)
         rel = alias.release()
         ent = rel.files.get(pin.path)
-        if ent is None or ent.sha256 != pin.sha256:
+        if ent is None or ent.sha256 != pin.sha256 or ent.size != pin.size:
+            listed = f"{ent.sha256[:16]}… ({ent.size} bytes)" if ent else "nothing"
             raise LockError(
-                f"the lock pins {pin.path} {pin.sha256[:16]}… from dists/{pin.release_suite}, but that Release now "
-                f"lists {ent.sha256[:16] + '…' if ent else 'nothing'} and the pinned copy is not cached",
+                f"the lock pins {pin.path} {pin.sha256[:16]}… ({pin.size} bytes) from dists/{pin.release_suite}, "
+                f"but that Release now lists {listed} and the pinned copy is not cached",
                 hint="the mirror moved on: run python -m builder lock IMAGE.yaml")
         alias.index(pin.path.rsplit(".", 1)[0] if pin.path.endswith((".xz", ".gz")) else pin.path)
         blob = cache.read(pin.sha256, pin.size)
@@ -110,31 +139,34 @@ def fetch_inputs(cfg: ImageConfig, cache: ContentCache, stats: FetchStats, emitt
                  all_udebs: bool = False) -> InstallerInputs:
     """Verify and cache everything the installer will read (``all_udebs``: every udeb of the suite too)."""
     main = make_archive(cfg, cache, stats, emitter)
+    lock = load_or_resolve_lock(cfg, main, emitter)  # a malformed lock fails here, before any download
     main.release()
-    lock = load_or_resolve_lock(cfg, main, emitter)
     kernel, initrd = _netboot_images(cfg, lock, main, cache)
     abi = netboot.kernel_release(kernel.read_bytes())
     if abi != lock.kernel_abi:
         raise VerificationError(f"netboot {lock.netboot.version} carries kernel {abi}, the lock says {lock.kernel_abi}")
     boot: dict[str, bytes] = {}
-    for pin in lock.boot:
-        boot.update(deb_extract(_fetch_pin(main, pin), [m for m in (ISOLINUX_BIN, LDLINUX_C32)
-                                                        if _owner(m) == pin.package]))
+    for i, pin in enumerate(lock.boot):
+        boot.update(deb_extract(_fetch_pin(main, pin, f"boot[{i}]"), [m for m in (ISOLINUX_BIN, LDLINUX_C32)
+                                                                      if _owner(m) == pin.package]))
     index = udeb_index(cfg, lock, cache, main)
+    verified = {o.filename for o in lock.overrides}
+    fetch_overrides(main, lock)
     packages = udeb_suite.rewrite_index(index, lock.override_fields(), [r.package for r in lock.removed])
     pins = {}
     for name, st in parse_packages(packages, source="installer suite").items():
         pins[f"debian/{st['Filename']}"] = Pin(st["SHA256"], int(st["Size"]))
         mod_abi = netboot.abi_of_module_udeb(name)
-        if all_udebs and (mod_abi is None or mod_abi == abi):
+        if all_udebs and (mod_abi is None or mod_abi == abi) and st["Filename"] not in verified:
             try:
                 main.fetch(st["Filename"], st["SHA256"], int(st["Size"]))
+                verified.add(st["Filename"])
             except FetchError as exc:
                 emitter.warning(f"udeb {name} not fetched: {exc}")
-    emitter.info(f"installer inputs verified: netboot {lock.netboot.version} (kernel {abi}), "
-                 f"{len(pins)} udebs in the suite, {len(lock.overrides)} overridden, {len(lock.removed)} removed")
+    n_verified = sum(1 for p in pins if p.removeprefix("debian/") in verified)
+    emitter.info(inputs_summary(lock, abi, len(pins), n_verified))
     return InstallerInputs(lock, kernel, initrd, boot[ISOLINUX_BIN], boot[LDLINUX_C32], packages, pins,
-                           main.inrelease_raw)
+                           main.inrelease_raw, n_verified)
 
 
 def _netboot_images(cfg: ImageConfig, lock: Lock, main: Archive, cache: ContentCache) -> tuple[Path, Path]:
@@ -143,18 +175,19 @@ def _netboot_images(cfg: ImageConfig, lock: Lock, main: Archive, cache: ContentC
     index = cache.root.parent / "extracted" / f"{lock.netboot.sha256}.json"
     try:
         known = json.loads(index.read_text())
-        kernel, initrd = cache.get(known["kernel"]), cache.get(known["initrd"])
-        if kernel is not None and initrd is not None:
-            return kernel, initrd
-    except (OSError, ValueError, KeyError):
+        if known.get("deb_size") == lock.netboot.size:  # else: the .deb is fetched, and its size checked
+            kernel, initrd = cache.get(known["kernel"]), cache.get(known["initrd"])
+            if kernel is not None and initrd is not None:
+                return kernel, initrd
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
         pass
-    deb = _fetch_pin(main, lock.netboot)
+    deb = _fetch_pin(main, lock.netboot, "netboot")
     members = netboot.image_members(cfg.debian.release, cfg.debian.arch)
     files = deb_extract(deb, [members["kernel"], members["initrd"]])
     shas = {k: hashlib.sha256(files[m]).hexdigest() for k, m in members.items()}
     kernel = cache.put(files[members["kernel"]], shas["kernel"])
     initrd = cache.put(files[members["initrd"]], shas["initrd"])
-    atomic_write(index, json.dumps(shas).encode())
+    atomic_write(index, json.dumps({**shas, "deb_size": deb.stat().st_size}).encode())
     return kernel, initrd
 
 

@@ -119,7 +119,7 @@ def test_offline_serves_saved_release_files(tmp_path, upstream):
     (root / "debian/dists/x").mkdir(parents=True)
     (root / "debian/dists/x/Release").write_bytes(b"Origin: test\n")
     cache = ContentCache(tmp_path / "blobs")
-    kw = dict(cache=cache, keyring=DEBIAN_KEYRING, fingerprints=(), state_dir=tmp_path / "gw")
+    kw = dict(cache=cache, keyring=DEBIAN_KEYRING, fingerprints=(), state_dir=tmp_path / "gw", backoff=0.01)
     with Gateway(upstreams={"debian": base + "/debian"}, **kw) as gw:
         assert get(f"http://127.0.0.1:{gw.port}/debian/dists/x/Release") == (200, b"Origin: test\n")
     with Gateway(upstreams={"debian": "http://127.0.0.1:9/debian"}, **kw) as gw:  # upstream unreachable

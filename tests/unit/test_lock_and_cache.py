@@ -16,7 +16,7 @@ def sample_lock() -> Lock:
         kernel_abi="6.12.94+deb13-amd64",
         udeb_index=IndexPin("stable", "Sat, 12 Sep 2026", "main/debian-installer/binary-amd64/Packages.xz",
                             "b" * 64, 5),
-        overrides=(UdebOverride("util-linux-udeb", "2.41.5-0+deb13u1", "2.41-5", "pool/u.udeb", "c" * 64, 3, "m",
+        overrides=(UdebOverride("util-linux-udeb", "2.41.5-0+deb13u1", "2.41-5", "pool/u.udeb", "c" * 64, 3, "e" * 32,
                                 "libc6-udeb", "not served"),),
         removed=(UdebRemoval("nic-modules-6.12.107+deb13-amd64-di", "6.12.107-1", "other ABI"),),
         boot=(FilePin("isolinux", "3:6.04", "pool/i.deb", "d" * 64, 7, "index:trixie"),),
