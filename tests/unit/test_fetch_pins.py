@@ -11,13 +11,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from builder.inputs import _netboot_images, fetch_overrides, inputs_summary, udeb_index
 from hostile_mirror import Answer, HostileMirror, hostile_mirror
 from test_lock_and_cache import sample_lock
 
 from builder.archive import Archive, ContentCache
 from builder.errors import LockError, VerificationError
 from builder.lock import Lock
+from builder.stages.fetch import _netboot_images, fetch_overrides, inputs_summary, udeb_index
 
 UDEB = b"an override udeb" * 64
 UDEB_PATH = "pool/main/u/util-linux/util-linux-udeb_2.41-5_amd64.udeb"

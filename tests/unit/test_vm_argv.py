@@ -8,6 +8,7 @@ import pytest
 
 from builder.errors import VmError
 from builder.vm import Drive, VmSpec, qemu_argv
+from builder.vm.guestnet import GuestService
 
 SOCK = Path("/run/b/vm.qmp")
 
@@ -26,6 +27,7 @@ def test_installer_spec_argv() -> None:
         serial_log=Path("/w/serial.log"),
         ssh_forward=10022,
         extra_forwards=((10080, 80),),
+        guest_services=(GuestService("10.0.2.100", 80, 40123),),
     )
     assert qemu_argv(spec, qmp_socket=SOCK) == [
         "qemu-system-x86_64",
@@ -43,10 +45,11 @@ def test_installer_spec_argv() -> None:
         "-chardev", "file,id=serial0,path=/w/serial.log",
         "-serial", "chardev:serial0",
         "-drive", "if=none,id=drive0,file=/w/disk.qcow2,format=qcow2,cache=writeback,discard=unmap,detect-zeroes=unmap",
-        "-device", "virtio-blk-pci,drive=drive0,bootindex=1",
+        "-device", "virtio-blk-pci,drive=drive0,bootindex=2",  # -kernel boots first (bootindex 0 is its)
         "-drive", "if=none,id=drive1,file=/w/installer.iso,format=raw,cache=writeback,readonly=on",
-        "-device", "ide-cd,drive=drive1,bus=ide.0,bootindex=0",
-        "-netdev", "user,id=net0,hostfwd=tcp:127.0.0.1:10022-:22,hostfwd=tcp:127.0.0.1:10080-:80",
+        "-device", "ide-cd,drive=drive1,bus=ide.0,bootindex=1",
+        "-netdev", "user,id=net0,hostfwd=tcp:127.0.0.1:10022-:22,hostfwd=tcp:127.0.0.1:10080-:80,"
+                   "guestfwd=tcp:10.0.2.100:80-cmd:socat STDIO TCP:127.0.0.1:40123",
         "-device", "virtio-net-pci,netdev=net0,romfile=",
         "-object", "rng-random,id=rng0,filename=/dev/urandom",
         "-device", "virtio-rng-pci,rng=rng0",

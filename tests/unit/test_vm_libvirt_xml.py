@@ -182,3 +182,16 @@ def test_libvirt_backend_without_libvirt_python(tmp_path: Path) -> None:
 def test_unknown_backend(tmp_path: Path) -> None:
     with pytest.raises(VmError, match="unknown VM backend"):
         open_machine(install_spec(), tmp_path, backend="xen")  # type: ignore[arg-type]
+
+
+def test_guest_services_pass_through_to_qemu() -> None:
+    """The libvirt backend gives the guest the same fixed gateway address as the QEMU one (guestfwd)."""
+    from builder.vm.guestnet import gateway_service
+
+    spec = VmSpec(name="p", memory_mib=1024, cpus=1, accel="tcg", ssh_forward=2222,
+                  guest_services=(gateway_service(40123),))
+    root = ET.fromstring(domain_xml(spec))
+    args = [a.get("value") for a in root.iter(f"{{{QEMU_NS}}}arg")]
+    netdev = args[args.index("-netdev") + 1]
+    assert netdev == ("user,id=hn0,hostfwd=tcp:127.0.0.1:2222-:22,"
+                      "guestfwd=tcp:10.0.2.100:80-cmd:socat STDIO TCP:127.0.0.1:40123")
