@@ -2,7 +2,7 @@
 
 The key lives in a private, temporary GNUPGHOME and dies with the build. Only that build's installer trusts
 it: its public part is appended to the Debian archive keyring that goes into the installer initrd as
-``/usr/share/keyrings/archive.gpg`` (see BUILD-HOST-FACTS.md: d-i only creates that file when it is absent).
+``/usr/share/keyrings/archive.gpg`` (d-i only creates that file when it is absent: see docs/trust-and-mirrors.md).
 
 The GNUPGHOME is named ``builder-gnupg-<pid>-…``: when a build is SIGKILLed, its home (private key and all)
 and its gpg-agent outlive it, and :func:`sweep_stale_homes` removes those of dead PIDs.

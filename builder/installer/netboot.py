@@ -1,7 +1,7 @@
 """Pure helpers for choosing a netboot installer whose kernel matches udebs the mirror really serves.
 
 The netboot images come from the ``debian-installer-<release>-netboot-<arch>`` package in the pool (the
-``dists/*/installer-*/images`` tree is unreliable on skewed mirrors, see BUILD-HOST-FACTS.md).
+``dists/*/installer-*/images`` tree is unreliable on skewed mirrors, see docs/trust-and-mirrors.md).
 """
 
 from __future__ import annotations
