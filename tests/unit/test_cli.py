@@ -51,3 +51,27 @@ def test_build_refuses_existing_output(repo, tmp_path):
     (tmp_path / "cloud-gpu-worker.qcow2").write_bytes(b"x")
     p = run("build", str(repo / "images/cloud-gpu-worker.yaml"), "--output", str(tmp_path))
     assert p.returncode == 1 and "--force" in p.stdout + p.stderr
+
+
+def test_build_names_every_missing_tool_before_fetching(repo, tmp_path):
+    """A host without qemu-img and socat learns both at once, with the packages, before anything is fetched."""
+    import os
+    import shutil
+
+    from builder.preflight import BUILD_TOOLS
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in [*BUILD_TOOLS, "python3"]:
+        found = shutil.which(tool)
+        if found and tool not in ("qemu-img", "socat"):
+            (bin_dir / tool).symlink_to(found)
+    cache = tmp_path / "cache"
+    env = dict(os.environ, PATH=str(bin_dir), BUILDER_CACHE_DIR=str(cache))
+    p = subprocess.run([sys.executable, "-m", "builder", "build", str(repo / "images/cloud-gpu-worker.yaml"),
+                        "--output", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=60)
+    assert p.returncode == 1, p.stderr
+    assert "required tool not found: qemu-img, socat" in p.stderr
+    assert "apt-get install qemu-utils socat" in p.stderr and "Traceback" not in p.stderr
+    assert not (cache / "work").exists() or not any((cache / "work").iterdir())
+    assert not (cache / "blobs").exists()  # nothing was fetched
