@@ -200,6 +200,13 @@ class LibvirtMachine:
             raise VmError(f"libvirt could not start VM {self.name}: {self._error(exc)}",
                           log_tail=self.stderr_tail()) from exc
         self.startup_seconds = time.monotonic() - t0
+        if self.spec.guest_services and self._spawn_denied():
+            self.close()
+            raise VmError(
+                f"libvirt runs VM {self.name}'s QEMU with -sandbox spawn=deny, so the guest cannot reach builder's "
+                "services (QEMU's guestfwd starts a relay per connection)",
+                hint="set seccomp_sandbox = 0 in the libvirt host's /etc/libvirt/qemu.conf and restart libvirtd "
+                     "(scripts/libvirtd.sh does for a local one), or use vm.backend: qemu")
 
     def is_running(self) -> bool:
         if self._dom is None:
@@ -296,6 +303,18 @@ class LibvirtMachine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _spawn_denied(self) -> bool:
+        """Whether this run's QEMU command line (libvirt's domain log, local hosts only) forbids spawning."""
+        log_path = self.domain_log()
+        if log_path is None:
+            return False
+        try:
+            text = log_path.read_text(errors="replace")
+        except OSError:
+            return False
+        run = text[text.rfind("starting up"):] if "starting up" in text else text
+        return "spawn=deny" in run
 
     def domain_log(self) -> Path | None:
         """libvirt's log of this domain's QEMU (command line and stderr), when it is on this machine."""
