@@ -264,7 +264,8 @@ class InstallerConfig(_Model):
 
 class ProvisionConfig(_Model):
     enabled: bool = True
-    playbook: Path = Path("../playbooks/cloud-gpu-worker.yml")
+    # Default: builder's own playbooks/cloud-gpu-worker.yml (the roles base and nvidia-gpu-drivers).
+    playbook: Path | None = None
     # Run after the playbook, also when provisioning is off: makes the machine an image (roles/finalize).
     # Default: builder's own playbooks/finalize.yml.
     finalize_playbook: Path | None = None
@@ -282,7 +283,16 @@ class ProvisionConfig(_Model):
 
 
 class OutputConfig(_Model):
-    dir: Path = Path("../build/{name}")
+    dir: Path = Path("../build/{name}")  # {name} is the image name; no other placeholder
+
+    @field_validator("dir")
+    @classmethod
+    def _placeholders(cls, v: Path) -> Path:
+        try:
+            str(v).format(name="x")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"only the placeholder {{name}} is known (write {{{{ and }}}} for braces): {v}") from exc
+        return v
 
 
 class ImageConfig(_Model):
@@ -320,6 +330,13 @@ class ImageConfig(_Model):
         dirs = [self.resolve(p) for p in self.provision.roles_path]
         own = builtin_dir("roles")
         return list(dict.fromkeys([*dirs, *([own] if own else [])]))
+
+    @property
+    def playbook(self) -> Path:
+        if self.provision.playbook is not None:
+            return self.resolve(self.provision.playbook)
+        own = builtin_dir("playbooks")
+        return (own or self.base_dir) / "cloud-gpu-worker.yml"
 
     @property
     def finalize_playbook(self) -> Path:
@@ -453,7 +470,7 @@ def from_dict(data: dict[str, Any], *, source: Path | None = None, host_defaults
     if not cfg.debian.security_mirror:
         problems.append(("debian.security_mirror", "no security mirror found; set debian.security_mirror"))
     if cfg.provision.enabled:
-        pb = cfg.resolve(cfg.provision.playbook)
+        pb = cfg.playbook
         if not pb.is_file():
             problems.append(("provision.playbook", f"file not found: {pb}"))
     fpb = cfg.finalize_playbook
@@ -472,17 +489,49 @@ def from_dict(data: dict[str, Any], *, source: Path | None = None, host_defaults
     return cfg
 
 
+MAX_CONFIG_BYTES = 1 << 20  # an image definition is a few KiB; anything near this is not one
+MAX_CONFIG_NODES = 100_000  # values after YAML aliases are expanded (an alias bomb stops here)
+
+
+def _check_expanded_size(data: Any, where: str) -> None:
+    """ConfigError when ``data`` (aliases expanded, as a consumer sees it) has more than MAX_CONFIG_NODES
+    values. Counting stops at the limit, so a billion-laughs document costs no more than that."""
+    count = 0
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_NODES:
+            raise ConfigError(f"{where}: more than {MAX_CONFIG_NODES} values once YAML aliases are expanded "
+                              "(an alias bomb?)")
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+
+
 def load_config(
     path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, host_defaults: bool = True
 ) -> ImageConfig:
     """Read an image definition from YAML, apply ``KEY.PATH=VALUE`` overrides, validate."""
     path = Path(path)
     try:
-        text = path.read_text()
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError as exc:
         raise ConfigError(f"image definition not found: {path}") from exc
+    except IsADirectoryError as exc:
+        raise ConfigError(f"{path} is a directory, not an image definition") from exc
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes; not an image definition")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} on line {line})") from exc
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -490,12 +539,15 @@ def load_config(
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"{path}: nested too deeply") from exc
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, not {type(data).__name__}")
     for key, value in parse_overrides(overrides).items():
         _set_path(data, key, value)
+    _check_expanded_size(data, str(path))
     return from_dict(data, source=path.resolve(), host_defaults=host_defaults)
 
 

@@ -137,7 +137,7 @@ def run(ctx: BuildContext, base: InstalledBase, *, provisioner: Provisioner | No
         emitter.info(f"SSH up after {facts['ssh_seconds']} s: " + " | ".join(facts["facts"]))
         if cfg.provision.enabled:
             facts["ansible"] = run_playbook_on(
-                guest, provisioner, cfg.resolve(cfg.provision.playbook),
+                guest, provisioner, cfg.playbook,
                 roles_path=cfg.roles_dirs,
                 extra_vars=dict(cfg.provision.extra_vars), workdir=wd, emitter=emitter, during="provisioning")
         else:
