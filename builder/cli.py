@@ -72,7 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--allow-remote", action="store_true",
                     help="allow a --listen address other than loopback (the gateway has no authentication)")
     sp = sub.add_parser("clean", help="remove work directories and cached installed disks (never a live build's)")
-    sp.add_argument("--all", action="store_true", help="also the content cache of downloads")
+    sp.add_argument("image", nargs="?", type=Path,
+                    help="only this image definition's work directories and installed disks")
+    sp.add_argument("--all", action="store_true", help="also the content cache of downloads (not with IMAGE)")
     return p
 
 
@@ -194,7 +196,10 @@ def _dispatch(args: argparse.Namespace, console: Any) -> int:
     if args.verb == "clean":
         from .pipeline import clean
 
-        for line in clean(all_downloads=args.all):
+        name = load_config(args.image).name if args.image else None
+        if name and args.all:
+            raise ConfigError("clean IMAGE --all: the download cache is shared by every image; drop IMAGE or --all")
+        for line in clean(all_downloads=args.all, image=name):
             _say(console, line)
         return EXIT_OK
     cfg = load_config(args.image, args.var)

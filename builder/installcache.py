@@ -92,8 +92,17 @@ class InstalledDiskCache:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
+    @staticmethod
+    def image_of(entry: Path) -> str | None:
+        """The image name a cache entry was made for (None when unknown)."""
+        try:
+            name = json.loads((entry / "meta.json").read_text()).get("image")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return name if isinstance(name, str) else None
+
     def store(self, key: str, disk: Path, client_key: KeyPair, host_key: KeyPair, *,
-              direct_boot: DirectBoot | None = None) -> Path:
+              direct_boot: DirectBoot | None = None, image: str | None = None) -> Path:
         """Move ``disk`` into the cache (same filesystem: a rename) with its keys (and, for a disk booted
         directly, copies of its kernel and initrd); return the cached path."""
         d = self.root / key
@@ -106,6 +115,8 @@ class InstalledDiskCache:
         (tmp / "disk.qcow2").chmod(0o444)
         meta: dict[str, Any] = {"client_pub": client_key.public_openssh, "host_pub": host_key.public_openssh,
                                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if image is not None:
+            meta["image"] = image
         if direct_boot is not None:
             shutil.copyfile(direct_boot.kernel, tmp / "kernel")
             shutil.copyfile(direct_boot.initrd, tmp / "initrd")

@@ -25,6 +25,7 @@ from .diagnostics import Diagnostics, bundle_path
 from .errors import BuilderError
 from .events import Emitter, Event
 from .gateway.signing import sweep_stale_homes
+from .installcache import InstalledDiskCache
 from .stages import fetch, finalize, install, media, provision, publish
 from .stages.media import write_iso
 from .stages.publish import BuildResult
@@ -170,11 +171,13 @@ def live_builds(base: Path | None = None) -> list[Path]:
     return [d for d in base.glob("*-pid*-*") if d.is_dir() and _owner_alive(d)] if base.is_dir() else []
 
 
-def clean(*, all_downloads: bool = False) -> list[str]:
+def clean(*, all_downloads: bool = False, image: str | None = None) -> list[str]:
     """Remove work directories and cached installed disks (and with ``all_downloads`` the content cache), but
-    nothing a live build uses. Returns what was done, one line each."""
+    nothing a live build uses; with ``image`` only that image's. Returns what was done, one line each."""
     base = cache_base()
     live = live_builds(base / "work")
+    if image is not None:
+        live = [d for d in live if d.name.startswith(f"{image}-pid")]
     in_use: set[Path] = set()
     for d in live:
         with contextlib.suppress(OSError):
@@ -184,12 +187,16 @@ def clean(*, all_downloads: bool = False) -> list[str]:
     work = base / "work"
     if work.is_dir():
         for d in work.iterdir():
+            if image is not None and not d.name.startswith(f"{image}-pid"):
+                continue
             if d not in live:
                 shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink(missing_ok=True)
                 lines.append(f"removed {d}")
     installed = base / "installed"
     if installed.is_dir():
         for d in installed.iterdir():
+            if image is not None and InstalledDiskCache.image_of(d) != image:
+                continue
             if d in in_use:
                 lines.append(f"skipped {d} (the base disk of a running build)")
             else:

@@ -139,5 +139,5 @@ def run(ctx: BuildContext, media: Media) -> InstalledBase:
     facts = {"cached": False, "key": media.install_key, "seconds": round(res.seconds, 1), "udebs": res.udebs,
              "packages": res.packages, "milestones": list(res.milestones), "gateway": services.gateway.stats.as_dict()}
     ctx.manifest["install"] = facts
-    base = ctx.disks.store(media.install_key, disk, media.client_key, media.host_key)
+    base = ctx.disks.store(media.install_key, disk, media.client_key, media.host_key, image=cfg.name)
     return InstalledBase(base, media.client_key, media.host_key, False, facts)

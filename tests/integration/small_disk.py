@@ -87,4 +87,4 @@ def seed_installed_cache(cfg: ImageConfig, work: Path) -> Path:
     inputs = fetch_inputs(cfg, ContentCache(), FetchStats(), Emitter())
     key = media.render(cfg, inputs, log_port=1).install_key
     disk, boot = make_small_disk(work, cfg.installer.build_user, client, host)
-    return InstalledDiskCache().store(key, disk, client, host, direct_boot=boot)
+    return InstalledDiskCache().store(key, disk, client, host, direct_boot=boot, image=cfg.name)

@@ -102,3 +102,19 @@ def test_clean_spares_a_live_build_and_its_base(tmp_path, monkeypatch):
     assert any(line.startswith("skipped") and str(os.getpid()) in line for line in lines)
     assert any("base disk of a running build" in line for line in lines)
     assert "skipped the download cache (a build is running)" in lines
+
+
+def test_clean_one_image_only(tmp_path, monkeypatch):
+    import json
+
+    from builder.pipeline import clean
+
+    monkeypatch.setenv("BUILDER_CACHE_DIR", str(tmp_path))
+    mine, other = tmp_path / "work" / "a-pid999999999-x", tmp_path / "work" / "b-pid999999999-y"
+    disk_a, disk_b = tmp_path / "installed" / "ka", tmp_path / "installed" / "kb"
+    for d in (mine, other, disk_a, disk_b):
+        d.mkdir(parents=True)
+    (disk_a / "meta.json").write_text(json.dumps({"image": "a"}))
+    (disk_b / "meta.json").write_text(json.dumps({"image": "b"}))
+    clean(image="a")
+    assert not mine.exists() and not disk_a.exists() and other.exists() and disk_b.exists()
