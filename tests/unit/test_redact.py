@@ -10,6 +10,7 @@ prints line by line (log-output, in-target) becomes one syslog record per line, 
 """
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -71,7 +72,8 @@ def test_record_cut_inside_the_block(pem, cut):
     out = redact_private_keys(text)
     assert_no_key_material(out, pem)
     assert out.startswith("<13>Dec  1 11:59:59 preseed: running preseed command preseed/early_command: true\n")
-    assert out.endswith(TRUNCATED)  # the rest of the text may still hold key lines: withheld
+    # the rest of the cut record goes; the installer's later lines stay readable
+    assert out.endswith(f"{TRUNCATED}\n<13>Dec  1 12:00:01 builder: BUILDER late_command step authorized-keys\n")
 
 
 def test_prefixed_lines_with_end(pem):
@@ -89,7 +91,7 @@ def test_prefixed_lines_cut_before_end(pem, keep):
     text = "<13>Dec  1 11:59:59 in-target: before\n" + "\n".join(lines) + "\n"
     out = redact_private_keys(text)
     assert_no_key_material(out, pem)
-    assert out == f"<13>Dec  1 11:59:59 in-target: before\n{PREFIX.format(i=0)}{TRUNCATED}"
+    assert out == f"<13>Dec  1 11:59:59 in-target: before\n{PREFIX.format(i=0)}{TRUNCATED}\n"
 
 
 def test_json_escaped_newlines(pem):
@@ -112,7 +114,7 @@ def test_other_private_key_kinds(label):
 
 def test_an_end_of_another_kind_does_not_close_the_block():
     text = "-----BEGIN RSA PRIVATE KEY-----\nSECRETSECRETSECRET\n-----END OPENSSH PRIVATE KEY-----\ntail\n"
-    assert redact_private_keys(text) == TRUNCATED
+    assert redact_private_keys(text) == TRUNCATED + "\n-----END OPENSSH PRIVATE KEY-----\ntail\n"
 
 
 def test_two_blocks_and_a_cut_one(pem):
@@ -152,4 +154,30 @@ def test_idempotent(pem):
 
 def test_large_log_without_an_end_is_fast(pem):
     text = late_command_record(pem, cut=70) + "\n" + ("<13>Dec  1 12:00:00 anna[1]: retrieving x\n" * 200_000)
-    assert redact_private_keys(text).endswith(TRUNCATED)
+    out = redact_private_keys(text)
+    assert TRUNCATED in out and out.endswith("retrieving x\n") and out.count("\n") == 200_001
+
+
+@pytest.mark.parametrize("cut", [200, 400, 1024, None])
+def test_the_real_preseeds_late_command_as_d_i_logs_it(cut):
+    """The late_command of the rendered default preseed, logged the way d-i's preseed does it (one record,
+    continuation lines joined) and cut where busybox syslogd cuts records (1024 bytes) or earlier."""
+    from builder.config import load_config
+    from builder.installer.preseed import _logical_lines, render_preseed
+    from builder.stages.media import preseed_context
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "images/cloud-gpu-worker.yaml")
+    client, host = generate_keypair("c"), generate_keypair("h")
+    text = render_preseed(preseed_context(cfg, client, host))
+    late = next(line for _, line in _logical_lines(text) if line.startswith("d-i preseed/late_command"))
+    record = "<13>Dec  1 22:58:08 preseed: running preseed command preseed/late_command: " + late.split(None, 3)[3]
+    if cut is not None:
+        record = record[:cut]
+    log = (record + "\n<13>Dec  1 22:58:08 builder: BUILDER late_command started\n"
+           "<13>Dec  1 22:58:14 builder: BUILDER late_command failed at step sudo\n")
+    out = redact_private_keys(log)
+    assert_no_key_material(out, host.private_openssh)
+    assert out.endswith("BUILDER late_command started\n<13>Dec  1 22:58:14 builder: BUILDER late_command failed "
+                        "at step sudo\n")
+    # the preseed file itself (one echo per key line) loses the key too
+    assert_no_key_material(redact_private_keys(text), host.private_openssh)
