@@ -43,7 +43,8 @@ class Emitter:
     def emit(self, ev: Event) -> None:
         level = logging.WARNING if ev.kind == "warning" else logging.DEBUG if ev.kind == "progress" else logging.INFO
         if ev.kind != "progress" or ev.message:
-            log.log(level, "[%s] %s%s", ev.stage, ev.kind + ": " if ev.kind.startswith("stage") else "", ev.message)
+            where = f"[{ev.stage}] " if ev.stage else ""
+            log.log(level, "%s%s%s", where, ev.kind + ": " if ev.kind.startswith("stage") else "", ev.message)
         if self._cb is not None:
             try:
                 self._cb(ev)
