@@ -107,3 +107,12 @@ def test_hostapt_root(tmp_path):
         "Types: deb\nURIs: http://s.invalid/debian-security\nSuites: trixie-security\nComponents: main\n")
     (tmp_path / "etc/apt/sources.list.d/other.list.disabled").write_text("deb http://x.invalid/debian sid main\n")
     assert debian_mirrors(tmp_path) == ("http://m.invalid/debian", "http://s.invalid/debian-security")
+
+
+def test_configuration_doc_is_generated_and_complete(repo):
+    from builder.configdoc import MEANING, render, rows
+
+    missing = [p for p, _, _, m in rows() if not m]
+    assert not missing, f"keys without a meaning in builder/configdoc.py: {missing}"
+    assert set(MEANING) == {p for p, *_ in rows()}, "MEANING names keys that do not exist"
+    assert (repo / "docs/configuration.md").read_text() == render(), "run: python -m builder.configdoc > docs/configuration.md"
