@@ -115,4 +115,5 @@ def test_configuration_doc_is_generated_and_complete(repo):
     missing = [p for p, _, _, m in rows() if not m]
     assert not missing, f"keys without a meaning in builder/configdoc.py: {missing}"
     assert set(MEANING) == {p for p, *_ in rows()}, "MEANING names keys that do not exist"
-    assert (repo / "docs/configuration.md").read_text() == render(), "run: python -m builder.configdoc > docs/configuration.md"
+    assert (repo / "docs/configuration.md").read_text() == render(), \
+        "run: python -m builder.configdoc > docs/configuration.md"
