@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"builder {__version__}")
     p.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
     p.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors")
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="json: one JSON object per line on stderr, every build event included (docs/log-format.md)")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     def image_cmd(name: str, help: str) -> argparse.ArgumentParser:
@@ -78,28 +80,54 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _setup_logging(debug: bool, quiet: bool) -> Any:
+_JSON: Any = None  # the JsonLines writer with --log-format json
+
+
+def _setup_logging(debug: bool, quiet: bool, log_format: str = "text") -> Any:
     """The stderr console, and logging through it. Nothing printed is ever read as Rich markup or emoji codes,
     and nothing is wrapped: messages, hints, log tails, paths and URLs come out as they were written."""
+    global _JSON
     from rich.console import Console
 
     console = Console(stderr=True, markup=False, emoji=False, highlight=False, soft_wrap=True)
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
     handler: logging.Handler
-    if console.is_terminal:
+    _JSON = None
+    if log_format == "json":
+        from .logformat import JsonLines, JsonLogHandler
+
+        _JSON = JsonLines()
+        handler = JsonLogHandler(_JSON)
+    elif console.is_terminal:
         from rich.logging import RichHandler
 
         handler = RichHandler(console=console, show_path=False, rich_tracebacks=debug, markup=False,
                               show_time=True, omit_repeated_times=False, log_time_format="[%X]")
         handler.setFormatter(logging.Formatter("%(message)s"))
-    else:  # a pipe or a file (CI): plain lines, never folded to 80 columns
+    else:  # a pipe or a file (CI): plain lines, never folded to 80 columns, each with its time
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("[%(asctime)s] %(levelname)-7s %(message)s", datefmt="%H:%M:%S"))
+        handler.setFormatter(_PlainFormatter())
     handler.addFilter(_RedactKeys())
     logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
     logging.getLogger("builder").setLevel(level)
     logging.getLogger("paramiko").setLevel(logging.WARNING if debug else logging.CRITICAL)
     return console
+
+
+class _PlainFormatter(logging.Formatter):
+    """``[HH:MM:SS] LEVEL   message``; a message of several lines becomes several such lines (no line of the log
+    is a bare continuation, so every line can be grepped and has its time)."""
+
+    def __init__(self) -> None:
+        super().__init__("[%(asctime)s] %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        head, _, rest = text.partition("\n")
+        if not rest:
+            return head
+        stamp = f"[{self.formatTime(record, self.datefmt)}] {record.levelname:<7} "
+        return "\n".join([head, *(stamp + ln for ln in rest.split("\n"))])
 
 
 class _RedactKeys(logging.Filter):
@@ -117,6 +145,15 @@ def _say(console: Any, text: str, style: str | None = None, *, prefix: str = "")
     from rich.text import Text
 
     text = redact_private_keys(text)
+    if _JSON is None and not console.is_terminal:  # plain log lines, each with its time
+        level = logging.ERROR if style and "red" in style else logging.INFO
+        for line in (prefix + text).split("\n"):
+            logging.getLogger("builder.cli").log(level, line)
+        return
+    if _JSON is not None:
+        _JSON.write({"type": "log", "level": "ERROR" if style and "red" in style else "INFO",
+                     "logger": "builder.cli", "message": prefix + text})
+        return
     console.print(Text.assemble((prefix, style or ""), text) if prefix else Text(text, style=style or ""))
 
 
@@ -132,7 +169,7 @@ class _Progress:
         self.tasks: dict[str, Any] = {}
 
     def __enter__(self) -> _Progress:
-        if self.console.is_terminal:  # elsewhere a live display only leaves an empty line behind
+        if self.console.is_terminal and _JSON is None:  # elsewhere a live display only leaves an empty line behind
             self.progress.start()
         return self
 
@@ -140,6 +177,9 @@ class _Progress:
         self.progress.stop()
 
     def __call__(self, ev: Any) -> None:
+        if _JSON is not None:
+            _JSON.event(ev)
+            return
         if ev.kind != "progress" or ev.data.get("unit") != "bytes":
             return
         label = Path(ev.message).name or ev.message
@@ -163,24 +203,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         if threading.current_thread() is threading.main_thread():
             previous_sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
-        console = _setup_logging(args.debug, args.quiet)
-        return _dispatch(args, console)
+        console = _setup_logging(args.debug, args.quiet, args.log_format)
+        return _result(_dispatch(args, console))
     except KeyboardInterrupt:
         _interrupted(console)
-        return EXIT_INTERRUPTED
+        return _result(EXIT_INTERRUPTED, {"type": "interrupted", "message": "interrupted"})
     except BuilderError as exc:
-        if args.debug:
+        if args.debug and _JSON is None:
             console.print_exception()
-        _say(console, exc.describe(), "bold red", prefix="error: ")
-        return exc.exit_code
-    except Exception:
+        if _JSON is None:
+            _say(console, exc.describe(), "bold red", prefix="error: ")
+        return _result(exc.exit_code, {
+            "type": type(exc).__name__, "message": redact_private_keys(exc.message), "stage": exc.stage,
+            "hint": exc.hint, "log_tail": [redact_private_keys(ln) for ln in exc.log_tail]})
+    except Exception as exc:
         if console is None or args.debug:
             raise
         _say(console, " (run with --debug for the traceback)", "bold red", prefix="internal error")
-        return EXIT_FAILED
+        return _result(EXIT_FAILED, {"type": "internal", "message": f"{type(exc).__name__}: {exc}"})
     finally:
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _result(code: int, error: dict[str, Any] | None = None) -> int:
+    """With --log-format json: the last line, the exit code and the error (if any)."""
+    if _JSON is not None:
+        _JSON.result(code, error)
+    return code
 
 
 def _interrupted(console: Any) -> None:

@@ -90,7 +90,7 @@ def test_clean_and_log_lines_are_verbatim():
     p = run_script("""
         import builder.cli as cli, builder.pipeline as pipeline, logging
 
-        def clean(all_downloads=False):
+        def clean(all_downloads=False, image=None):
             logging.getLogger("builder.test").warning("mirror said [/x] and [none]")
             return ["removed /tmp/[red]x[/red]", "removed /tmp/[/b]"]
 
@@ -150,7 +150,7 @@ def test_private_keys_in_a_log_record_are_not_printed():
         pem = generate_keypair("h").private_openssh
         print(pem.splitlines()[1])
 
-        def clean(all_downloads=False):
+        def clean(all_downloads=False, image=None):
             logging.getLogger("builder.test").warning("ansible said: %s", pem)
             return []
 

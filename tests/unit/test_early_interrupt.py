@@ -12,6 +12,7 @@ builder's package begins importing so the timed sweep starts from there.
 """
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -62,6 +63,11 @@ def spawn(env, *args, **kw):
                             stderr=subprocess.PIPE, text=True, **kw)
 
 
+def plain(text: str) -> str:
+    """Output without the ``[HH:MM:SS] LEVEL`` of plain (non-terminal) log lines."""
+    return re.sub(r"(?m)^\[\d\d:\d\d:\d\d\] [A-Z]+ +", "", text)
+
+
 def finish(p, timeout=30):
     try:
         out, err = p.communicate(timeout=timeout)
@@ -69,7 +75,7 @@ def finish(p, timeout=30):
         p.kill()
         out, err = p.communicate()
         pytest.fail(f"still running after {timeout} s: {err}")
-    return p.returncode, out, err.replace("@started\n", "")
+    return p.returncode, out, plain(err.replace("@started\n", ""))
 
 
 # modules imported, in this order, by builder/__init__.py (errors, config → yaml, pydantic), __main__.py (cli →

@@ -11,6 +11,7 @@ test binds anything but 127.0.0.1.
 import functools
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -291,7 +292,7 @@ def run(*args):
 def test_verb_rejects_bad_listen_with_one_line(image, listen, why):
     p = run("gateway", str(image), "--listen", listen)
     assert p.returncode == 2, p.stderr
-    lines = p.stderr.splitlines()
+    lines = plain(p.stderr).splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: --listen {listen.strip()}") and why in lines[0]
     assert p.stdout == ""
 
@@ -328,7 +329,7 @@ def test_verb_serves_until_signalled(tmp_path, image, sig, code):
             p.communicate()
     assert p.returncode == code, err
     assert "Traceback" not in err and out == ""
-    assert err.rstrip().splitlines()[-1] == ("interrupted" if sig == signal.SIGINT else
+    assert plain(err).rstrip().splitlines()[-1] == ("interrupted" if sig == signal.SIGINT else
                                              "gateway stopped (1 request served)")
     assert "gateway ready: " + main in err
 
@@ -353,4 +354,9 @@ def test_verb_sigterm_while_still_starting_is_an_interrupt(tmp_path, image):
             p.kill()
             p.communicate()
     assert out == ""
-    assert p.returncode == 130 and err.rstrip().splitlines()[-1] == "interrupted" and "Traceback" not in err
+    assert p.returncode == 130 and plain(err).rstrip().splitlines()[-1] == "interrupted" and "Traceback" not in err
+
+
+def plain(text: str) -> str:
+    """Output without the ``[HH:MM:SS] LEVEL`` of plain (non-terminal) log lines."""
+    return re.sub(r"(?m)^\[\d\d:\d\d:\d\d\] [A-Z]+ +", "", text)
