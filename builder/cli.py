@@ -44,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     def image_cmd(name: str, help: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
         sp.add_argument("image", type=Path, help="image definition (YAML), e.g. images/cloud-gpu-worker.yaml")
+        sp.add_argument("--var-file", action="append", default=[], type=Path, metavar="FILE.yaml",
+                        help="YAML of the image definition's shape merged over it (repeatable, in order; "
+                             "before every --var)")
         sp.add_argument("--var", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="override a config value (repeatable), e.g. --var disk.size=40G")
         return sp
@@ -252,7 +255,7 @@ def _dispatch(args: argparse.Namespace, console: Any) -> int:
         for line in clean(all_downloads=args.all, image=name):
             _say(console, line)
         return EXIT_OK
-    cfg = load_config(args.image, args.var)
+    cfg = load_config(args.image, args.var, var_files=args.var_file)
     if args.verb == "validate":
         _say(console, f"{args.image}: ok ({cfg.name}, Debian {cfg.debian.release} {cfg.debian.suite}, "
                       f"disk {cfg.disk.size >> 30}G)")

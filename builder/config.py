@@ -511,22 +511,25 @@ def _check_expanded_size(data: Any, where: str) -> None:
             stack.extend(item)
 
 
-def load_config(
-    path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, host_defaults: bool = True
-) -> ImageConfig:
-    """Read an image definition from YAML, apply ``KEY.PATH=VALUE`` overrides, validate."""
-    path = Path(path)
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
     try:
         with path.open("rb") as f:
             raw = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError as exc:
-        raise ConfigError(f"image definition not found: {path}") from exc
+        raise ConfigError(f"{what} not found: {path}") from exc
     except IsADirectoryError as exc:
-        raise ConfigError(f"{path} is a directory, not an image definition") from exc
+        raise ConfigError(f"{path} is a directory, not {what}") from exc
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
     if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes; not an image definition")
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes; not {what}")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -545,6 +548,20 @@ def load_config(
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, not {type(data).__name__}")
+    _check_expanded_size(data, str(path))
+    return data
+
+
+def load_config(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, host_defaults: bool = True,
+    var_files: list[Path] | tuple[Path, ...] = (),
+) -> ImageConfig:
+    """Read an image definition from YAML, merge ``var_files`` over it (YAML of the same shape, in order), apply
+    ``KEY.PATH=VALUE`` overrides (last), validate."""
+    path = Path(path)
+    data = _read_yaml_mapping(path, "image definition")
+    for vf in var_files:
+        data = _deep_merge(data, _read_yaml_mapping(Path(vf), "var file"))
     for key, value in parse_overrides(overrides).items():
         _set_path(data, key, value)
     _check_expanded_size(data, str(path))

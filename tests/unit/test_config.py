@@ -117,3 +117,21 @@ def test_configuration_doc_is_generated_and_complete(repo):
     assert set(MEANING) == {p for p, *_ in rows()}, "MEANING names keys that do not exist"
     assert (repo / "docs/configuration.md").read_text() == render(), \
         "run: python -m builder.configdoc > docs/configuration.md"
+
+
+def test_var_file_precedence(tmp_path, repo):
+    """image < --var-file (in order) < --var, as Packer orders -var-file and -var."""
+    a = tmp_path / "a.yaml"
+    a.write_text("disk: {size: 40G}\nvm: {cpus: 4}\nprovision: {extra_vars: {nvidia_driver_flavor: open}}\n")
+    b = tmp_path / "b.yaml"
+    b.write_text("vm: {cpus: 6}\n")
+    cfg = load_config(repo / "images/cloud-gpu-worker.yaml", ["vm.cpus=8"], var_files=[a, b])
+    assert cfg.disk.size == 40 << 30 and cfg.vm.cpus == 8
+    assert cfg.provision.extra_vars["nvidia_driver_flavor"] == "open"
+    assert cfg.provision.extra_vars["nvidia_install_cuda"] is False  # merged, not replaced
+    assert load_config(repo / "images/cloud-gpu-worker.yaml", var_files=[a, b]).vm.cpus == 6
+    with pytest.raises(ConfigError, match="var file not found"):
+        load_config(repo / "images/cloud-gpu-worker.yaml", var_files=[tmp_path / "nope.yaml"])
+    (tmp_path / "bad.yaml").write_text("- a list\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(repo / "images/cloud-gpu-worker.yaml", var_files=[tmp_path / "bad.yaml"])
