@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
 
     image_cmd("validate", "check an image definition and report every problem")
     image_cmd("show-config", "print the effective configuration (defaults and overrides applied)")
+    image_cmd("inspect", "what a build would do: variables and their sources, stages, roles, pinned inputs, and "
+                         "what it would reuse from the caches (no network)")
     sp = image_cmd("lock", "resolve and pin every installer input into IMAGE.lock.json")
     sp.add_argument("--check", action="store_true", help="only report whether the existing lock still resolves")
     sp = image_cmd("fetch", "download and verify every installer input into the cache")
@@ -259,6 +261,11 @@ def _dispatch(args: argparse.Namespace, console: Any) -> int:
     if args.verb == "validate":
         _say(console, f"{args.image}: ok ({cfg.name}, Debian {cfg.debian.release} {cfg.debian.suite}, "
                       f"disk {cfg.disk.size >> 30}G)")
+        return EXIT_OK
+    if args.verb == "inspect":
+        from .inspect import inspect
+
+        sys.stdout.write(inspect(args.image, args.var, var_files=args.var_file).text())
         return EXIT_OK
     if args.verb == "show-config":
         sys.stdout.write(dump_config(cfg))

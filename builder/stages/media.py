@@ -20,6 +20,7 @@ from ..installcache import install_key
 from ..installer.cpio import append_to_initrd
 from ..installer.iso import build_iso
 from ..installer.preseed import PreseedContext, check_preseed_syntax, installer_cmdline, render_preseed
+from ..lock import Lock
 from ..services import UDEB_SUITE
 from ..ssh import KeyPair, generate_keypair
 from ..vm import guestnet
@@ -48,11 +49,11 @@ def preseed_context(cfg: ImageConfig, client: KeyPair, host: KeyPair) -> Preseed
     )
 
 
-def disk_key(cfg: ImageConfig, inputs: InstallerInputs, preseed: str, client: KeyPair, host: KeyPair) -> str:
+def disk_key(cfg: ImageConfig, lock: Lock, preseed: str, client: KeyPair, host: KeyPair) -> str:
     """The installed-disk cache key: the rendered preseed and command line (keys and syslog port masked), the
     lock, and the settings that shape the disk outside the preseed."""
     cmdline = installer_cmdline(cfg, log_port=1, extra=INSTALLER_EXTRA_ARGS)
-    return install_key(preseed=preseed, cmdline=cmdline, lock=inputs.lock,
+    return install_key(preseed=preseed, cmdline=cmdline, lock=lock,
                        secrets=(client.private_openssh, client.public_openssh, host.private_openssh,
                                 host.public_openssh),
                        settings={"disk_size": cfg.disk.size, "firmware": cfg.vm.firmware, "machine": INSTALL_MACHINE})
@@ -65,7 +66,7 @@ def render(cfg: ImageConfig, inputs: InstallerInputs, *, log_port: int) -> Media
     preseed = render_preseed(preseed_context(cfg, client, host))
     check_preseed_syntax(preseed)
     cmdline = installer_cmdline(cfg, log_port=log_port, extra=INSTALLER_EXTRA_ARGS)
-    return Media(preseed, cmdline, disk_key(cfg, inputs, preseed, client, host), client, host)
+    return Media(preseed, cmdline, disk_key(cfg, inputs.lock, preseed, client, host), client, host)
 
 
 def make_iso(cfg: ImageConfig, inputs: InstallerInputs, media: Media, key: EphemeralKey, target: Path) -> Path:
