@@ -78,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="IPv4 address and port (default 127.0.0.1, any free port)")
     sp.add_argument("--allow-remote", action="store_true",
                     help="allow a --listen address other than loopback (the gateway has no authentication)")
+    sp = sub.add_parser("completion", help="print a shell completion script (bash or zsh)")
+    sp.add_argument("shell", choices=("bash", "zsh"))
     sp = sub.add_parser("clean", help="remove work directories and cached installed disks (never a live build's)")
     sp.add_argument("image", nargs="?", type=Path,
                     help="only this image definition's work directories and installed disks")
@@ -248,6 +250,11 @@ def _interrupted(console: Any) -> None:
 def _dispatch(args: argparse.Namespace, console: Any) -> int:
     from .config import dump_config, load_config
 
+    if args.verb == "completion":
+        from .completion import bash_script, zsh_script
+
+        sys.stdout.write((bash_script if args.shell == "bash" else zsh_script)(_parser()))
+        return EXIT_OK
     if args.verb == "clean":
         from .pipeline import clean
 
