@@ -145,7 +145,7 @@ def test_provision_error_without_task_events():
 # ---------------------------------------------------------------------------------------- roles' shape
 
 
-@pytest.mark.parametrize("role", ["nvidia-gpu-drivers", "base"])
+@pytest.mark.parametrize("role", ["nvidia-gpu-drivers", "base", "finalize"])
 def test_readme_documents_every_default(role):
     d = ROOT / "roles" / role
     defaults = yaml.safe_load((d / "defaults/main.yml").read_text())
@@ -158,3 +158,17 @@ def test_roles_and_playbook_parse():
     for f in [*(ROOT / "roles").rglob("*.yml"), ROOT / "playbooks/cloud-gpu-worker.yml"]:
         yaml.safe_load(f.read_text())
 
+
+
+@pytest.mark.parametrize("role", ["nvidia-gpu-drivers", "base", "finalize"])
+def test_argument_specs_cover_every_default(role):
+    """Ansible validates the role's variables against meta/argument_specs.yml: it must know every one."""
+    d = ROOT / "roles" / role
+    defaults = yaml.safe_load((d / "defaults/main.yml").read_text())
+    spec = yaml.safe_load((d / "meta/argument_specs.yml").read_text())["argument_specs"]["main"]["options"]
+    assert set(spec) == set(defaults)
+    for name, opt in spec.items():
+        assert opt.get("type") in ("str", "bool", "int", "list", "path", "dict"), name
+        assert opt.get("description"), name
+        if "default" in opt and "{{" not in str(defaults[name]):
+            assert opt["default"] == defaults[name], name
