@@ -61,7 +61,7 @@ def build(cfg: ImageConfig, *, on_event: Callable[[Event], None] | Emitter | Non
         with emitter.stage("media"):
             installer = media.run(ctx, inputs)
         with emitter.stage("install"):
-            base = install.run(ctx, installer)
+            base = install.run(ctx, installer, inputs)
         workdir.record_base(base.disk)
         with emitter.stage("provision"):
             guest = provision.run(ctx, base)

@@ -25,7 +25,8 @@ from ..vm import Machine, open_machine
 from ..vm.guestnet import gateway_service
 from ..vm.logs import read_text, tail_lines
 from ..vm.spec import Drive, VmSpec
-from .media import INSTALL_MACHINE, Media
+from .fetch import InstallerInputs
+from .media import INSTALL_MACHINE, Media, make_iso
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def run_install(spec: VmSpec, *, workdir: Path, tracker: InstallTracker, listene
                          spec.serial_log)  # type: ignore[arg-type]
 
 
-def run(ctx: BuildContext, media: Media) -> InstalledBase:
+def run(ctx: BuildContext, media: Media, inputs: InstallerInputs) -> InstalledBase:
     """The stage: the cached installed disk for ``media.install_key``, or a fresh install (then cached)."""
     cfg, emitter = ctx.config, ctx.emitter
     cached = ctx.disks.lookup(media.install_key) if ctx.options.use_cache else None
@@ -126,11 +127,13 @@ def run(ctx: BuildContext, media: Media) -> InstalledBase:
         facts = {"cached": True, "created": cached.created, "key": media.install_key}
         ctx.manifest["install"] = facts
         return InstalledBase(cached.disk, cached.client_key, cached.host_key, True, facts, cached.direct_boot)
-    assert ctx.services is not None and media.iso is not None
+    assert ctx.services is not None
+    # no ISO yet when the media stage found the disk cached and it went away since (``clean``, another build)
+    iso = media.iso or make_iso(cfg, inputs, media, ctx.services.signing_key, ctx.workdir / "installer.iso")
     services = ctx.services
     disk = ctx.workdir / "installed.qcow2"
     image.create(disk, cfg.disk.size)
-    spec = install_spec(name=f"{cfg.name}-install", iso=media.iso, disk=disk, accel=ctx.accel, cpus=cfg.vm.cpus,
+    spec = install_spec(name=f"{cfg.name}-install", iso=iso, disk=disk, accel=ctx.accel, cpus=cfg.vm.cpus,
                         memory=cfg.vm.memory, workdir=ctx.workdir, gateway_port=services.gateway.port)
     with ctx.machine(spec) as vm:
         res = run_install(spec, workdir=ctx.workdir, tracker=services.tracker, listener=services.syslog,

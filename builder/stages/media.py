@@ -87,8 +87,11 @@ def run(ctx: BuildContext, inputs: InstallerInputs) -> Media:
     assert ctx.services is not None
     media = render(ctx.config, inputs, log_port=ctx.services.syslog.port)
     (ctx.workdir / "preseed.cfg").write_text(media.preseed)
-    iso = make_iso(ctx.config, inputs, media, ctx.services.signing_key, ctx.workdir / "installer.iso")
     ctx.manifest["install_key"] = media.install_key
+    if ctx.options.use_cache and ctx.disks.lookup(media.install_key) is not None:
+        ctx.emitter.info("no installer ISO needed: the installed disk for this preseed is cached")
+        return media
+    iso = make_iso(ctx.config, inputs, media, ctx.services.signing_key, ctx.workdir / "installer.iso")
     return Media(media.preseed, media.cmdline, media.install_key, media.client_key, media.host_key, iso)
 
 

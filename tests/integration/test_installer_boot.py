@@ -29,7 +29,8 @@ def test_installer_fetches_signed_udebs_and_reaches_partitioner(default_config, 
     cfg = default_config
     with ExitStack() as stack:
         diagnostics = stack.enter_context(Diagnostics(tmp_path))
-        ctx = BuildContext(cfg, BuildOptions(tmp_path / "out"), tmp_path, Emitter(), stack, diagnostics)
+        ctx = BuildContext(cfg, BuildOptions(tmp_path / "out", use_cache=False), tmp_path, Emitter(), stack,
+                           diagnostics)
         inputs = fetch.run(ctx)
         ctx = services.start(ctx, inputs)
         assert ctx.services is not None
