@@ -127,6 +127,9 @@ def checks_for(cfg: ImageConfig) -> list[tuple[str, str, str]]:
         ("no build user", f"! getent passwd {shlex.quote(cfg.installer.build_user)}", "removed"),
         ("apt sources", f"! grep -rsF {build_hosts} /etc/apt/", "no build gateway left"),
         ("machine-id fresh", "test -s /etc/machine-id", "generated at first boot"),
+        ("no failed unit", "s=$(systemctl is-system-running --wait); echo \"$s\"; "
+         "systemctl --failed --no-legend --plain | awk '{print $1}'; [ \"$s\" = running ]",
+         "systemctl is-system-running: running"),
     ]
     if cfg.provision.enabled:
         out += [

@@ -115,6 +115,16 @@ def test_cloud_gpu_worker_playbook(trixie):
     print("\nNVIDIA packages installed:", " ".join(nvidia_set))
     # base role results
     assert chroot(tree, "systemctl", "is-enabled", "nvidia-persistenced").stdout.strip() == "enabled"
+    # a CPU-only boot has no failed unit: the daemon's condition is false without an NVIDIA PCI device (this
+    # host has none; /sys in the chroot is the host's), and no display module is loaded at boot
+    dropin = (tree / "etc/systemd/system/nvidia-persistenced.service.d/10-gpu-only.conf").read_text()
+    cond = dropin.split("ExecCondition=", 1)[1].strip()
+    assert cond.startswith("/bin/sh -c ")
+    has_gpu = any(p.read_text().strip() == "0x10de" for p in Path("/sys/bus/pci/devices").glob("*/vendor"))
+    rc = subprocess.run(["chroot", str(tree), "/bin/sh", "-c", cond[len("/bin/sh -c "):].strip("'")]).returncode
+    assert rc == (0 if has_gpu else 1)
+    loads = [f for f in (tree / "etc/modules-load.d").glob("*.conf") if "nvidia" in f.read_text()]
+    assert not [f for f in loads if "nvidia-drm" in f.read_text() or "nvidia_drm" in f.read_text()], loads
     assert chroot(tree, "systemctl", "is-enabled", "NetworkManager").stdout.strip() == "enabled"
     assert "ens3" not in (tree / "etc/network/interfaces").read_text()
     cloud = yaml.safe_load((tree / "etc/cloud/cloud.cfg.d/10-builder-cloud-image.cfg").read_text())
