@@ -47,11 +47,13 @@ def run(ctx: BuildContext, final: FinalImage) -> BuildResult:
             shutil.copy2(ctx.workdir / "packages.txt", staging / "packages.txt")
         for logname in LOGS:
             src = ctx.workdir / logname
-            if src.is_file():
+            if src.is_file() and src.stat().st_size > 0:  # no empty installer log for a cached install
                 (staging / "logs").mkdir(exist_ok=True)
                 # the preseed (and d-i's log of the late_command) carry the build's throw-away host key
                 (staging / "logs" / logname).write_text(redact_private_keys(src.read_text(errors="replace")))
         info = image.info(target)
+        gw_stats = ctx.services.gateway.stats.as_dict() if ctx.services is not None else {}
+        gw_upstream = int(gw_stats.get("upstream_bytes", 0))
         manifest = ctx.manifest
         manifest.update({
             "name": cfg.name, "builder_version": __version__,
@@ -59,7 +61,9 @@ def run(ctx: BuildContext, final: FinalImage) -> BuildResult:
             "virtual_size": info.get("virtual-size"), "raw_disk_bytes": final.raw_disk_bytes,
             "compression": cfg.disk.compression,
             "debian": {"suite": cfg.debian.suite, "release": cfg.debian.release},
-            "bytes_fetched_upstream": ctx.stats.bytes_fetched,
+            # the installer inputs (fetch) and what the VMs fetched through the gateway (udebs, packages)
+            "bytes_fetched_upstream": ctx.stats.bytes_fetched + gw_upstream,
+            "gateway": gw_stats,
             "build_host": {"python": platform.python_version(), "machine": platform.machine()},
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         })
@@ -86,4 +90,4 @@ def run(ctx: BuildContext, final: FinalImage) -> BuildResult:
     ctx.emitter.info(f"published {final_image} ({size / 2**20:.0f} MiB, sha256 {digest[:16]}…)")
     return BuildResult(final_image, out_dir, digest, size, int(info.get("virtual-size", 0)),
                        time.monotonic() - ctx.started, dict(ctx.emitter.durations), out_dir / "manifest.json",
-                       ctx.stats.bytes_fetched)
+                       ctx.stats.bytes_fetched + gw_upstream)
