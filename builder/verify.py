@@ -21,7 +21,7 @@ import yaml
 
 from . import image
 from .config import ImageConfig, seed_packages
-from .errors import VerifyError
+from .errors import BuilderError, VerifyError
 from .events import Emitter
 from .ssh import KeyPair, generate_keypair, run_command, wait_for_ssh
 from .vm import guestnet, open_machine
@@ -149,6 +149,25 @@ def checks_for(cfg: ImageConfig) -> list[tuple[str, str, str]]:
     return out
 
 
+def _pick_accel(cfg: ImageConfig, emitter: Emitter) -> str:
+    """The accelerator, probed with a real kernel boot as the build does (a firmware-only probe passes on hosts
+    whose KVM cannot run a Linux kernel). The kernel is the installer's, from the verified download cache."""
+    if cfg.vm.accel != "auto":
+        return cfg.vm.accel
+    from .archive.cache import ContentCache
+    from .archive.http import FetchStats
+    from .stages.fetch import fetch_inputs
+
+    try:
+        kernel = fetch_inputs(cfg, ContentCache(), FetchStats(), Emitter()).kernel
+    except BuilderError as exc:
+        emitter.warning(f"no kernel to probe KVM with ({exc.message}); probing the firmware only")
+        kernel = None
+    accel, why = choose_accel(cfg.vm.accel, kernel)
+    (emitter.info if accel == "kvm" else emitter.warning)(f"accelerator {accel}: {why}")
+    return accel
+
+
 def verify_image(cfg: ImageConfig, qcow2: Path, workdir: Path, *, emitter: Emitter | None = None,
                  ssh_timeout: float = 900) -> VerifyReport:
     emitter = emitter or Emitter()
@@ -159,7 +178,7 @@ def verify_image(cfg: ImageConfig, qcow2: Path, workdir: Path, *, emitter: Emitt
     seed = nocloud_seed(workdir / "seed.iso", nocloud_user_data(TEST_USER, client, host, "verify-node"),
                         f"verify-{int(time.time())}", "verify-node")
     disk = image.overlay(qcow2, workdir / "verify.qcow2")
-    accel, _ = choose_accel(cfg.vm.accel, None)
+    accel = _pick_accel(cfg, emitter)
     port = find_free_port()
     spec = VmSpec(name="verify", memory_mib=cfg.provision.memory >> 20, cpus=cfg.vm.cpus, accel=accel,
                   drives=(Drive(disk), Drive.cdrom(seed)), boot="disk", serial_log=workdir / "verify.serial.log",
