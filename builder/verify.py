@@ -180,7 +180,7 @@ def verify_image(cfg: ImageConfig, qcow2: Path, workdir: Path, *, emitter: Emitt
     disk = image.overlay(qcow2, workdir / "verify.qcow2")
     accel = _pick_accel(cfg, emitter)
     port = find_free_port()
-    spec = VmSpec(name="verify", memory_mib=cfg.provision.memory >> 20, cpus=cfg.vm.cpus, accel=accel,
+    spec = VmSpec(name="verify", memory_mib=cfg.provision.memory >> 20, cpus=cfg.vm.cpus, accel=accel,  # type: ignore[arg-type]
                   drives=(Drive(disk), Drive.cdrom(seed)), boot="disk", serial_log=workdir / "verify.serial.log",
                   ssh_forward=port, no_reboot=False)
     report = VerifyReport(qcow2)
