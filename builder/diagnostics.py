@@ -121,7 +121,7 @@ class Diagnostics:
         dest.mkdir(parents=True, exist_ok=False)
         for pattern in TEXT_GLOBS:
             for src in sorted(self.workdir.glob(pattern)):
-                if src.is_file():
+                if src.is_file() and src.stat().st_size > 0:
                     text = src.read_text(errors="replace")
                     (dest / src.name).write_text(redact_private_keys(text))
         ansible = self.workdir / "ansible" / "artifacts"
