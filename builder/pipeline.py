@@ -80,8 +80,8 @@ class _WorkDir:
     def __init__(self, cfg: ImageConfig, options: BuildOptions, emitter: Emitter) -> None:
         self.base = cache_base() / "work"
         self.base.mkdir(parents=True, exist_ok=True)
-        sweep_stale_workdirs(self.base)
         sweep_stale_homes()  # signing-key homes (and their gpg-agents) of builds that were killed outright
+        sweep_stale_workdirs(self.base)
         self.path = Path(tempfile.mkdtemp(prefix=f"{cfg.name}-pid{os.getpid()}-", dir=self.base))
         self.keep = options.keep_workdir
         self.emitter = emitter

@@ -42,7 +42,8 @@ def gateway_for(ctx: BuildContext, inputs: InstallerInputs, key: EphemeralKey) -
 def start(ctx: BuildContext, inputs: InstallerInputs) -> BuildContext:
     """``ctx`` with the services started (on ``ctx.stack``) and the accelerator chosen."""
     stack, emitter = ctx.stack, ctx.emitter
-    key = stack.enter_context(EphemeralKey(f"builder {ctx.name} installer suite"))
+    # the private key lives in the work directory (gone with it); the next build sweeps a killed build's agent
+    key = stack.enter_context(EphemeralKey(f"builder {ctx.name} installer suite", home_parent=ctx.workdir))
     gateway = stack.enter_context(gateway_for(ctx, inputs, key))
     tracker = InstallTracker(on_step=lambda step: emitter.info(f"installer: {step}"))
     syslog = stack.enter_context(SyslogListener(ctx.workdir / "install.syslog", tracker))

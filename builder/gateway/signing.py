@@ -37,6 +37,7 @@ class EphemeralKey:
         self.algo = algo
         self.home_parent = home_parent  # where the GNUPGHOME is made; None: the system temp dir
         self._home: Path | None = None
+        self._real_home: Path | None = None
         self.fingerprint = ""
 
     # -- lifecycle
@@ -49,12 +50,22 @@ class EphemeralKey:
 
     def create(self) -> None:
         self._gpg = which("gpg", package="gpg")
-        parent = None
+        self._real_home = None
         if self.home_parent is not None:
+            # The key lives under home_parent (a build's work directory: removed with it). gpg-agent puts its
+            # sockets in the home, and a socket path has at most 107 bytes: gpg gets a short alias for it, a
+            # symlink in the temp dir named like the homes sweep_stale_homes() knows.
             parent = Path(self.home_parent)
             parent.mkdir(parents=True, exist_ok=True)
-        self._home = Path(tempfile.mkdtemp(prefix=f"{HOME_PREFIX}{os.getpid()}-", dir=parent))
-        os.chmod(self._home, 0o700)
+            self._real_home = Path(tempfile.mkdtemp(prefix="gnupg-", dir=parent))
+            os.chmod(self._real_home, 0o700)
+            alias = Path(tempfile.mkdtemp(prefix=f"{HOME_PREFIX}{os.getpid()}-"))
+            alias.rmdir()
+            alias.symlink_to(self._real_home)
+            self._home = alias
+        else:
+            self._home = Path(tempfile.mkdtemp(prefix=f"{HOME_PREFIX}{os.getpid()}-"))
+            os.chmod(self._home, 0o700)
         self._call(
             ["--quick-generate-key", "--passphrase", "", self.uid, self.algo, "sign", "1d"],
             what="generate the ephemeral signing key",
@@ -108,7 +119,12 @@ def _remove_home(home: Path) -> None:
             run([gpgconf, "--homedir", str(home), "--kill", "gpg-agent"], check=False, timeout=30)
         except ToolError as exc:
             log.warning("could not stop the gpg-agent of %s: %s", home, exc)
-    shutil.rmtree(home, ignore_errors=True)
+    if home.is_symlink():  # an alias of a home inside a work directory: remove both
+        target = Path(os.readlink(home))
+        home.unlink()
+        shutil.rmtree(target, ignore_errors=True)
+    else:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def sweep_stale_homes(parent: Path | None = None) -> list[Path]:
@@ -129,7 +145,7 @@ def sweep_stale_homes(parent: Path | None = None) -> list[Path]:
             st = home.lstat()
         except OSError:
             continue
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        if not (stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode)) or st.st_uid != os.getuid():
             continue
         log.info("removing the signing key home %s left by process %s, which is gone", home, m.group(1))
         _remove_home(home)

@@ -148,13 +148,15 @@ def test_killed_build_leaves_a_key_and_an_agent_that_the_sweep_removes(short_par
     proc = subprocess.run([sys.executable, "-c", KEYMAKER, str(REPO), str(short_parent)], capture_output=True,
                           text=True, timeout=60, check=False)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
-    home = Path(proc.stdout.strip())
-    assert home.parent == short_parent and home.name.startswith("builder-gnupg-")
-    assert any((home / "private-keys-v1.d").iterdir())  # the ephemeral private key, left behind
+    home = Path(proc.stdout.strip())  # a short alias in the temp dir (gpg-agent's socket path must fit)
+    real = home.resolve()
+    assert home.is_symlink() and home.parent == Path(tempfile.gettempdir())
+    assert home.name.startswith("builder-gnupg-") and real.parent == short_parent  # the key: in the work dir
+    assert any((real / "private-keys-v1.d").iterdir())  # the ephemeral private key, left behind
     agent = agent_pid(home)
     assert agent is not None and pid_alive(agent)  # and its gpg-agent, still running
-    assert sweep_stale_homes(short_parent) == [home]
-    assert not home.exists()
+    assert home in sweep_stale_homes()
+    assert not home.is_symlink() and not real.exists()
     deadline = time.monotonic() + 10
     while pid_alive(agent):
         assert time.monotonic() < deadline, "gpg-agent still running"
@@ -164,8 +166,9 @@ def test_killed_build_leaves_a_key_and_an_agent_that_the_sweep_removes(short_par
 @pytest.mark.timeout(60)
 def test_sweep_keeps_live_homes_and_foreign_dirs(short_parent: Path) -> None:
     with EphemeralKey("builder live test", home_parent=short_parent) as key:
-        assert key._home is not None and key._home.parent == short_parent
+        assert key._home is not None and key._home.resolve().parent == short_parent
         assert key._home.name.startswith(f"builder-gnupg-{os.getpid()}-")
+        alias, real = key._home, key._home.resolve()
         other = short_parent / "builder-gnupg-notapid"
         other.mkdir()
         stale = short_parent / f"builder-gnupg-{dead_pid()}-abc"
@@ -173,7 +176,7 @@ def test_sweep_keeps_live_homes_and_foreign_dirs(short_parent: Path) -> None:
         assert sweep_stale_homes(short_parent) == [stale]
         assert key._home.exists() and other.exists()
         assert key.detach_sign(b"still works")
-    assert not list(short_parent.glob(f"builder-gnupg-{os.getpid()}-*"))  # closed normally: removed
+    assert not alias.is_symlink() and not real.exists()  # closed normally: both removed
     assert sweep_stale_homes(short_parent / "missing") == []
 
 
