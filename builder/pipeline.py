@@ -26,6 +26,7 @@ from .errors import BuilderError
 from .events import Emitter, Event
 from .gateway.signing import sweep_stale_homes
 from .installcache import InstalledDiskCache
+from .run import pid_alive
 from .stages import fetch, finalize, install, media, provision, publish
 from .stages.media import write_iso
 from .stages.publish import BuildResult
@@ -146,15 +147,7 @@ def boot_by_hand(workdir: Path, user: str) -> str:
 
 def _owner_alive(d: Path) -> bool | None:
     m = PID_RE.search(d.name)
-    if not m:
-        return None
-    try:
-        os.kill(int(m.group(1)), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return None if m is None else pid_alive(int(m.group(1)))
 
 
 def sweep_stale_workdirs(base: Path) -> None:

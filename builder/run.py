@@ -18,7 +18,7 @@ import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -57,13 +57,9 @@ def which(tool: str, *, package: str | None = None, why: str | None = None) -> s
     return path
 
 
-def missing_tools(tools: Iterable[str]) -> list[MissingToolError]:
-    """One MissingToolError per tool of ``tools`` that is not installed (for a preflight that names them all)."""
-    return [MissingToolError(t, package=package_of(t)) for t in dict.fromkeys(tools) if shutil.which(t) is None]
-
-
 def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists on this machine (a zombie counts as dead)."""
+    """Whether process ``pid`` is alive on this machine. A zombie (exited, not yet reaped) counts as dead: on
+    hosts whose PID 1 does not reap orphans, a killed QEMU stays a zombie forever."""
     if pid <= 0:
         return False
     try:
@@ -76,7 +72,7 @@ def pid_alive(pid: int) -> bool:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return True
-    return state != "Z"
+    return state not in ("Z", "X", "x")
 
 
 def tail(text: str | bytes, n: int = TAIL_LINES) -> list[str]:

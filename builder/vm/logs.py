@@ -52,14 +52,3 @@ def wait_for_pattern(
         if m or not running or time.monotonic() >= deadline:
             return m
         time.sleep(interval)
-
-
-def pid_alive(pid: int) -> bool:
-    """True while ``pid`` is a live process. A zombie (exited, not yet reaped) counts as dead: on hosts whose
-    PID 1 does not reap orphans, a killed QEMU stays a zombie forever."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    state = stat.rpartition(")")[2].split()[0:1]
-    return state not in (["Z"], ["X"], ["x"])

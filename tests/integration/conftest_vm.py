@@ -92,7 +92,7 @@ def debian_kernel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def wait_gone(pid: int, timeout: float = 5.0) -> bool:
     """Wait until ``pid`` is no longer a live process (gone, or a zombie nobody reaps); True if it is gone."""
-    from builder.vm.logs import pid_alive
+    from builder.run import pid_alive
 
     deadline = time.monotonic() + timeout
     while pid_alive(pid):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from builder.archive.cache import cache_base
-from builder.vm.logs import pid_alive
+from builder.run import pid_alive
 
 pytestmark = [pytest.mark.integration, pytest.mark.vm]
 

@@ -15,10 +15,11 @@ from builder.context import BuildContext, BuildOptions
 from builder.diagnostics import Diagnostics
 from builder.events import Emitter
 from builder.installer.progress import console_question
+from builder.run import pid_alive
 from builder.stages import fetch, media
 from builder.stages.install import install_spec
 from builder.vm import guestnet
-from builder.vm.logs import pid_alive, read_text
+from builder.vm.logs import read_text
 from builder.vm.qemu import QemuMachine
 
 pytestmark = [pytest.mark.integration, pytest.mark.vm]

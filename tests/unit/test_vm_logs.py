@@ -10,8 +10,9 @@ import threading
 import time
 from pathlib import Path
 
+from builder.run import pid_alive
 from builder.vm import find_free_port
-from builder.vm.logs import pid_alive, read_text, tail_lines, wait_for_pattern
+from builder.vm.logs import read_text, tail_lines, wait_for_pattern
 
 
 def test_tail_lines(tmp_path: Path) -> None:
