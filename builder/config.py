@@ -518,7 +518,7 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
+def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
     try:
         with path.open("rb") as f:
             raw = f.read(MAX_CONFIG_BYTES + 1)
@@ -559,9 +559,9 @@ def load_config(
     """Read an image definition from YAML, merge ``var_files`` over it (YAML of the same shape, in order), apply
     ``KEY.PATH=VALUE`` overrides (last), validate."""
     path = Path(path)
-    data = _read_yaml_mapping(path, "image definition")
+    data = read_yaml_mapping(path, "image definition")
     for vf in var_files:
-        data = _deep_merge(data, _read_yaml_mapping(Path(vf), "var file"))
+        data = _deep_merge(data, read_yaml_mapping(Path(vf), "var file"))
     for key, value in parse_overrides(overrides).items():
         _set_path(data, key, value)
     _check_expanded_size(data, str(path))

@@ -12,11 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from . import hostapt
 from .archive.cache import ContentCache
-from .config import ImageConfig, format_size, load_config, parse_overrides
+from .config import ImageConfig, format_size, load_config, parse_overrides, read_yaml_mapping
 from .errors import BuilderError
 from .installcache import InstalledDiskCache
 from .installer.preseed import render_preseed
@@ -48,22 +46,21 @@ class Inspection:
         return "\n".join(out) + "\n"
 
 
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict) and data and not prefix.endswith("extra_vars."):
-        out: dict[str, Any] = {}
-        for k, v in data.items():
-            key = f"{prefix}{k}"
-            out.update(_flatten(v, key + ".") if isinstance(v, dict) and k != "extra_vars" else {key: v})
-            if isinstance(v, dict) and k == "extra_vars":
-                out.update({f"{key}.{ek}": ev for ek, ev in v.items()})
-        return out
-    return {prefix.rstrip("."): data} if prefix else {}
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted keys → values; ``provision.extra_vars`` one level deep (role variables are values, not config)."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and not prefix.endswith("extra_vars."):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
 
 
 def _layers(path: Path, var_files: list[Path], overrides: list[str]) -> list[tuple[str, dict[str, Any]]]:
-    layers = [(f"image file {path.name}", _flatten(yaml.safe_load(path.read_text()) or {}))]
-    for vf in var_files:
-        layers.append((f"--var-file {vf}", _flatten(yaml.safe_load(Path(vf).read_text()) or {})))
+    layers = [(f"image file {path.name}", _flatten(read_yaml_mapping(path, "image definition")))]
+    layers += [(f"--var-file {vf}", _flatten(read_yaml_mapping(Path(vf), "var file"))) for vf in var_files]
     layers.append(("--var", dict(parse_overrides(overrides))))
     return layers
 
@@ -92,7 +89,7 @@ def inspect(path: Path, overrides: list[str] | tuple[str, ...] = (), *,
     result = Inspection(Path(path).resolve())
     effective = _flatten(cfg.model_dump(mode="json"))
     for key in sorted(k for k, v in effective.items() if not isinstance(v, dict)):
-        result.variables.append((key, _show(key, getattr_path(cfg, key)), _source(key, layers)))
+        result.variables.append((key, _show(key, effective[key]), _source(key, layers)))
     result.playbooks = [("provision", str(cfg.playbook) + ("" if cfg.provision.enabled else " (off)")),
                         ("finalize", str(cfg.finalize_playbook))]
     for d in cfg.roles_dirs:
@@ -101,16 +98,6 @@ def inspect(path: Path, overrides: list[str] | tuple[str, ...] = (), *,
                 result.roles.append((role, str(d / role)))
     _inputs_and_reuse(cfg, result)
     return result
-
-
-def getattr_path(cfg: ImageConfig, key: str) -> Any:
-    obj: Any = cfg
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-        if isinstance(obj, dict):
-            return obj.get(".".join(parts[i:]), obj.get(part))
-        obj = getattr(obj, part)
-    return obj
 
 
 def _inputs_and_reuse(cfg: ImageConfig, result: Inspection) -> None:
