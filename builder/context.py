@@ -85,13 +85,10 @@ class BuildContext:
             raise RuntimeError("the build's services are not started")
         return self.services.gateway
 
-    def machine(self, spec: VmSpec) -> contextlib.AbstractContextManager[Machine]:
+    @contextlib.contextmanager
+    def machine(self, spec: VmSpec) -> Iterator[Machine]:
         """A started VM on the configured backend, watched by the diagnostics: a failure inside the ``with``
         takes a screendump before the VM is stopped. Leaving the block always leaves no VM running."""
-        return self._machine(spec)
-
-    @contextlib.contextmanager
-    def _machine(self, spec: VmSpec) -> Iterator[Machine]:
         from .vm import open_machine
 
         vm = open_machine(spec, self.workdir, backend=self.config.vm.backend, libvirt_uri=self.config.vm.libvirt_uri)

@@ -7,7 +7,6 @@ a clean exit of QEMU (the installer powers off) after the finish step.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from ..events import Emitter
 from ..installcache import DirectBoot
 from ..installer.progress import InstallTracker, SyslogListener, console_question
 from ..ssh import KeyPair
-from ..vm import Machine, open_machine
+from ..vm import Machine
 from ..vm.guestnet import gateway_service
 from ..vm.logs import read_text, tail_lines
 from ..vm.spec import Drive, VmSpec
@@ -66,46 +65,42 @@ def install_spec(*, name: str, iso: Path, disk: Path, accel: str, cpus: int, mem
     )
 
 
-def run_install(spec: VmSpec, *, workdir: Path, tracker: InstallTracker, listener: SyslogListener,
-                emitter: Emitter, timeout: float, stall_timeout: float, backend: str = "qemu",
-                libvirt_uri: str = "qemu:///system", machine: Machine | None = None) -> InstallResult:
-    """Boot the installer; follow it until QEMU exits. InstallError on failure, question, stall or timeout.
-    ``machine``: an already started VM for ``spec`` (the build's, watched by its diagnostics)."""
+def run_install(spec: VmSpec, vm: Machine, *, tracker: InstallTracker, listener: SyslogListener,
+                emitter: Emitter, timeout: float, stall_timeout: float) -> InstallResult:
+    """Follow the installer running in the started ``vm`` until QEMU exits. InstallError on failure, question,
+    stall or timeout (the caller owns the VM and stops it)."""
     t0 = time.monotonic()
     last_step = ""
-    own = machine is None
-    vm = machine or open_machine(spec, workdir, backend=backend, libvirt_uri=libvirt_uri)  # type: ignore[arg-type]
-    with vm if own else contextlib.nullcontext(vm):  # entering an own machine starts it
-        while True:
-            rc = vm.wait(POLL)
-            if tracker.step != last_step or int(time.monotonic() - t0) % 60 < POLL:
-                last_step = tracker.step
-                emitter.progress(f"{tracker.step} (udebs {tracker.udebs}, packages {tracker.packages})",
-                                 step=tracker.step, udebs=tracker.udebs, packages=tracker.packages)
-            if rc is not None:
-                break
-            if tracker.failed:
-                raise InstallError(
-                    f"debian-installer failed at step '{tracker.failed_step}': {tracker.failed}",
-                    step=tracker.failed_step, log_tail=list(tracker.tail)[-25:],
-                )
-            question = console_question(read_text(spec.serial_log)[-20000:])
-            if question:
-                raise InstallError(
-                    "debian-installer stopped at a question the preseed does not answer",
-                    step=tracker.step, log_tail=question.splitlines(),
-                    hint="add the answer to the preseed templates in preseed/",
-                )
-            elapsed = time.monotonic() - t0
-            if elapsed > timeout:
-                raise InstallError(f"the install did not finish in {timeout:.0f} s (at step '{tracker.step}')",
-                                   step=tracker.step, log_tail=list(tracker.tail)[-25:])
-            if tracker.idle_for() > stall_timeout and elapsed > stall_timeout:
-                raise InstallError(
-                    f"the installer made no progress for {stall_timeout:.0f} s (at step '{tracker.step}')",
-                    step=tracker.step, log_tail=list(tracker.tail)[-15:] + tail_lines(spec.serial_log, 10),
-                )
-        seconds = time.monotonic() - t0
+    while True:
+        rc = vm.wait(POLL)
+        if tracker.step != last_step or int(time.monotonic() - t0) % 60 < POLL:
+            last_step = tracker.step
+            emitter.progress(f"{tracker.step} (udebs {tracker.udebs}, packages {tracker.packages})",
+                             step=tracker.step, udebs=tracker.udebs, packages=tracker.packages)
+        if rc is not None:
+            break
+        if tracker.failed:
+            raise InstallError(
+                f"debian-installer failed at step '{tracker.failed_step}': {tracker.failed}",
+                step=tracker.failed_step, log_tail=list(tracker.tail)[-25:],
+            )
+        question = console_question(read_text(spec.serial_log)[-20000:])
+        if question:
+            raise InstallError(
+                "debian-installer stopped at a question the preseed does not answer",
+                step=tracker.step, log_tail=question.splitlines(),
+                hint="add the answer to the preseed templates in preseed/",
+            )
+        elapsed = time.monotonic() - t0
+        if elapsed > timeout:
+            raise InstallError(f"the install did not finish in {timeout:.0f} s (at step '{tracker.step}')",
+                               step=tracker.step, log_tail=list(tracker.tail)[-25:])
+        if tracker.idle_for() > stall_timeout and elapsed > stall_timeout:
+            raise InstallError(
+                f"the installer made no progress for {stall_timeout:.0f} s (at step '{tracker.step}')",
+                step=tracker.step, log_tail=list(tracker.tail)[-15:] + tail_lines(spec.serial_log, 10),
+            )
+    seconds = time.monotonic() - t0
     if tracker.failed:
         raise InstallError(f"debian-installer failed at step '{tracker.failed_step}': {tracker.failed}",
                            step=tracker.failed_step, log_tail=list(tracker.tail)[-25:])
@@ -136,9 +131,8 @@ def run(ctx: BuildContext, media: Media, inputs: InstallerInputs) -> InstalledBa
     spec = install_spec(name=f"{cfg.name}-install", iso=iso, disk=disk, accel=ctx.accel, cpus=cfg.vm.cpus,
                         memory=cfg.vm.memory, workdir=ctx.workdir, gateway_port=services.gateway.port)
     with ctx.machine(spec) as vm:
-        res = run_install(spec, workdir=ctx.workdir, tracker=services.tracker, listener=services.syslog,
-                          emitter=emitter, timeout=cfg.installer.timeout, stall_timeout=cfg.installer.stall_timeout,
-                          machine=vm)
+        res = run_install(spec, vm, tracker=services.tracker, listener=services.syslog, emitter=emitter,
+                          timeout=cfg.installer.timeout, stall_timeout=cfg.installer.stall_timeout)
     facts = {"cached": False, "key": media.install_key, "seconds": round(res.seconds, 1), "udebs": res.udebs,
              "packages": res.packages, "milestones": list(res.milestones), "gateway": services.gateway.stats.as_dict()}
     ctx.manifest["install"] = facts
