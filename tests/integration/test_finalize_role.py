@@ -12,7 +12,6 @@ import pytest
 
 from builder.config import load_config
 from builder.provision import run_playbook
-from builder.ssh import generate_keypair, known_hosts_line
 from builder.stages.finalize import finalize_vars
 
 try:
@@ -73,16 +72,9 @@ def target(tmp_path_factory):
     # the mirror the image's apt must point at afterwards, and the build-time sources
     (tree / "etc/apt/sources.list.d/debian.sources").unlink()
     plant_build_traces(tree)
-    client, host = generate_keypair("finalize-test-client"), generate_keypair("finalize-test-host")
-    priv, _ = client.write(work / "keys", "id_ed25519")
     try:
-        with tt.chroot_mounts(tree), tt.local_sshd(work, host.private_openssh, client.public_openssh,
-                                                   root=tree) as port:
-            kh = work / "keys" / "known_hosts"
-            kh.write_text(known_hosts_line("127.0.0.1", port, host.public_openssh) + "\n")
-            from builder.provision import Target
-
-            yield {"tree": tree, "work": work, "target": Target("127.0.0.1", port, "root", priv, kh)}
+        with tt.ansible_target(tree, work, "finalize-test") as target:
+            yield {"tree": tree, "work": work, "target": target}
     finally:
         assert not tt.mounts_under(tree)
         shutil.rmtree(tree, ignore_errors=True)

@@ -18,8 +18,7 @@ import pytest
 import yaml
 
 from builder.errors import ProvisionError
-from builder.provision import Target, run_playbook
-from builder.ssh import generate_keypair, known_hosts_line
+from builder.provision import run_playbook
 
 try:
     import trixie_target as tt
@@ -49,14 +48,9 @@ def trixie(tmp_path_factory):
     t0 = time.monotonic()
     tree = tt.working_copy(pristine, work / "root")
     TIMINGS["copy of the cached tree"] = time.monotonic() - t0
-    client, host = generate_keypair("builder-test-client"), generate_keypair("builder-test-host")
-    priv, _ = client.write(work / "keys", "id_ed25519")
     try:
-        with tt.chroot_mounts(tree), tt.local_sshd(work, host.private_openssh, client.public_openssh,
-                                                   root=tree) as port:
-            kh = work / "keys" / "known_hosts"
-            kh.write_text(known_hosts_line("127.0.0.1", port, host.public_openssh) + "\n")
-            yield {"tree": tree, "work": work, "target": Target("127.0.0.1", port, "root", priv, kh)}
+        with tt.ansible_target(tree, work, "builder-test") as target:
+            yield {"tree": tree, "work": work, "target": target}
     finally:
         left = tt.mounts_under(tree)
         assert not left, f"still mounted: {left}"

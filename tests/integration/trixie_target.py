@@ -18,6 +18,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from builder import hostapt
 from builder.run import run
@@ -225,6 +226,21 @@ def chroot_mounts(tree: Path) -> Iterator[Path]:
                 kill_chroot_processes(tree)
             else:
                 run(["umount", "--lazy", target], check=False)
+
+
+@contextlib.contextmanager
+def ansible_target(tree: Path, work: Path, name: str) -> Iterator[Any]:
+    """The tree, mounted and served by a chroot sshd on 127.0.0.1 with a pinned host key: a
+    builder.provision.Target for root. Everything is unmounted and stopped afterwards."""
+    from builder.provision import Target
+    from builder.ssh import generate_keypair, known_hosts_line
+
+    client, host = generate_keypair(f"{name}-client"), generate_keypair(f"{name}-host")
+    priv, _ = client.write(work / "keys", "id_ed25519")
+    with chroot_mounts(tree), local_sshd(work, host.private_openssh, client.public_openssh, root=tree) as port:
+        kh = work / "keys" / "known_hosts"
+        kh.write_text(known_hosts_line("127.0.0.1", port, host.public_openssh) + "\n")
+        yield Target("127.0.0.1", port, "root", priv, kh)
 
 
 def kill_chroot_processes(tree: Path) -> list[int]:
