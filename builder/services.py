@@ -15,7 +15,7 @@ from .gateway.server import Gateway
 from .gateway.signing import EphemeralKey
 from .installer.progress import InstallTracker, SyslogListener
 from .stages.fetch import InstallerInputs
-from .vm.accel import choose_accel
+from .vm.accel import pick_accel
 
 UDEB_SUITE = "builder-installer"
 
@@ -48,8 +48,6 @@ def start(ctx: BuildContext, inputs: InstallerInputs) -> BuildContext:
     tracker = InstallTracker(on_step=lambda step: emitter.info(f"installer: {step}"))
     syslog = stack.enter_context(SyslogListener(ctx.workdir / "install.syslog", tracker))
     gateway.on_request = lambda path, status, size: tracker.touch()  # downloads count as installer progress
-    accel, why = choose_accel(ctx.config.vm.accel, inputs.kernel)
-    say = emitter.info if accel == "kvm" or ctx.config.vm.accel == "tcg" else emitter.warning
-    say(f"accelerator {accel}: {why}")
+    accel = pick_accel(ctx.config.vm.accel, inputs.kernel, emitter)
     ctx.manifest["accel"] = accel
     return ctx.with_(services=Services(gateway, key, syslog, tracker), accel=accel)

@@ -15,6 +15,7 @@ import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import pycdlib
 import yaml
@@ -25,7 +26,7 @@ from .errors import BuilderError, VerifyError
 from .events import Emitter
 from .ssh import KeyPair, generate_keypair, run_command, wait_for_ssh
 from .vm import guestnet, open_machine
-from .vm.accel import choose_accel
+from .vm.accel import pick_accel
 from .vm.net import find_free_port
 from .vm.spec import Drive, VmSpec
 
@@ -149,7 +150,7 @@ def checks_for(cfg: ImageConfig) -> list[tuple[str, str, str]]:
     return out
 
 
-def _pick_accel(cfg: ImageConfig, emitter: Emitter) -> str:
+def _pick_accel(cfg: ImageConfig, emitter: Emitter) -> Literal["kvm", "tcg"]:
     """The accelerator, probed with a real kernel boot as the build does (a firmware-only probe passes on hosts
     whose KVM cannot run a Linux kernel). The kernel is the installer's, from the verified download cache."""
     if cfg.vm.accel != "auto":
@@ -163,9 +164,7 @@ def _pick_accel(cfg: ImageConfig, emitter: Emitter) -> str:
     except BuilderError as exc:
         emitter.warning(f"no kernel to probe KVM with ({exc.message}); probing the firmware only")
         kernel = None
-    accel, why = choose_accel(cfg.vm.accel, kernel)
-    (emitter.info if accel == "kvm" else emitter.warning)(f"accelerator {accel}: {why}")
-    return accel
+    return pick_accel(cfg.vm.accel, kernel, emitter)
 
 
 def verify_image(cfg: ImageConfig, qcow2: Path, workdir: Path, *, emitter: Emitter | None = None,
@@ -180,7 +179,7 @@ def verify_image(cfg: ImageConfig, qcow2: Path, workdir: Path, *, emitter: Emitt
     disk = image.overlay(qcow2, workdir / "verify.qcow2")
     accel = _pick_accel(cfg, emitter)
     port = find_free_port()
-    spec = VmSpec(name="verify", memory_mib=cfg.provision.memory >> 20, cpus=cfg.vm.cpus, accel=accel,  # type: ignore[arg-type]
+    spec = VmSpec(name="verify", memory_mib=cfg.provision.memory >> 20, cpus=cfg.vm.cpus, accel=accel,
                   drives=(Drive(disk), Drive.cdrom(seed)), boot="disk", serial_log=workdir / "verify.serial.log",
                   ssh_forward=port, no_reboot=False)
     report = VerifyReport(qcow2)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..errors import VmError
+from ..events import Emitter
 from ..run import Child, spawn, which
 from .logs import read_text, tail_lines
 
@@ -160,6 +161,14 @@ def choose_accel(requested: Literal["auto", "kvm", "tcg"], kernel: Path | None) 
         raise VmError(f"accel: kvm was requested, but KVM cannot run a guest here: {reason}",
                       hint="set vm.accel to 'tcg' (slow) or 'auto'")
     return "tcg", f"KVM is unusable ({reason}); using TCG (software emulation, much slower)"
+
+
+def pick_accel(requested: Literal["auto", "kvm", "tcg"], kernel: Path | None, emitter: Emitter,
+               ) -> Literal["kvm", "tcg"]:
+    """:func:`choose_accel`, its reason reported: as info when it is KVM or what was asked for, else a warning."""
+    accel, why = choose_accel(requested, kernel)
+    (emitter.info if accel == "kvm" or requested == "tcg" else emitter.warning)(f"accelerator {accel}: {why}")
+    return accel
 
 
 def clear_cache() -> None:
