@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import hostapt
 from .errors import ConfigError
@@ -155,9 +155,16 @@ class DebianConfig(_Model):
         return out
 
 
+BootMode = Literal["hybrid", "uefi", "bios"]
+
+
 class DiskConfig(_Model):
     size: Annotated[int, Field(description="virtual size, e.g. '30G'")] = 30 << 30
     compression: Literal["zlib", "zstd", "none"] = "zlib"
+    # hybrid: GPT with a BIOS boot partition, an EFI system partition and the root last; GRUB for both
+    # (the layout of Debian's cloud images). uefi: the same without the BIOS stage. bios: msdos label, GRUB in
+    # the MBR (no UEFI boot).
+    boot: BootMode = "hybrid"
 
     @field_validator("size", mode="before")
     @classmethod
@@ -174,7 +181,8 @@ class VmConfig(_Model):
     accel: Literal["auto", "kvm", "tcg"] = "auto"
     cpus: Annotated[int, Field(ge=1, le=64)] = 2
     memory: Annotated[int, Field(description="guest RAM, e.g. '3G'")] = 3 << 30
-    firmware: Literal["bios"] = "bios"
+    # How the build VMs boot. auto: uefi when the disk boots UEFI (hybrid, uefi), else bios.
+    firmware: Literal["auto", "bios", "uefi"] = "auto"
 
     @field_validator("memory", mode="before")
     @classmethod
@@ -315,6 +323,25 @@ class ImageConfig(_Model):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", v):
             raise ValueError(f"not a valid image name: {v!r}")
         return v
+
+    @model_validator(mode="after")
+    def _firmware_fits_disk(self) -> ImageConfig:
+        if self.disk.boot in ("hybrid", "uefi") and self.vm.firmware == "bios":
+            raise ValueError(
+                f"vm.firmware: bios cannot install a disk.boot: {self.disk.boot} disk: debian-installer makes an EFI "
+                "system partition and installs the UEFI boot loader only when it runs under UEFI (use vm.firmware: "
+                "uefi or auto)")
+        if self.disk.boot == "bios" and self.vm.firmware == "uefi":
+            raise ValueError("vm.firmware: uefi cannot install a disk.boot: bios disk: under UEFI debian-installer "
+                             "installs GRUB for UEFI, not into the MBR (use vm.firmware: bios or auto)")
+        return self
+
+    @property
+    def build_firmware(self) -> Literal["bios", "uefi"]:
+        """The firmware the build VMs boot with (``vm.firmware`` with ``auto`` resolved)."""
+        if self.vm.firmware != "auto":
+            return self.vm.firmware
+        return "bios" if self.disk.boot == "bios" else "uefi"
 
     @property
     def base_dir(self) -> Path:

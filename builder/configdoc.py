@@ -35,7 +35,12 @@ MEANING: dict[str, str] = {
     "vm.accel": "`auto` probes KVM with a real boot and falls back to TCG; `kvm` or `tcg` force one.",
     "vm.cpus": "vCPUs of the build VMs.",
     "vm.memory": "RAM of the installer VM.",
-    "vm.firmware": "Firmware of the build VMs (bios).",
+    "vm.firmware": "Firmware of the build VMs: bios (SeaBIOS), uefi (OVMF from the host's ovmf package, a per-VM "
+                   "copy of its variable store), auto (uefi unless disk.boot is bios).",
+    "disk.boot": "How the image boots: hybrid (GPT with a BIOS boot partition, an EFI system partition and the root "
+                 "last; GRUB for BIOS and shim + signed GRUB for UEFI, also at the removable path "
+                 "EFI/BOOT/BOOTX64.EFI), uefi (the same without the BIOS stage), bios (msdos label, GRUB in the "
+                 "MBR).",
     "installer.locale": "Locale of the installed system (one glibc supports).",
     "installer.keymap": "XKB keymap.",
     "installer.timezone": "Time zone.",

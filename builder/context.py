@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from .gateway.signing import EphemeralKey
     from .installer.progress import InstallTracker, SyslogListener
     from .vm import Machine
+    from .vm.firmware import Firmware
     from .vm.spec import VmSpec
 
 OnError = Literal["cleanup", "abort"]
@@ -84,6 +85,12 @@ class BuildContext:
         if self.services is None:
             raise RuntimeError("the build's services are not started")
         return self.services.gateway
+
+    def firmware(self, vm_name: str) -> Firmware:
+        """The firmware of the build VM ``vm_name`` (``vm.firmware``; UEFI with its own variable store)."""
+        from .vm.firmware import prepare
+
+        return prepare(self.config.build_firmware, self.workdir / f"{vm_name}.vars.fd")
 
     @contextlib.contextmanager
     def machine(self, spec: VmSpec) -> Iterator[Machine]:

@@ -9,7 +9,8 @@
   because no signed index lists it any more;
 * for each udeb the index lists but the mirror does not serve, the served build that replaces it (its
   sha256 taken when the lock was made, recorded with the reason) or its removal;
-* the boot loader packages (isolinux, syslinux-common) from the verified index.
+* the boot loader packages (isolinux, syslinux-common; shim-signed, grub-efi-amd64-signed for UEFI) from the
+  verified index.
 
 ``build``/``fetch`` read the lock and refuse any file whose hash differs.
 """
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 LOCK_VERSION = 1
 UDEB_INDEX = "main/debian-installer/binary-{arch}/Packages"
-BOOT_PACKAGES = ("isolinux", "syslinux-common")
+BOOT_PACKAGES = ("isolinux", "syslinux-common", "shim-signed", "grub-efi-amd64-signed")
 
 
 @dataclass(frozen=True)

@@ -14,14 +14,19 @@ from .config import ImageConfig
 from .context import BuildOptions
 from .errors import ConfigError, MissingToolError, OutputError
 from .run import package_of
+from .vm import firmware
 
 # every host program a build runs, in the order it first needs them
 BUILD_TOOLS = ("gpgv", "gpg", "gpgconf", "debconf-set-selections", "qemu-system-x86_64", "qemu-img", "socat",
                "ssh")
 
 
+# the installer ISO's EFI boot image (a FAT file system made without mounting)
+EFI_TOOLS = ("mkfs.fat", "mmd", "mcopy")
+
+
 def required_tools(cfg: ImageConfig) -> tuple[str, ...]:
-    return BUILD_TOOLS
+    return BUILD_TOOLS + EFI_TOOLS
 
 
 def check(cfg: ImageConfig, options: BuildOptions) -> None:
@@ -31,6 +36,8 @@ def check(cfg: ImageConfig, options: BuildOptions) -> None:
     if final.exists() and not options.force:
         raise OutputError(f"{final} exists", hint="pass --force to replace it")
     missing = [t for t in required_tools(cfg) if shutil.which(t) is None]
+    if cfg.build_firmware == "uefi" and firmware.check_available(["uefi"]):
+        missing.append("OVMF_CODE_4M.fd")
     if missing:
         packages = sorted({package_of(t) or t for t in missing})
         raise MissingToolError(", ".join(missing), package=" ".join(packages),

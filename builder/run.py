@@ -40,6 +40,11 @@ HOST_TOOLS: dict[str, str] = {
     "debconf-set-selections": "debconf",
     "cpio": "cpio",
     "socat": "socat",
+    "mkfs.fat": "dosfstools",
+    "mmd": "mtools",
+    "mcopy": "mtools",
+    "mdir": "mtools",
+    "OVMF_CODE_4M.fd": "ovmf",
     "xorriso": "xorriso",
     "debootstrap": "debootstrap",
 }

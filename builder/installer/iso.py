@@ -29,6 +29,7 @@ import pycdlib
 from pycdlib.pycdlibexception import PyCdlibException
 
 from ..errors import MediaError
+from . import efi as efimod
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +156,11 @@ def build_iso(
     append: str,
     extra_files: Mapping[str, bytes] | None = None,
     volume_id: str = "BUILDER_INSTALL",
+    efi: tuple[bytes, bytes] | None = None,
 ) -> Path:
-    """Write a BIOS-bootable installer ISO to ``out`` (ISO9660 level 3 + Joliet + Rock Ridge 1.09).
+    """Write an installer ISO to ``out`` (ISO9660 level 3 + Joliet + Rock Ridge 1.09) that boots under BIOS
+    (ISOLINUX) and, with ``efi`` = (signed shim, signed CD GRUB), under UEFI as well (a second El Torito entry,
+    platform 0xEF: :mod:`builder.installer.efi`).
 
     ``append`` is the kernel command line (without ``initrd=``). ``extra_files`` maps paths on the ISO
     (``"preseed.cfg"``, ``"d-i/notes.txt"``) to their content. Returns ``out``.
@@ -171,7 +175,16 @@ def build_iso(
         raise MediaError("ldlinux.c32 is empty")
     cfg = isolinux_cfg(append).encode()
     extras = {_rr_path(k): v for k, v in (extra_files or {}).items()}
-    for reserved in (BOOT_FILE, BOOT_CATALOG, KERNEL, INITRD, "/isolinux/ldlinux.c32", "/isolinux/isolinux.cfg"):
+    efi_files: dict[str, bytes] = {}
+    if efi is not None:
+        shim, grub = efi
+        efi_files = {
+            efimod.EFI_IMAGE: efimod.efi_image(shim=shim, grub=grub, workdir=out.parent),
+            efimod.GRUB_CFG: efimod.grub_cfg(append, kernel=KERNEL, initrd=INITRD).encode(),
+            efimod.DISK_INFO: f"builder installer ({volume_id})\n".encode(),
+        }
+    for reserved in (BOOT_FILE, BOOT_CATALOG, KERNEL, INITRD, "/isolinux/ldlinux.c32", "/isolinux/isolinux.cfg",
+                     *efi_files):
         if reserved in extras:
             raise MediaError(f"{reserved} is written by build_iso itself; it cannot be an extra file")
 
@@ -191,6 +204,8 @@ def build_iso(
             if not isinstance(data, bytes | bytearray):
                 raise MediaError(f"extra file {p}: content must be bytes")
             files[p] = (io.BytesIO(bytes(data)), len(data))
+        for p, data in efi_files.items():
+            files[p] = (io.BytesIO(data), len(data))
 
         iso.new(interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident=volume_id, app_ident_str="builder")
         namer = _Namer()
@@ -209,6 +224,12 @@ def build_iso(
             namer.path(BOOT_FILE, is_dir=False), bootcatfile=cat_iso, rr_bootcatname="boot.cat",
             joliet_bootcatfile=BOOT_CATALOG, boot_load_size=4, boot_info_table=True, media_name="noemul",
         )
+        if efi_files:
+            # The sector count (512-byte sectors) is the whole FAT image: UEFI reads the entry as a disk.
+            iso.add_eltorito(namer.path(efimod.EFI_IMAGE, is_dir=False), bootcatfile=cat_iso,
+                             rr_bootcatname="boot.cat", joliet_bootcatfile=BOOT_CATALOG,
+                             boot_load_size=len(efi_files[efimod.EFI_IMAGE]) // 512, efi=True,
+                             platform_id=0xEF, media_name="noemul")
         iso.write(str(tmp))
         iso.close()
         os.replace(tmp, out)

@@ -173,6 +173,10 @@ def _serial_console(kargs: Sequence[str]) -> tuple[int, int] | None:
 # ---------------------------------------------------------------------------------------------- values
 
 
+# The EFI system partition: Debian's cloud images give it 124 MiB; shim, GRUB and MokManager take ~6 MB.
+ESP_MB = 128
+
+
 def preseed_values(ctx: PreseedContext) -> dict[str, Any]:
     """The validated values the templates see. ConfigError lists every bad one with its path."""
     cfg = ctx.config
@@ -249,6 +253,8 @@ def preseed_values(ctx: PreseedContext) -> dict[str, Any]:
         "kernel_cmdline": " ".join(kargs),
         "serial": _serial_console(kargs),
         "disk": INSTALL_DISK,
+        "boot": cfg.disk.boot,
+        "esp_mb": ESP_MB,
         "mirror_host": ctx.mirror_host,
         "mirror_dir": "/" + ctx.mirror_dir.strip("/"),
         "security_host": security_host,

@@ -25,7 +25,7 @@ from ..errors import FetchError, LockError, VerificationError
 from ..events import Emitter
 from ..gateway import udeb as udeb_suite
 from ..gateway.server import Pin
-from ..installer import netboot
+from ..installer import efi, netboot
 from ..lock import UDEB_INDEX, FilePin, Lock, UdebOverride, read_lock, resolve_lock
 
 if TYPE_CHECKING:
@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 
 ISOLINUX_BIN = "usr/lib/ISOLINUX/isolinux.bin"
 LDLINUX_C32 = "usr/lib/syslinux/modules/bios/ldlinux.c32"
+# the boot files each pinned boot-loader package gives the installer ISO
+BOOT_MEMBERS = {"isolinux": (ISOLINUX_BIN,), "syslinux-common": (LDLINUX_C32,),
+                efi.SHIM_PACKAGE: (efi.SHIM_MEMBER,), efi.GRUB_PACKAGE: (efi.GRUB_CD_MEMBER,)}
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ class InstallerInputs:
     udeb_pins: dict[str, Pin]      # pool path → pin, for every udeb of the generated suite
     inrelease: bytes               # the suite's InRelease as served (verified)
     udebs_verified: int = 0        # how many of udeb_pins were fetched and checked now (the rest: when served)
+    efi: tuple[bytes, bytes] | None = None  # signed shim and CD GRUB (None: a lock made before UEFI support)
 
     @property
     def kernel_abi(self) -> str:
@@ -147,8 +151,11 @@ def fetch_inputs(cfg: ImageConfig, cache: ContentCache, stats: FetchStats, emitt
         raise VerificationError(f"netboot {lock.netboot.version} carries kernel {abi}, the lock says {lock.kernel_abi}")
     boot: dict[str, bytes] = {}
     for i, pin in enumerate(lock.boot):
-        boot.update(deb_extract(_fetch_pin(main, pin, f"boot[{i}]"), [m for m in (ISOLINUX_BIN, LDLINUX_C32)
-                                                                      if _owner(m) == pin.package]))
+        members = list(BOOT_MEMBERS.get(pin.package, ()))
+        if members:
+            boot.update(deb_extract(_fetch_pin(main, pin, f"boot[{i}]"), members))
+    efi_pair = ((boot[efi.SHIM_MEMBER], boot[efi.GRUB_CD_MEMBER])
+                if efi.SHIM_MEMBER in boot and efi.GRUB_CD_MEMBER in boot else None)
     index = udeb_index(cfg, lock, cache, main)
     verified = {o.filename for o in lock.overrides}
     fetch_overrides(main, lock)
@@ -166,7 +173,7 @@ def fetch_inputs(cfg: ImageConfig, cache: ContentCache, stats: FetchStats, emitt
     n_verified = sum(1 for p in pins if p.removeprefix("debian/") in verified)
     emitter.info(inputs_summary(lock, abi, len(pins), n_verified))
     return InstallerInputs(lock, kernel, initrd, boot[ISOLINUX_BIN], boot[LDLINUX_C32], packages, pins,
-                           main.inrelease_raw, n_verified)
+                           main.inrelease_raw, n_verified, efi_pair)
 
 
 def _netboot_images(cfg: ImageConfig, lock: Lock, main: Archive, cache: ContentCache) -> tuple[Path, Path]:
@@ -189,10 +196,6 @@ def _netboot_images(cfg: ImageConfig, lock: Lock, main: Archive, cache: ContentC
     initrd = cache.put(files[members["initrd"]], shas["initrd"])
     atomic_write(index, json.dumps({**shas, "deb_size": deb.stat().st_size}).encode())
     return kernel, initrd
-
-
-def _owner(member: str) -> str:
-    return "isolinux" if member == ISOLINUX_BIN else "syslinux-common"
 
 
 __all__ = ["UDEB_INDEX", "InstallerInputs", "fetch_inputs"]

@@ -21,6 +21,7 @@ from ..installcache import DirectBoot
 from ..installer.progress import InstallTracker, SyslogListener, console_question
 from ..ssh import KeyPair
 from ..vm import Machine
+from ..vm.firmware import BIOS, Firmware
 from ..vm.guestnet import gateway_service
 from ..vm.logs import read_text, tail_lines
 from ..vm.spec import Drive, VmSpec
@@ -56,8 +57,8 @@ class InstalledBase:
 
 
 def install_spec(*, name: str, iso: Path, disk: Path, accel: str, cpus: int, memory: int, workdir: Path,
-                 gateway_port: int) -> VmSpec:
-    return VmSpec(
+                 gateway_port: int, firmware: Firmware = BIOS) -> VmSpec:
+    return VmSpec(firmware=firmware,
         name=name, memory_mib=memory >> 20, cpus=cpus, accel=accel,  # type: ignore[arg-type]
         drives=(Drive(disk, cache="unsafe"), Drive.cdrom(iso)), boot="cdrom", machine=INSTALL_MACHINE,
         serial_log=workdir / "install.serial.log", no_reboot=True,
@@ -129,7 +130,8 @@ def run(ctx: BuildContext, media: Media, inputs: InstallerInputs) -> InstalledBa
     disk = ctx.workdir / "installed.qcow2"
     image.create(disk, cfg.disk.size)
     spec = install_spec(name=f"{cfg.name}-install", iso=iso, disk=disk, accel=ctx.accel, cpus=cfg.vm.cpus,
-                        memory=cfg.vm.memory, workdir=ctx.workdir, gateway_port=services.gateway.port)
+                        memory=cfg.vm.memory, workdir=ctx.workdir, gateway_port=services.gateway.port,
+                        firmware=ctx.firmware(f"{cfg.name}-install"))
     with ctx.machine(spec) as vm:
         res = run_install(spec, vm, tracker=services.tracker, listener=services.syslog, emitter=emitter,
                           timeout=cfg.installer.timeout, stall_timeout=cfg.installer.stall_timeout)

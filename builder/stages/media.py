@@ -14,6 +14,7 @@ from pathlib import Path
 from ..archive.http import FetchStats
 from ..config import ImageConfig
 from ..context import BuildContext
+from ..errors import LockError
 from ..events import Emitter
 from ..gateway.signing import EphemeralKey, combined_keyring
 from ..installcache import install_key
@@ -56,7 +57,8 @@ def disk_key(cfg: ImageConfig, lock: Lock, preseed: str, client: KeyPair, host: 
     return install_key(preseed=preseed, cmdline=cmdline, lock=lock,
                        secrets=(client.private_openssh, client.public_openssh, host.private_openssh,
                                 host.public_openssh),
-                       settings={"disk_size": cfg.disk.size, "firmware": cfg.vm.firmware, "machine": INSTALL_MACHINE})
+                       settings={"disk_size": cfg.disk.size, "firmware": cfg.build_firmware,
+                                 "machine": INSTALL_MACHINE})
 
 
 def render(cfg: ImageConfig, inputs: InstallerInputs, *, log_port: int) -> Media:
@@ -70,7 +72,11 @@ def render(cfg: ImageConfig, inputs: InstallerInputs, *, log_port: int) -> Media
 
 
 def make_iso(cfg: ImageConfig, inputs: InstallerInputs, media: Media, key: EphemeralKey, target: Path) -> Path:
-    """The installer initrd (preseed + keyring appended) on a pycdlib ISO at ``target``."""
+    """The installer initrd (preseed + keyring appended) on a pycdlib ISO at ``target``, bootable under BIOS and,
+    when the lock pins Debian's signed shim and GRUB, under UEFI too."""
+    if inputs.efi is None and cfg.build_firmware == "uefi":
+        raise LockError(f"the lock {cfg.lock_path.name} pins no shim-signed / grub-efi-amd64-signed: the installer "
+                        "ISO cannot boot under UEFI (vm.firmware)", hint="run: python -m builder lock IMAGE.yaml")
     keyring = combined_keyring(cfg.debian.keyring, key.public_key())
     initrd = append_to_initrd(inputs.initrd.read_bytes(), {
         "preseed.cfg": media.preseed.encode(),
@@ -78,7 +84,7 @@ def make_iso(cfg: ImageConfig, inputs: InstallerInputs, media: Media, key: Ephem
     })
     iso = build_iso(target, kernel=inputs.kernel, initrd=initrd, isolinux_bin=inputs.isolinux_bin,
                     ldlinux_c32=inputs.ldlinux_c32, append=media.cmdline,
-                    extra_files={"preseed.cfg": media.preseed.encode()})
+                    extra_files={"preseed.cfg": media.preseed.encode()}, efi=inputs.efi)
     return iso
 
 

@@ -27,6 +27,7 @@ from ..installcache import DirectBoot
 from ..provision import AnsibleRunner, Provisioner, Target
 from ..ssh import known_hosts_line, run_command, wait_for_ssh
 from ..vm import Machine
+from ..vm.firmware import BIOS, Firmware
 from ..vm.guestnet import gateway_service
 from ..vm.net import find_free_port
 from ..vm.spec import Drive, VmSpec
@@ -52,8 +53,8 @@ class Guest:
 
 
 def provision_spec(cfg: ImageConfig, disk: Path, workdir: Path, accel: str, ssh_port: int,
-                   gateway_port: int, direct_boot: DirectBoot | None = None) -> VmSpec:
-    return VmSpec(
+                   gateway_port: int, direct_boot: DirectBoot | None = None, firmware: Firmware = BIOS) -> VmSpec:
+    return VmSpec(firmware=firmware,
         name=f"{cfg.name}-provision", memory_mib=cfg.provision.memory >> 20, cpus=cfg.vm.cpus,
         accel=accel,  # type: ignore[arg-type]
         drives=(Drive(disk, discard=True),), boot="disk", serial_log=workdir / "provision.serial.log",
@@ -111,7 +112,8 @@ def run(ctx: BuildContext, base: InstalledBase, *, provisioner: Provisioner | No
                                                timeout=cfg.provision.timeout)
     disk = image.overlay(base.disk, wd / "disk.qcow2")
     port = find_free_port()
-    spec = provision_spec(cfg, disk, wd, ctx.accel, port, ctx.gateway.port, base.direct_boot)
+    spec = provision_spec(cfg, disk, wd, ctx.accel, port, ctx.gateway.port, base.direct_boot,
+                          firmware=ctx.firmware(f"{cfg.name}-provision"))
     user = cfg.installer.build_user
     key_path, _ = base.client_key.write(wd, "build_key")
     known_hosts = wd / "known_hosts"

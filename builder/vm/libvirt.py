@@ -71,6 +71,11 @@ def domain_xml(spec: VmSpec, *, uri: str = DEFAULT_URI) -> str:
     _sub(root, "vcpu", str(spec.cpus))
     os_el = _sub(root, "os")
     _sub(os_el, "type", "hvm", arch="x86_64", machine=spec.machine)
+    fw = spec.firmware
+    if fw.uefi:
+        assert fw.code is not None and fw.vars is not None
+        _sub(os_el, "loader", os.fspath(fw.code), readonly="yes", type="pflash", secure="yes" if fw.secure else "no")
+        _sub(os_el, "nvram", os.fspath(fw.vars))
     if spec.kernel is not None:
         _sub(os_el, "kernel", os.fspath(spec.kernel))
         if spec.initrd is not None:
@@ -80,6 +85,8 @@ def domain_xml(spec: VmSpec, *, uri: str = DEFAULT_URI) -> str:
     features = _sub(root, "features")
     _sub(features, "acpi")
     _sub(features, "apic")
+    if fw.secure:
+        _sub(features, "smm", state="on")
     _cpu(spec, root)
     _sub(root, "clock", offset="utc")
     _sub(root, "on_poweroff", "destroy")

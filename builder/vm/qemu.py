@@ -67,12 +67,13 @@ def qemu_argv(spec: VmSpec, *, qmp_socket: Path, binary: str = "qemu-system-x86_
     fed from the host's /dev/urandom so the guest has entropy early (SSH host keys, apt).
     """
     accel = "tcg,thread=multi" if spec.accel == "tcg" else "kvm"
+    fw = spec.firmware
     argv = [
         binary,
         "-name", spec.name,
         "-nodefaults",
         "-no-user-config",
-        "-machine", spec.machine,
+        "-machine", spec.machine + (",smm=on" if fw.secure else ""),
         "-accel", accel,
         "-cpu", spec.effective_cpu_model,
         "-smp", str(spec.cpus),
@@ -81,6 +82,12 @@ def qemu_argv(spec: VmSpec, *, qmp_socket: Path, binary: str = "qemu-system-x86_
         "-device", "VGA",
         "-qmp", f"unix:{_esc(qmp_socket)},server=on,wait=off",
     ]
+    if fw.uefi:
+        assert fw.code is not None and fw.vars is not None
+        if fw.secure:  # the Secure Boot build runs its variable services in SMM; only SMM may write the flash
+            argv += ["-global", "driver=cfi.pflash01,property=secure,value=on"]
+        argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={_esc(fw.code)}",
+                 "-drive", f"if=pflash,format=raw,unit=1,file={_esc(fw.vars)}"]
     if spec.serial_log is not None:
         argv += ["-chardev", f"file,id=serial0,path={_esc(spec.serial_log)}", "-serial", "chardev:serial0"]
     else:

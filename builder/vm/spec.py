@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..errors import VmError
+from .firmware import BIOS, Firmware
 from .guestnet import GuestService
 
 Accel = Literal["kvm", "tcg"]
@@ -62,6 +63,8 @@ class VmSpec:
     ``(host_port, guest_port)`` TCP pairs. ``guest_services`` are host services the guest reaches at a fixed
     address of its own (QEMU ``guestfwd``), such as the archive gateway. ``cpu_model=None`` means ``max``
     under TCG and ``host`` under KVM.
+    ``firmware`` is SeaBIOS (the default), OVMF, or OVMF with Secure Boot (:mod:`builder.vm.firmware`; its
+    variable store is this VM's own copy).
     ``no_reboot`` makes a guest reboot end the VM like a power-off (the installer reboots or powers off at the
     end; both must end the VM). ``serial_log`` receives the guest's first serial port (ttyS0).
     """
@@ -84,6 +87,7 @@ class VmSpec:
     cpu_model: str | None = None
     no_reboot: bool = True
     extra_args: tuple[str, ...] = ()
+    firmware: Firmware = BIOS
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -97,6 +101,8 @@ class VmSpec:
             problems.append(f"accel must be 'kvm' or 'tcg', not {self.accel!r} (resolve 'auto' with choose_accel)")
         if self.boot not in ("cdrom", "disk"):
             problems.append(f"boot must be 'cdrom' or 'disk', not {self.boot!r}")
+        if self.firmware.uefi and not self.machine.startswith("q35"):
+            problems.append(f"{self.firmware.kind} firmware needs a q35 machine, not {self.machine!r}")
         if self.initrd is not None and self.kernel is None:
             problems.append("initrd given without kernel")
         if self.append and self.kernel is None:

@@ -58,11 +58,11 @@ def test_build_names_every_missing_tool_before_fetching(repo, tmp_path):
     import os
     import shutil
 
-    from builder.preflight import BUILD_TOOLS
+    from builder.preflight import BUILD_TOOLS, EFI_TOOLS
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for tool in [*BUILD_TOOLS, "python3"]:
+    for tool in [*BUILD_TOOLS, *EFI_TOOLS, "python3"]:
         found = shutil.which(tool)
         if found and tool not in ("qemu-img", "socat"):
             (bin_dir / tool).symlink_to(found)

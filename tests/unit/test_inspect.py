@@ -31,7 +31,7 @@ def test_inspect_default_image(tmp_path, monkeypatch):
     assert "stages: " + " → ".join(STAGES) in text
     assert "netboot 20250803+deb13u6" in text and "29 overridden udebs" in text
     assert "run the install (no installed disk for key" in text  # the cache is empty
-    assert "find 0 of 3 pinned installer packages" in text
+    assert "find 0 of 5 pinned installer packages" in text
 
 
 def test_inspect_verb_exits_0_and_prints(tmp_path):

@@ -48,7 +48,7 @@ def test_lock_errors(tmp_path):
 def test_committed_lock_is_valid(repo):
     lock = read_lock(repo / "images/cloud-gpu-worker.lock.json")
     assert lock.codename == "trixie" and lock.kernel_abi.startswith("6.12.")
-    assert {b.package for b in lock.boot} == {"isolinux", "syslinux-common"}
+    assert {b.package for b in lock.boot} == {"isolinux", "syslinux-common", "shim-signed", "grub-efi-amd64-signed"}
     assert all(len(o.sha256) == 64 for o in lock.overrides)
 
 

@@ -124,13 +124,52 @@ def test_renders_the_important_answers(text: str, config: ImageConfig) -> None:
     assert "d-i passwd/root-password" not in s and "d-i passwd/user-password" not in s
 
 
-def test_partition_recipe_is_one_ext4_root_and_no_swap(text: str) -> None:
+@pytest.mark.parametrize("boot", ["hybrid", "uefi", "bios"])
+def test_partitioning_per_boot_mode(boot: str, keys: dict[str, str]) -> None:
+    """Each disk.boot renders its layout, passes d-i's syntax check, and keeps one ext4 root last, no swap."""
+    cfg = load_config(IMAGE, ["provision.enabled=false", f"disk.boot={boot}"])
+    text = render_preseed(PreseedContext(config=cfg, mirror_host="10.0.2.2:38123", security_host="10.0.2.2:38123",
+                                         udeb_suite="builder-0123abcd", **keys))
+    ps.check_preseed_syntax(text)
     recipe = value(text, "partman-auto/expert_recipe")
     parts = [p.strip() for p in recipe.split(" . ") if p.strip()]
-    assert len(parts) == 2
-    assert "$iflabel{ gpt }" in parts[0] and "method{ biosgrub }" in parts[0]
-    assert "filesystem{ ext4 }" in parts[1] and "mountpoint{ / }" in parts[1] and " -1 ext4 " in parts[1]
+    assert "filesystem{ ext4 }" in parts[-1] and "mountpoint{ / }" in parts[-1] and " -1 ext4 " in parts[-1]
     assert "swap" not in recipe
+    assert sum("mountpoint{ / }" in p for p in parts) == 1
+    label = value(text, "partman-partitioning/choose_label")
+    late = value(text, "preseed/late_command")
+    biosgrub = [p for p in parts if "method{ biosgrub }" in p]
+    esp = [p for p in parts if "method{ efi }" in p]
+    if boot == "bios":
+        assert label == "msdos" and not esp
+        assert len(biosgrub) == 1 and "$iflabel{ gpt }" in biosgrub[0]  # only on disks above 2 TiB
+        assert "boot-loader" not in late and "grub2/force_efi_extra_removable" not in text
+    else:
+        assert label == "gpt" and len(esp) == 1 and f"{ps.ESP_MB} {ps.ESP_MB} {ps.ESP_MB} fat32" in esp[0]
+        assert value(text, "partman-efi/non_efi_system") == "true"
+        assert value(text, "grub-installer/force-efi-extra-removable") == "true"
+        assert value(text, "grub2/force_efi_extra_removable", owner="grub-efi-amd64") == "true"
+        assert value(text, "grub2/update_nvram", owner="grub-efi-amd64") == "false"
+        assert "test -s /target/boot/efi/EFI/BOOT/BOOTX64.EFI" in late
+        if boot == "hybrid":  # BIOS boot partition first, then the ESP, the root last
+            assert len(biosgrub) == 1 and parts.index(biosgrub[0]) < parts.index(esp[0])
+            assert "grub-cloud-amd64" in late and "/target/etc/grub.d/enable_cloud" in late
+        else:
+            assert not biosgrub and "--force-extra-removable" in late and "grub-cloud-amd64" not in late
+    assert late.index("step boot-loader" if boot != "bios" else "step grub") <= late.index("step grub")
+
+
+@pytest.mark.parametrize(("boot", "firmware"), [("hybrid", "bios"), ("uefi", "bios"), ("bios", "uefi")])
+def test_firmware_that_cannot_install_the_disk_is_refused(boot: str, firmware: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(IMAGE, [f"disk.boot={boot}", f"vm.firmware={firmware}"])
+    assert "vm.firmware" in str(exc.value) and boot in str(exc.value)
+
+
+def test_auto_firmware_follows_the_disk() -> None:
+    assert load_config(IMAGE).build_firmware == "uefi"
+    assert load_config(IMAGE, ["disk.boot=bios"]).build_firmware == "bios"
+    assert load_config(IMAGE, ["disk.boot=uefi", "vm.firmware=uefi"]).build_firmware == "uefi"
 
 
 def test_never_unauthenticated(text: str) -> None:
