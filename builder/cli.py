@@ -66,12 +66,21 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--force", action="store_true", help="replace existing artifacts in the output directory")
     sp.add_argument("--keep-workdir", action="store_true", help="keep the work directory (logs, disks) after the build")
     sp.add_argument("--no-cache", action="store_true", help="do not reuse a cached installed disk")
+    sp.add_argument("--no-verify", action="store_true",
+                    help="publish without booting the image under each firmware its disk promises (BIOS and UEFI "
+                         "for disk.boot hybrid) and checking it first")
     sp.add_argument("--on-error", choices=("cleanup", "abort"), default="cleanup",
                     help="after a failure: remove the work directory (cleanup, the default) or keep it with its "
                          "disks and say how to boot them (abort); a diagnostics bundle is left either way")
     sp = image_cmd("verify", "boot a built qcow2 with a NoCloud seed and check it (JUnit + text report)")
     sp.add_argument("--image-file", type=Path, help="qcow2 to check (default: the build output of IMAGE.yaml)")
     sp.add_argument("--report-dir", type=Path, help="where reports go (default: OUTPUT_DIR/verify)")
+    sp.add_argument("--firmware", action="append", choices=("bios", "uefi", "uefi-secure"),
+                    help="boot under this firmware (repeatable; default: every firmware disk.boot promises: "
+                         "bios and uefi for hybrid). uefi-secure: OVMF with Secure Boot and Microsoft's keys, the "
+                         "image's module-signing certificate added to the MOK list")
+    sp.add_argument("--mok-cert", type=Path, help="module-signing certificate (PEM) to enroll and check against "
+                                                  "(default: NAME.mok.pem next to the image)")
     sp = image_cmd("gateway", "serve the verified, caching archive gateway (with the signed installer suite) until "
                               "interrupted; prints its URLs")
     sp.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT",
@@ -320,18 +329,22 @@ def _dispatch(args: argparse.Namespace, console: Any) -> int:
             from .pipeline import build
 
             result = build(cfg, on_event=emitter, output=args.output, force=args.force,
-                           keep_workdir=args.keep_workdir, use_cache=not args.no_cache, on_error=args.on_error)
+                           keep_workdir=args.keep_workdir, use_cache=not args.no_cache, on_error=args.on_error,
+                           verify=not args.no_verify)
             _say(console, f" {result.image} ({result.size_bytes / 2**20:.0f} MiB) in {result.duration_s / 60:.1f} min",
                  "green", prefix="built")
         elif args.verb == "verify":
-            from .verify import verify_image
+            from .verify import verify_all
 
             qcow2 = args.image_file or cfg.output_dir / f"{cfg.name}.qcow2"
             report_dir = args.report_dir or cfg.output_dir / "verify"
-            report = verify_image(cfg, qcow2, report_dir, emitter=emitter)
-            _say(console, report.text())
-            _say(console, f"reports: {report_dir}/verify-report.{{xml,txt,json}}")
-            if not report.ok:
+            reports = verify_all(cfg, qcow2, report_dir, firmwares=tuple(dict.fromkeys(args.firmware or ())),
+                                 mok_cert=args.mok_cert, emitter=emitter)
+            for report in reports:
+                _say(console, report.text())
+            _say(console, f"reports: {report_dir}/<firmware>/verify-report.{{xml,txt,json}}, "
+                          f"{report_dir}/verify-summary.json")
+            if not all(r.ok for r in reports):
                 return EXIT_FAILED
         else:  # pragma: no cover - argparse guards this
             raise ConfigError(f"unknown verb {args.verb}")

@@ -43,6 +43,7 @@ class BuildOptions:
     keep_workdir: bool = False
     use_cache: bool = True
     on_error: OnError = "cleanup"
+    verify: bool = True
 
 
 @dataclass(frozen=True)

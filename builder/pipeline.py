@@ -28,6 +28,7 @@ from .gateway.signing import sweep_stale_homes
 from .installcache import InstalledDiskCache
 from .run import pid_alive
 from .stages import fetch, finalize, install, media, provision, publish
+from .stages import verify as verify_stage
 from .stages.media import write_iso
 from .stages.publish import BuildResult
 
@@ -40,15 +41,16 @@ PID_RE = re.compile(r"-pid(\d+)-")
 
 def build(cfg: ImageConfig, *, on_event: Callable[[Event], None] | Emitter | None = None, output: Path | None = None,
           force: bool = False, keep_workdir: bool = False, use_cache: bool = True,
-          on_error: OnError = "cleanup") -> BuildResult:
+          on_error: OnError = "cleanup", verify: bool = True) -> BuildResult:
     """Build the image described by ``cfg``; return where it is. Raises BuilderError subclasses.
 
     ``on_error="abort"`` keeps the work directory (disks, logs) of a failed build and says how to boot its
     disk by hand; ``"cleanup"`` (the default) removes it. Either way a failure after a VM started leaves a
-    diagnostics bundle beside the output directory, and the error names it.
+    diagnostics bundle beside the output directory, and the error names it. ``verify`` boots the finished
+    image under every firmware its disk promises and checks it before anything is published.
     """
     emitter = on_event if isinstance(on_event, Emitter) else Emitter(on_event)
-    options = BuildOptions((output or cfg.output_dir).resolve(), force, keep_workdir, use_cache, on_error)
+    options = BuildOptions((output or cfg.output_dir).resolve(), force, keep_workdir, use_cache, on_error, verify)
     preflight.check(cfg, options)
     with ExitStack() as stack:
         workdir = stack.enter_context(_WorkDir(cfg, options, emitter))
@@ -68,6 +70,9 @@ def build(cfg: ImageConfig, *, on_event: Callable[[Event], None] | Emitter | Non
             guest = provision.run(ctx, base)
         with emitter.stage("finalize"):
             final = finalize.run(ctx, guest)
+        if options.verify:
+            with emitter.stage("verify"):
+                verify_stage.run(ctx, final)
         with emitter.stage("publish"):
             return publish.run(ctx, final)
     raise AssertionError("unreachable")  # pragma: no cover

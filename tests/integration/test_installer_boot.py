@@ -46,7 +46,9 @@ def test_installer_fetches_signed_udebs_and_reaches_partitioner(default_config, 
         image.create(disk, cfg.disk.size)
         assert m.iso is not None
         spec = install_spec(name="t-install", iso=m.iso, disk=disk, accel=ctx.accel, cpus=cfg.vm.cpus,
-                            memory=cfg.vm.memory, workdir=tmp_path, gateway_port=gw.port)
+                            memory=cfg.vm.memory, workdir=tmp_path, gateway_port=gw.port,
+                            firmware=ctx.firmware("t-install"))
+        assert spec.firmware.kind == "uefi"  # the default image installs under OVMF (the hybrid GPT disk)
         t0 = time.monotonic()
         reached = None
         with QemuMachine(spec, tmp_path) as vm:

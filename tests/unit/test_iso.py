@@ -139,3 +139,43 @@ def test_xorriso_sees_the_el_torito_entry(iso: Path) -> None:
                              capture_output=True, text=True, timeout=60, check=True).stdout
     for path in ("/install/vmlinuz", "/install/initrd.gz", "/isolinux/isolinux.cfg", "/preseed.cfg"):
         assert f"'{path}'" in listing
+
+
+def test_grub_cfg_boots_the_installer_at_once() -> None:
+    from builder.installer.efi import grub_cfg
+
+    cfg = grub_cfg("auto=true log_host=10.0.2.2 --- console=ttyS0,115200 it's", kernel="/install/vmlinuz",
+                   initrd="/install/initrd.gz")
+    assert "set timeout=0" in cfg and "serial --unit=0 --speed=115200" in cfg
+    assert "    linux /install/vmlinuz 'auto=true' 'log_host=10.0.2.2' '---' 'console=ttyS0,115200' 'it'\\''s'" in cfg
+    assert "    initrd /install/initrd.gz" in cfg
+    with pytest.raises(MediaError, match="single line"):
+        grub_cfg("a\nb", kernel="/k", initrd="/i")
+
+
+@pytest.mark.skipif(shutil.which("mkfs.fat") is None or shutil.which("mcopy") is None,
+                    reason="dosfstools and mtools needed")
+def test_efi_entry_and_fat_image_read_back(tmp_path: Path) -> None:
+    """A second El Torito entry (platform 0xEF) whose FAT image holds shim, GRUB and the hand-over config."""
+    from builder.installer.efi import DISK_INFO, EFI_IMAGE, GRUB_CFG, list_efi_image, read_efi_file
+
+    if not (ISOLINUX_BIN.is_file() and LDLINUX_C32.is_file()):
+        pytest.skip("isolinux and syslinux-common needed")
+    shim, grub = b"MZ" + b"s" * 9000, b"MZ" + b"g" * 20000  # stand-ins: only the PE magic is checked here
+    out = build_iso(tmp_path / "x.iso", kernel=b"K" * 4096, initrd=b"I" * 4096,
+                    isolinux_bin=ISOLINUX_BIN.read_bytes(), ldlinux_c32=LDLINUX_C32.read_bytes(),
+                    append="auto=true", efi=(shim, grub))
+    info = describe_iso(out)
+    assert [(e["platform_name"], e["boot_file"]) for e in info["eltorito"]] == [
+        ("x86", "/isolinux/isolinux.bin"), ("efi", EFI_IMAGE)]
+    assert info["eltorito"][1]["sectors"] * 512 == info["files"][EFI_IMAGE]
+    assert {DISK_INFO, GRUB_CFG} <= set(info["files"])
+    assert b"linux /install/vmlinuz 'auto=true'" in read_iso_file(out, GRUB_CFG)
+    fat = read_iso_file(out, EFI_IMAGE)
+    assert list_efi_image(fat) == {"/EFI/BOOT/BOOTX64.EFI": len(shim), "/EFI/BOOT/grubx64.efi": len(grub),
+                                   "/EFI/debian/grub.cfg": len(read_efi_file(fat, "/EFI/debian/grub.cfg"))}
+    assert read_efi_file(fat, "/EFI/BOOT/BOOTX64.EFI") == shim
+    assert b"search --file --set=root /.disk/info" in read_efi_file(fat, "/EFI/debian/grub.cfg")
+    with pytest.raises(MediaError, match="PE"):
+        build_iso(tmp_path / "y.iso", kernel=b"K" * 4096, initrd=b"I" * 4096, isolinux_bin=ISOLINUX_BIN.read_bytes(),
+                  ldlinux_c32=LDLINUX_C32.read_bytes(), append="", efi=(b"not a PE", grub))
