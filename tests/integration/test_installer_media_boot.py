@@ -124,13 +124,8 @@ def _boot(iso: Path, serial: Path, until: str, timeout: float, memory: int = 102
 
 @pytest.mark.timeout(180)
 def test_iso_boots_kernel_and_appended_initrd(tmp_path: Path, stock_kernel: bytes, busybox: bytes) -> None:
-    base = gzip_cpio([
-        CpioEntry.directory("bin"),
-        CpioEntry.file("bin/busybox", busybox, 0o755),
-        CpioEntry.file("init", INIT, 0o755),
-    ])
     preseed = b"d-i time/zone string UTC\n# appended archive\n"
-    initrd = append_to_initrd(base, {"preseed.cfg": preseed})
+    initrd = make_initrd(busybox, preseed)
     append = "auto=true priority=critical DEBIAN_FRONTEND=text console=ttyS0,115200n8 --- console=ttyS0,115200"
     iso = build_iso(tmp_path / "boot.iso", kernel=stock_kernel, initrd=initrd,
                     isolinux_bin=ISOLINUX_BIN.read_bytes(), ldlinux_c32=LDLINUX_C32.read_bytes(),
@@ -173,13 +168,8 @@ def test_iso_boots_under_ovmf_through_signed_shim_and_grub(tmp_path: Path, stock
     from builder.installer.iso import describe_iso, read_iso_file
     from builder.vm.firmware import prepare
 
-    base = gzip_cpio([
-        CpioEntry.directory("bin"),
-        CpioEntry.file("bin/busybox", busybox, 0o755),
-        CpioEntry.file("init", INIT, 0o755),
-    ])
     preseed = b"d-i time/zone string UTC\n# appended archive (UEFI)\n"
-    initrd = append_to_initrd(base, {"preseed.cfg": preseed})
+    initrd = make_initrd(busybox, preseed)
     append = "auto=true priority=critical console=ttyS0,115200n8 log_port=5140 --- console=ttyS0,115200"
     iso = build_iso(tmp_path / "boot.iso", kernel=stock_kernel, initrd=initrd,
                     isolinux_bin=ISOLINUX_BIN.read_bytes(), ldlinux_c32=LDLINUX_C32.read_bytes(),
@@ -204,6 +194,16 @@ def test_iso_boots_under_ovmf_through_signed_shim_and_grub(tmp_path: Path, stock
     body = log.split("PRESEED-BEGIN\n", 1)[1].split("PRESEED-END", 1)[0]
     assert body == preseed.decode()
     print(f"UEFI: booted to /init and read the appended preseed in {elapsed:.1f} s")
+
+
+def make_initrd(busybox: bytes, preseed: bytes) -> bytes:
+    """busybox + /init (prints the command line and /preseed.cfg, powers off), then the preseed appended."""
+    base = gzip_cpio([
+        CpioEntry.directory("bin"),
+        CpioEntry.file("bin/busybox", busybox, 0o755),
+        CpioEntry.file("init", INIT, 0o755),
+    ])
+    return append_to_initrd(base, {"preseed.cfg": preseed})
 
 
 def gzip_cpio(entries: list[CpioEntry]) -> bytes:
