@@ -118,3 +118,60 @@ def test_clean_one_image_only(tmp_path, monkeypatch):
     (disk_b / "meta.json").write_text(json.dumps({"image": "b"}))
     clean(image="a")
     assert not mine.exists() and not disk_a.exists() and other.exists() and disk_b.exists()
+
+
+def test_boot_checks_follow_the_disk_layout(default_config):
+    from builder.verify import BIOS_BOOT_TYPE, ESP_TYPE, boot_checks, default_firmwares
+
+    names = {b: [n for n, _c, _e in boot_checks(b)] for b in ("hybrid", "uefi", "bios")}
+    assert names["hybrid"] == ["partition table", "EFI system partition", "removable boot path",
+                               "signed boot loader", "BIOS boot partition"]
+    assert "BIOS boot partition" not in names["uefi"] and names["bios"] == ["partition table"]
+    cmds = " ".join(c for _n, c, _e in boot_checks("hybrid"))
+    assert ESP_TYPE in cmds and BIOS_BOOT_TYPE in cmds and "label: gpt" in cmds
+    assert "root partition last" in [n for n, _c, _e in checks_for(default_config)]
+    assert default_firmwares(default_config) == ("bios", "uefi")
+
+
+def test_firmware_checks(tmp_path):
+    from builder.verify import EFIVAR_SECURE_BOOT, cert_signer, firmware_checks
+
+    assert [n for n, _c, _e in firmware_checks("bios", None)] == ["booted by BIOS"]
+    assert [n for n, _c, _e in firmware_checks("uefi", "X")] == ["booted by UEFI", "nvidia module signer"]
+    secure = dict((n, c) for n, c, _e in firmware_checks("uefi-secure", "Org module signing"))
+    assert list(secure) == ["booted by UEFI", "secure boot on", "nvidia module signer", "nvidia signature accepted"]
+    assert EFIVAR_SECURE_BOOT in secure["secure boot on"]
+    assert "grep -Fx 'Org module signing'" in secure["nvidia module signer"]
+    assert "No such device" in secure["nvidia signature accepted"] and "key was rejected" in \
+        secure["nvidia signature accepted"]
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Org module signing")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    (tmp_path / "c.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "c.der").write_bytes(cert.public_bytes(serialization.Encoding.DER))
+    assert cert_signer(tmp_path / "c.pem") == cert_signer(tmp_path / "c.der") == "Org module signing"
+
+
+def test_verify_refuses_a_firmware_the_disk_cannot_boot(tmp_path):
+    import pytest
+
+    from builder.config import load_config
+    from builder.errors import VerifyError
+    from builder.verify import verify_image
+
+    img = tmp_path / "x.qcow2"
+    img.write_bytes(b"")
+    repo = Path(__file__).resolve().parents[2]
+    cfg = load_config(repo / "images/cloud-gpu-worker.yaml", ["disk.boot=bios"])
+    with pytest.raises(VerifyError, match="cannot boot under uefi"):
+        verify_image(cfg, img, tmp_path / "r", firmware="uefi")
