@@ -66,6 +66,12 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--force", action="store_true", help="replace existing artifacts in the output directory")
     sp.add_argument("--keep-workdir", action="store_true", help="keep the work directory (logs, disks) after the build")
     sp.add_argument("--no-cache", action="store_true", help="do not reuse a cached installed disk")
+    sp.add_argument("--only", action="append", metavar="VARIANT",
+                    help="build only this variant (repeatable; default: every variant the image declares)")
+    sp.add_argument("--except", dest="skip", action="append", metavar="VARIANT",
+                    help="do not build this variant (repeatable)")
+    sp.add_argument("--parallel", type=int, metavar="N",
+                    help="variants provisioned at once (default: as many VMs as the host's cores and memory hold)")
     sp.add_argument("--no-verify", action="store_true",
                     help="publish without booting the image under each firmware its disk promises (BIOS and UEFI "
                          "for disk.boot hybrid) and checking it first")
@@ -79,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="boot under this firmware (repeatable; default: every firmware disk.boot promises: "
                          "bios and uefi for hybrid). uefi-secure: OVMF with Secure Boot and Microsoft's keys, the "
                          "image's module-signing certificate added to the MOK list")
+    sp.add_argument("--variant", help="which variant's image (OUTPUT_DIR/VARIANT/NAME-VARIANT.qcow2) and settings")
     sp.add_argument("--mok-cert", type=Path, help="module-signing certificate (PEM) to enroll and check against "
                                                   "(default: NAME.mok.pem next to the image)")
     sp = image_cmd("gateway", "serve the verified, caching archive gateway (with the signed installer suite) until "
@@ -326,18 +333,40 @@ def _dispatch(args: argparse.Namespace, console: Any) -> int:
             out = write_iso(cfg, args.output, emitter=emitter, stats=stats)
             _say(console, f"wrote {out}")
         elif args.verb == "build":
-            from .pipeline import build
+            from .pipeline import build, build_variants
 
-            result = build(cfg, on_event=emitter, output=args.output, force=args.force,
-                           keep_workdir=args.keep_workdir, use_cache=not args.no_cache, on_error=args.on_error,
-                           verify=not args.no_verify)
-            _say(console, f" {result.image} ({result.size_bytes / 2**20:.0f} MiB) in {result.duration_s / 60:.1f} min",
-                 "green", prefix="built")
+            common = {"on_event": emitter, "output": args.output, "force": args.force,
+                      "keep_workdir": args.keep_workdir, "use_cache": not args.no_cache, "on_error": args.on_error,
+                      "verify": not args.no_verify}
+            names = cfg.select_variants(tuple(args.only or ()), tuple(args.skip or ()))
+            if not cfg.variants:
+                result = build(cfg, **common)  # type: ignore[arg-type]
+                _say(console, f" {result.image} ({result.size_bytes / 2**20:.0f} MiB) in "
+                              f"{result.duration_s / 60:.1f} min", "green", prefix="built")
+                return EXIT_OK
+            if not names:
+                raise ConfigError("--only/--except leave no variant to build", hint="variants: "
+                                  + ", ".join(cfg.variants))
+            multi = build_variants(cfg, names=names, parallel=args.parallel, **common)  # type: ignore[arg-type]
+            for name in names:
+                if name in multi.results:
+                    r = multi.results[name]
+                    _say(console, f" {name}: {r.image} ({r.size_bytes / 2**20:.0f} MiB) in "
+                                  f"{r.duration_s / 60:.1f} min", "green", prefix="built")
+                else:
+                    _say(console, f" {name}: {multi.failed[name].describe()}", "bold red", prefix="failed")
+            return EXIT_OK if multi.ok else EXIT_FAILED
         elif args.verb == "verify":
             from .verify import verify_all
 
-            qcow2 = args.image_file or cfg.output_dir / f"{cfg.name}.qcow2"
-            report_dir = args.report_dir or cfg.output_dir / "verify"
+            out_dir = cfg.output_dir
+            if args.variant:
+                out_dir, cfg = out_dir / args.variant, cfg.variant(args.variant)
+            elif cfg.variants and not args.image_file:
+                raise ConfigError("this image has variants: name one with --variant (or give --image-file)",
+                                  hint="variants: " + ", ".join(cfg.variants))
+            qcow2 = args.image_file or out_dir / f"{cfg.name}.qcow2"
+            report_dir = args.report_dir or out_dir / "verify"
             reports = verify_all(cfg, qcow2, report_dir, firmwares=tuple(dict.fromkeys(args.firmware or ())),
                                  mok_cert=args.mok_cert, emitter=emitter)
             for report in reports:

@@ -156,6 +156,8 @@ class DebianConfig(_Model):
 
 
 BootMode = Literal["hybrid", "uefi", "bios"]
+# what a variant may override: nothing that shapes the installed disk they share
+VARIANT_KEYS = frozenset({"provision", "disk", "description"})
 
 
 class DiskConfig(_Model):
@@ -314,6 +316,9 @@ class ImageConfig(_Model):
     installer: InstallerConfig = InstallerConfig()
     provision: ProvisionConfig = ProvisionConfig()
     output: OutputConfig = OutputConfig()
+    # Named variants built from the same installed disk: each overrides what does not change the install
+    # (provision.*, disk.compression, description), e.g. {"open": {"provision": {"extra_vars": {...}}}}.
+    variants: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # Where the config was read from; relative paths in it are resolved against its folder.
     source: Path | None = Field(None, exclude=True)
 
@@ -323,6 +328,49 @@ class ImageConfig(_Model):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", v):
             raise ValueError(f"not a valid image name: {v!r}")
         return v
+
+    @field_validator("variants")
+    @classmethod
+    def _variants(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name, over in v.items():
+            if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,31}", name):
+                raise ValueError(f"variant name {name!r}: use 1-32 of a-z 0-9 . _ - (it names a directory)")
+            if not isinstance(over, dict):
+                raise ValueError(f"variant {name}: must be a mapping of overrides")
+            for key, val in over.items():
+                if key not in VARIANT_KEYS:
+                    raise ValueError(f"variant {name}: {key} cannot differ between variants (they share one "
+                                     f"installed disk); a variant may set {', '.join(sorted(VARIANT_KEYS))}")
+                if key == "disk" and (not isinstance(val, dict) or set(val) - {"compression"}):
+                    raise ValueError(f"variant {name}: of disk only compression may differ between variants")
+                if key == "provision" and isinstance(val, dict):
+                    seed = set(val.get("extra_vars") or {}) & {"base_packages", "base_extra_packages"}
+                    if seed:
+                        raise ValueError(f"variant {name}: {', '.join(sorted(seed))} is the installed disk's "
+                                         "package list and cannot differ between variants")
+        return v
+
+    def variant(self, name: str) -> ImageConfig:
+        """The configuration of variant ``name``: its overrides merged over this one, named ``NAME-VARIANT``."""
+        if name not in self.variants:
+            raise ConfigError(f"no variant {name!r} in {self.source or 'the image definition'}",
+                              hint="variants: " + (", ".join(self.variants) or "none"))
+        data = self.model_dump(mode="python", exclude={"variants", "source"})
+        merged = _deep_merge(data, self.variants[name])
+        merged["name"] = f"{self.name}-{name}"
+        try:
+            return ImageConfig.model_validate({**merged, "source": self.source})
+        except ValidationError as exc:
+            problems = [(f"variants.{name}." + _loc(e["loc"]), e["msg"]) for e in exc.errors()]
+            raise ConfigError(f"variant {name}: invalid", problems=problems) from exc
+
+    def select_variants(self, only: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> list[str]:
+        """The variants a build makes (``--only``, ``--except``), in definition order; unknown names are errors."""
+        unknown = [n for n in (*only, *skip) if n not in self.variants]
+        if unknown:
+            raise ConfigError(f"unknown variant {', '.join(unknown)}",
+                              hint="variants: " + (", ".join(self.variants) or "none (the image has no variants)"))
+        return [n for n in self.variants if (not only or n in only) and n not in skip]
 
     @model_validator(mode="after")
     def _firmware_fits_disk(self) -> ImageConfig:
@@ -511,6 +559,11 @@ def from_dict(data: dict[str, Any], *, source: Path | None = None, host_defaults
             install_packages(cfg)
         except ConfigError as exc:
             problems.extend(exc.problems or [("", exc.message)])
+    for name in cfg.variants:
+        try:
+            cfg.variant(name)
+        except ConfigError as exc:
+            problems.extend(exc.problems or [(f"variants.{name}", exc.message)])
     if problems:
         raise ConfigError(f"{source or 'config'}: invalid image definition", problems=problems)
     return cfg

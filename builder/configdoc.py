@@ -52,6 +52,10 @@ MEANING: dict[str, str] = {
     "installer.kernel_cmdline": "Kernel command line of the image (and what follows `---` for the installer).",
     "installer.timeout": "Seconds the whole unattended install may take.",
     "installer.stall_timeout": "Seconds without installer log progress before the install counts as stuck.",
+    "variants": "Named variants built by one `build` from the same installed disk, each into OUTPUT/NAME/ as "
+                "IMAGE-NAME.qcow2: a mapping of overrides merged over the image definition, limited to what does "
+                "not change the install (`provision`, `disk.compression`, `description`). `--only`/`--except` pick "
+                "some, `--parallel N` provisions N at once.",
     "provision.enabled": "Run `provision.playbook` (the finalize role runs either way).",
     "provision.playbook": "The image's playbook. Default: builder's `playbooks/cloud-gpu-worker.yml`.",
     "provision.finalize_playbook": "Run after the playbook: makes the machine an image. Default: builder's "

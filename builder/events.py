@@ -9,7 +9,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 log = logging.getLogger("builder")
@@ -34,13 +34,20 @@ OnEvent = Callable[[Event], None]
 class Emitter:
     """Wraps the user's callback; also logs each event and times stages."""
 
-    def __init__(self, on_event: OnEvent | None = None) -> None:
+    def __init__(self, on_event: OnEvent | None = None, *, prefix: str = "") -> None:
         self._cb = on_event
+        self.prefix = prefix
         self.durations: dict[str, float] = {}
         self.stage_name = ""
         self.stage_started: float | None = None
 
     def emit(self, ev: Event) -> None:
+        if self.prefix:  # one variant's events: stage "VARIANT/STAGE", handed to the build's emitter, which logs
+            ev = replace(ev, stage=f"{self.prefix}/{ev.stage}" if ev.stage else self.prefix,
+                         data={**ev.data, "variant": self.prefix})
+            if self._cb is not None:
+                self._cb(ev)
+            return
         level = logging.WARNING if ev.kind == "warning" else logging.DEBUG if ev.kind == "progress" else logging.INFO
         if ev.kind != "progress" or ev.message:
             where = f"[{ev.stage}] " if ev.stage else ""

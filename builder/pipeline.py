@@ -12,8 +12,11 @@ import re
 import shlex
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 
@@ -34,7 +37,7 @@ from .stages.publish import BuildResult
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BuildResult", "build", "clean", "write_iso"]
+__all__ = ["BuildResult", "VariantsResult", "build", "build_variants", "clean", "write_iso"]
 
 PID_RE = re.compile(r"-pid(\d+)-")
 
@@ -42,7 +45,8 @@ PID_RE = re.compile(r"-pid(\d+)-")
 def build(cfg: ImageConfig, *, on_event: Callable[[Event], None] | Emitter | None = None, output: Path | None = None,
           force: bool = False, keep_workdir: bool = False, use_cache: bool = True,
           on_error: OnError = "cleanup", verify: bool = True) -> BuildResult:
-    """Build the image described by ``cfg``; return where it is. Raises BuilderError subclasses.
+    """Build the image described by ``cfg`` (its variants aside: :func:`build_variants`); return where it is.
+    Raises BuilderError subclasses.
 
     ``on_error="abort"`` keeps the work directory (disks, logs) of a failed build and says how to boot its
     disk by hand; ``"cleanup"`` (the default) removes it. Either way a failure after a VM started leaves a
@@ -53,29 +57,111 @@ def build(cfg: ImageConfig, *, on_event: Callable[[Event], None] | Emitter | Non
     options = BuildOptions((output or cfg.output_dir).resolve(), force, keep_workdir, use_cache, on_error, verify)
     preflight.check(cfg, options)
     with ExitStack() as stack:
-        workdir = stack.enter_context(_WorkDir(cfg, options, emitter))
-        diagnostics = stack.enter_context(Diagnostics(workdir.path))
-        ctx = BuildContext(cfg, options, workdir.path, emitter, stack, diagnostics)
-        stack.push(_FailureHandler(ctx, workdir))  # runs once VMs and services are stopped, before the work dir goes
-        with emitter.stage("fetch"):
-            inputs = fetch.run(ctx)
-        with emitter.stage("prepare"):
-            ctx = services.start(ctx, inputs)
-        with emitter.stage("media"):
-            installer = media.run(ctx, inputs)
-        with emitter.stage("install"):
-            base = install.run(ctx, installer, inputs)
-        workdir.record_base(base.disk)
-        with emitter.stage("provision"):
-            guest = provision.run(ctx, base)
-        with emitter.stage("finalize"):
-            final = finalize.run(ctx, guest)
-        if options.verify:
-            with emitter.stage("verify"):
-                verify_stage.run(ctx, final)
-        with emitter.stage("publish"):
-            return publish.run(ctx, final)
+        ctx, _workdir, base = _base(cfg, options, emitter, stack)
+        return _image(ctx, base)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+@dataclass
+class VariantsResult:
+    """What :func:`build_variants` made: a result per variant that was published, an error per one that
+    failed (the others are unaffected by it)."""
+
+    results: dict[str, BuildResult] = field(default_factory=dict)
+    failed: dict[str, BuilderError] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def default_parallel(cfg: ImageConfig) -> int:
+    """How many variants provision at once: as many VMs as the host has cores and memory for."""
+    cores = os.cpu_count() or 1
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        avail = cfg.provision.memory
+    return max(1, min(cores // max(cfg.vm.cpus, 1), avail // (cfg.provision.memory + (1 << 30))))
+
+
+def build_variants(cfg: ImageConfig, *, names: list[str], on_event: Callable[[Event], None] | Emitter | None = None,
+                   output: Path | None = None, force: bool = False, keep_workdir: bool = False,
+                   use_cache: bool = True, on_error: OnError = "cleanup", verify: bool = True,
+                   parallel: int | None = None) -> VariantsResult:
+    """Build the variants ``names`` of ``cfg`` from one installed disk: fetch, media and install once, then
+    provision, finalize, verify and publish per variant (``parallel`` at once), each into ``OUTPUT/NAME/``.
+    A variant that fails leaves a diagnostics bundle and its error in the result; the others go on."""
+    emitter = on_event if isinstance(on_event, Emitter) else Emitter(on_event)
+    root = (output or cfg.output_dir).resolve()
+    options = BuildOptions(root, force, keep_workdir, use_cache, on_error, verify)
+    variants = {n: cfg.variant(n) for n in names}
+    for n, vcfg in variants.items():
+        preflight.check(vcfg, replace(options, output=root / n))
+    result = VariantsResult()
+    with ExitStack() as stack:
+        ctx, workdir, base = _base(cfg, options, emitter, stack)
+        lock = threading.Lock()
+
+        def one(name: str) -> None:
+            vwd = ctx.workdir / name
+            vwd.mkdir()
+            vemit = Emitter(emitter.emit, prefix=name)
+            with ExitStack() as vstack:
+                diagnostics = vstack.enter_context(Diagnostics(vwd))
+                vctx = ctx.with_(config=variants[name], options=replace(options, output=root / name), workdir=vwd,
+                                 emitter=vemit, stack=vstack, diagnostics=diagnostics,
+                                 manifest={**ctx.manifest, "variant": name})
+                vstack.push(_FailureHandler(vctx, workdir))
+                try:
+                    res = _image(vctx, base)
+                except BuilderError as exc:
+                    with lock:
+                        result.failed[name] = exc
+                    return
+            with lock:
+                result.results[name] = res
+
+        at_once = max(1, parallel or default_parallel(cfg))
+        emitter.info(f"building {len(names)} variant(s) from one installed disk, {at_once} at a time: "
+                     + ", ".join(names))
+        with ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="variant") as pool:
+            for fut in [pool.submit(one, name) for name in names]:
+                fut.result()  # an unexpected exception (a bug) still ends the build
+    return result
+
+
+def _base(cfg: ImageConfig, options: BuildOptions, emitter: Emitter,
+          stack: ExitStack) -> tuple[BuildContext, _WorkDir, install.InstalledBase]:
+    """The shared part of every build: work directory, inputs, services, media and the installed disk."""
+    workdir = stack.enter_context(_WorkDir(cfg, options, emitter))
+    diagnostics = stack.enter_context(Diagnostics(workdir.path))
+    ctx = BuildContext(cfg, options, workdir.path, emitter, stack, diagnostics)
+    stack.push(_FailureHandler(ctx, workdir))  # runs once VMs and services are stopped, before the work dir goes
+    with emitter.stage("fetch"):
+        inputs = fetch.run(ctx)
+    with emitter.stage("prepare"):
+        ctx = services.start(ctx, inputs)
+    with emitter.stage("media"):
+        installer = media.run(ctx, inputs)
+    with emitter.stage("install"):
+        base = install.run(ctx, installer, inputs)
+    workdir.record_base(base.disk)
+    return ctx, workdir, base
+
+
+def _image(ctx: BuildContext, base: install.InstalledBase) -> BuildResult:
+    """One image from the installed disk: provision, finalize, verify, publish."""
+    emitter = ctx.emitter
+    with emitter.stage("provision"):
+        guest = provision.run(ctx, base)
+    with emitter.stage("finalize"):
+        final = finalize.run(ctx, guest)
+    if ctx.options.verify:
+        with emitter.stage("verify"):
+            verify_stage.run(ctx, final)
+    with emitter.stage("publish"):
+        return publish.run(ctx, final)
 
 
 class _WorkDir:

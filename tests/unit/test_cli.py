@@ -48,9 +48,13 @@ def test_bad_var_and_usage_exit_2(repo):
 
 
 def test_build_refuses_existing_output(repo, tmp_path):
-    (tmp_path / "cloud-gpu-worker.qcow2").write_bytes(b"x")
+    """Every variant's output is checked before anything starts (here the second one's)."""
+    (tmp_path / "open").mkdir()
+    (tmp_path / "open" / "cloud-gpu-worker-open.qcow2").write_bytes(b"x")
     p = run("build", str(repo / "images/cloud-gpu-worker.yaml"), "--output", str(tmp_path))
-    assert p.returncode == 1 and "--force" in p.stdout + p.stderr
+    assert p.returncode == 1 and "--force" in p.stdout + p.stderr and "cloud-gpu-worker-open.qcow2" in p.stderr
+    p = run("build", str(repo / "images/cloud-gpu-worker.yaml"), "--output", str(tmp_path), "--only", "nope")
+    assert p.returncode == 2 and "unknown variant nope" in p.stderr and "current, open, tesla-535" in p.stderr
 
 
 def test_build_names_every_missing_tool_before_fetching(repo, tmp_path):
