@@ -165,3 +165,35 @@ def test_vm_killed_during_a_playbook_is_a_dead_vm(small):
     print("\n" + error.splitlines()[0])
     assert took < 30, f"the dead VM was reported after {took:.0f} s"
     print(f"\ndead VM reported {took:.1f} s after the kill")
+
+
+@pytest.mark.timeout(1800)
+def test_a_failing_variant_does_not_stop_the_others(small):
+    """Two variants from the one cached disk: ``bad`` fails in its role, ``good`` is still published whole;
+    the failure is reported by name with its own bundle, and the exit code says something failed."""
+    work = small["work"]
+    good_book = _write(work / "good.yml", "---\n- hosts: all\n  become: true\n  gather_facts: false\n  tasks:\n"
+                                          "    - name: Mark the variant\n      ansible.builtin.copy:\n"
+                                          "        dest: /etc/variant\n        content: good\n")
+    image = _write(work / f"{NAME}-variants.yaml", small["image"].read_text().replace(f"name: {NAME}\n", f"""name: {NAME}
+variants:
+  good: {{provision: {{playbook: {good_book}}}}}
+  bad: {{provision: {{playbook: {work / 'fail.yml'}}}}}
+""", 1))
+    shutil.copyfile(work / f"{NAME}.lock.json", work / f"{NAME}-variants.lock.json")
+    out_dir = work / "variants-out"
+    # the base disk is the small disk (no boot loader: it boots by direct kernel), so no firmware verify
+    proc = subprocess.run([sys.executable, "-m", "builder", "build", str(image), "--output", str(out_dir),
+                           "--no-verify", "--parallel", "1"], env=small["env"], capture_output=True, text=True,
+                          timeout=1700, cwd=REPO)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    assert "building 2 variant(s) from one installed disk" in out and "reusing the installed disk" in out
+    good = out_dir / "good"
+    assert (good / f"{NAME}-good.qcow2").is_file() and (good / "SHA256SUMS").is_file(), out[-3000:]
+    manifest = (good / "manifest.json").read_text()
+    assert '"variant": "good"' in manifest
+    assert not (out_dir / "bad").exists()
+    assert "failed bad:" in out and "task 'broken : Fail on purpose' failed" in out, out[-3000:]
+    assert sorted(out_dir.glob(f"{NAME}-bad-failed-*")), "the failing variant's diagnostics bundle"
+    assert not _qemu_processes(f"{NAME}-good-provision") and not _qemu_processes(f"{NAME}-bad-provision")
