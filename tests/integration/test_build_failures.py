@@ -175,11 +175,12 @@ def test_a_failing_variant_does_not_stop_the_others(small):
     good_book = _write(work / "good.yml", "---\n- hosts: all\n  become: true\n  gather_facts: false\n  tasks:\n"
                                           "    - name: Mark the variant\n      ansible.builtin.copy:\n"
                                           "        dest: /etc/variant\n        content: good\n")
-    image = _write(work / f"{NAME}-variants.yaml", small["image"].read_text().replace(f"name: {NAME}\n", f"""name: {NAME}
+    variants = f"""name: {NAME}
 variants:
   good: {{provision: {{playbook: {good_book}}}}}
   bad: {{provision: {{playbook: {work / 'fail.yml'}}}}}
-""", 1))
+"""
+    image = _write(work / f"{NAME}-variants.yaml", small["image"].read_text().replace(f"name: {NAME}\n", variants, 1))
     shutil.copyfile(work / f"{NAME}.lock.json", work / f"{NAME}-variants.lock.json")
     out_dir = work / "variants-out"
     # the base disk is the small disk (no boot loader: it boots by direct kernel), so no firmware verify
