@@ -57,6 +57,14 @@ MEANING: dict[str, str] = {
     "provision.timeout": "Seconds the whole playbook may take.",
     "provision.memory": "RAM of the provisioning VM.",
     "output.dir": "Output directory; `{name}` is the image name. Relative paths are relative to the image file.",
+    "secure_boot.signing_key": "Private key (unencrypted PEM, RSA >= 2048) DKMS signs the NVIDIA module with "
+                               "during the build; it never enters the image. With `signing_cert`, or neither: "
+                               "then DKMS's own throw-away key signs and the module does not load under Secure "
+                               "Boot. `python -m builder keygen` makes a pair; see `docs/secure-boot.md`. "
+                               "Relative to the image file.",
+    "secure_boot.signing_cert": "The key's X.509 certificate (PEM or DER): kept in the image and published as "
+                                "`NAME.mok.der` / `NAME.mok.pem` to enroll with `mokutil --import`. Relative to "
+                                "the image file.",
 }
 
 
