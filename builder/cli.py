@@ -94,6 +94,15 @@ def _parser() -> argparse.ArgumentParser:
                     help="IPv4 address and port (default 127.0.0.1, any free port)")
     sp.add_argument("--allow-remote", action="store_true",
                     help="allow a --listen address other than loopback (the gateway has no authentication)")
+    sp = sub.add_parser("keygen", help="make a module-signing key pair (MOK) for secure_boot: DIR/mok.key, "
+                                       "DIR/mok.pem, DIR/mok.der",
+                        description="make a module-signing key pair (MOK) for secure_boot: DIR/mok.key, "
+                                    "DIR/mok.pem, DIR/mok.der")
+    sp.add_argument("--out", required=True, type=Path, metavar="DIR", help="directory to write the pair into")
+    sp.add_argument("--name", default="builder", metavar="CN",
+                    help="the certificate's common name is 'CN module signing' (default: builder)")
+    sp.add_argument("--days", type=int, default=3650, metavar="N", help="days the certificate is valid (3650)")
+    sp.add_argument("--force", action="store_true", help="replace an existing DIR/mok.key")
     sp = sub.add_parser("completion", help="print a shell completion script (bash or zsh)")
     sp.add_argument("shell", choices=("bash", "zsh"))
     sp = sub.add_parser("clean", help="remove work directories and cached installed disks (never a live build's)")
@@ -271,6 +280,8 @@ def _dispatch(args: argparse.Namespace, console: Any) -> int:
 
         sys.stdout.write((bash_script if args.shell == "bash" else zsh_script)(_parser()))
         return EXIT_OK
+    if args.verb == "keygen":
+        return _keygen(args, console)
     if args.verb == "clean":
         from .pipeline import clean
 
@@ -377,6 +388,26 @@ def _dispatch(args: argparse.Namespace, console: Any) -> int:
                 return EXIT_FAILED
         else:  # pragma: no cover - argparse guards this
             raise ConfigError(f"unknown verb {args.verb}")
+    return EXIT_OK
+
+
+def _keygen(args: argparse.Namespace, console: Any) -> int:
+    from .secureboot import SigningError, write_pair
+
+    try:
+        pair = write_pair(args.out, args.name, args.days, force=args.force)
+    except SigningError as exc:
+        raise ConfigError(str(exc)) from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot write the key pair into {args.out}: {exc.strerror or exc}") from exc
+    out = args.out
+    _say(console, f"wrote {out / 'mok.key'} (private, mode 0600: keep it out of images and repositories), "
+                  f"{out / 'mok.pem'}, {out / 'mok.der'}")
+    _say(console, f"certificate: {pair.subject}, SHA-256 fingerprint {pair.fingerprint}")
+    sys.stdout.write("# add to the image definition (a relative path there is relative to the image file):\n"
+                     f"secure_boot:\n  signing_key: {out.resolve() / 'mok.key'}\n"
+                     f"  signing_cert: {out.resolve() / 'mok.der'}\n"
+                     f"# enroll on each node (then reboot and confirm in MokManager): mokutil --import mok.der\n")
     return EXIT_OK
 
 

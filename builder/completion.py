@@ -41,7 +41,7 @@ _builder_complete() {{
         *) opts="" ;;
     esac
     case "${{COMP_WORDS[COMP_CWORD-1]}}" in
-        --var-file|--output|-o|--image-file|--report-dir) COMPREPLY=( $(compgen -f -- "$cur") ); return ;;
+        --var-file|--output|-o|--image-file|--report-dir|--out) COMPREPLY=( $(compgen -f -- "$cur") ); return ;;
         --on-error) COMPREPLY=( $(compgen -W "cleanup abort" -- "$cur") ); return ;;
     esac
     if [[ "$cur" == -* ]]; then

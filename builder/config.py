@@ -157,7 +157,7 @@ class DebianConfig(_Model):
 
 BootMode = Literal["hybrid", "uefi", "bios"]
 # what a variant may override: nothing that shapes the installed disk they share
-VARIANT_KEYS = frozenset({"provision", "disk", "description"})
+VARIANT_KEYS = frozenset({"provision", "disk", "secure_boot", "description"})
 
 
 class DiskConfig(_Model):
@@ -305,6 +305,27 @@ class OutputConfig(_Model):
         return v
 
 
+class SecureBootConfig(_Model):
+    """The key pair DKMS signs the NVIDIA module with (both or neither; checked in :func:`from_dict`)."""
+
+    signing_key: Path | None = None
+    signing_cert: Path | None = None
+
+    @model_validator(mode="after")
+    def _both(self) -> SecureBootConfig:
+        if (self.signing_key is None) != (self.signing_cert is None):
+            given, missing = ("signing_key", "signing_cert") if self.signing_cert is None else (
+                "signing_cert", "signing_key")
+            raise ValueError(f"{given} is given without {missing}: give both (python -m builder keygen makes a "
+                             "pair) or neither")
+        return self
+
+
+# Role variables the secure_boot section sets; provision.extra_vars may not (the publish stage ships the
+# certificate the module is signed with, so it must know it).
+SIGNING_VARS = ("nvidia_module_signing_key", "nvidia_module_signing_cert")
+
+
 class ImageConfig(_Model):
     """One image definition (``images/*.yaml``)."""
 
@@ -316,8 +337,9 @@ class ImageConfig(_Model):
     installer: InstallerConfig = InstallerConfig()
     provision: ProvisionConfig = ProvisionConfig()
     output: OutputConfig = OutputConfig()
+    secure_boot: SecureBootConfig = SecureBootConfig()
     # Named variants built from the same installed disk: each overrides what does not change the install
-    # (provision.*, disk.compression, description), e.g. {"open": {"provision": {"extra_vars": {...}}}}.
+    # (provision.*, disk.compression, secure_boot, description), e.g. {"open": {"provision": {"extra_vars": …}}}.
     variants: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # Where the config was read from; relative paths in it are resolved against its folder.
     source: Path | None = Field(None, exclude=True)
@@ -429,6 +451,14 @@ class ImageConfig(_Model):
     @property
     def output_dir(self) -> Path:
         return self.resolve(self.output.dir)
+
+    @property
+    def signing_paths(self) -> tuple[Path, Path] | None:
+        """(key, certificate) of ``secure_boot``, resolved; None when the section names none."""
+        sb = self.secure_boot
+        if sb.signing_key is None or sb.signing_cert is None:
+            return None
+        return self.resolve(sb.signing_key), self.resolve(sb.signing_cert)
 
 
 # ---------------------------------------------------------------------------------------------- seed list
@@ -554,6 +584,7 @@ def from_dict(data: dict[str, Any], *, source: Path | None = None, host_defaults
     for i, rp in enumerate(cfg.provision.roles_path):
         if not cfg.resolve(rp).is_dir():
             problems.append((f"provision.roles_path.{i}", f"directory not found: {cfg.resolve(rp)}"))
+    problems += _signing_problems(cfg)
     if not problems:
         try:
             install_packages(cfg)
@@ -567,6 +598,22 @@ def from_dict(data: dict[str, Any], *, source: Path | None = None, host_defaults
     if problems:
         raise ConfigError(f"{source or 'config'}: invalid image definition", problems=problems)
     return cfg
+
+
+def _signing_problems(cfg: ImageConfig) -> list[tuple[str, str]]:
+    """The secure_boot pair must be usable (readable, the key's own certificate); its role variables are
+    the section's alone."""
+    from .secureboot import SigningError, load_pair
+
+    out = [("provision.extra_vars", f"{v} is set by secure_boot.signing_key/signing_cert; set those instead")
+           for v in SIGNING_VARS if v in cfg.provision.extra_vars]
+    paths = cfg.signing_paths
+    if paths is not None:
+        try:
+            load_pair(*paths)
+        except SigningError as exc:
+            out.append((f"secure_boot.signing_{exc.part}", str(exc)))
+    return out
 
 
 MAX_CONFIG_BYTES = 1 << 20  # an image definition is a few KiB; anything near this is not one

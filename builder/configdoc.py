@@ -54,7 +54,7 @@ MEANING: dict[str, str] = {
     "installer.stall_timeout": "Seconds without installer log progress before the install counts as stuck.",
     "variants": "Named variants built by one `build` from the same installed disk, each into OUTPUT/NAME/ as "
                 "IMAGE-NAME.qcow2: a mapping of overrides merged over the image definition, limited to what does "
-                "not change the install (`provision`, `disk.compression`, `description`). `--only`/`--except` pick "
+                "not change the install (`provision`, `disk.compression`, `secure_boot`, `description`). `--only`/`--except` pick "
                 "some, `--parallel N` provisions N at once.",
     "provision.enabled": "Run `provision.playbook` (the finalize role runs either way).",
     "provision.playbook": "The image's playbook. Default: builder's `playbooks/cloud-gpu-worker.yml`.",
@@ -66,6 +66,14 @@ MEANING: dict[str, str] = {
     "provision.timeout": "Seconds the whole playbook may take.",
     "provision.memory": "RAM of the provisioning VM.",
     "output.dir": "Output directory; `{name}` is the image name. Relative paths are relative to the image file.",
+    "secure_boot.signing_key": "Private key (unencrypted PEM, RSA >= 2048) DKMS signs the NVIDIA module with "
+                               "during the build; it never enters the image. With `signing_cert`, or neither: "
+                               "then DKMS's own throw-away key signs and the module does not load under Secure "
+                               "Boot. `python -m builder keygen` makes a pair; see `docs/secure-boot.md`. "
+                               "Relative to the image file.",
+    "secure_boot.signing_cert": "The key's X.509 certificate (PEM or DER): kept in the image and published as "
+                                "`NAME.mok.der` / `NAME.mok.pem` to enroll with `mokutil --import`. Relative to "
+                                "the image file.",
 }
 
 

@@ -29,9 +29,16 @@ class FinalImage:
     raw_disk_bytes: int
 
 
+# the nvidia role's module-signing paths in the image, which the finalize role checks (key absent, cert kept)
+_SIGNING_PATHS = {"nvidia_module_signing_key_dest": "finalize_module_signing_key",
+                  "nvidia_module_signing_cert_dest": "finalize_module_signing_cert"}
+
+
 def finalize_vars(cfg: ImageConfig) -> dict[str, Any]:
     """The finalize role's variables for this image (its README documents each)."""
+    extra = cfg.provision.extra_vars
     return {
+        **{fin: extra[nv] for nv, fin in _SIGNING_PATHS.items() if nv in extra},
         "finalize_apt_mirror": cfg.debian.mirror,
         "finalize_apt_security_mirror": cfg.debian.security_mirror,
         "finalize_apt_suite": cfg.debian.suite,

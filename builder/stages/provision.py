@@ -21,10 +21,11 @@ import paramiko
 from .. import image
 from ..config import ImageConfig
 from ..context import BuildContext
-from ..errors import ProvisionError, SshError, VmError
+from ..errors import ConfigError, ProvisionError, SshError, VmError
 from ..events import Emitter
 from ..installcache import DirectBoot
 from ..provision import AnsibleRunner, Provisioner, Target
+from ..secureboot import SigningError, load_pair
 from ..ssh import known_hosts_line, run_command, wait_for_ssh
 from ..vm import Machine
 from ..vm.firmware import BIOS, Firmware
@@ -36,6 +37,10 @@ from .install import InstalledBase
 log = logging.getLogger(__name__)
 
 SSH_TIMEOUT = 900
+SIGNING_CERT = "module-signing.der"  # in the work directory: the certificate the playbook got, for publish
+NO_SIGNING_WARNING = ("secure_boot is not configured: DKMS signs the NVIDIA module with its own throw-away key, "
+                      "which cannot be enrolled, so the module will not load under Secure Boot "
+                      "(python -m builder keygen; docs/secure-boot.md)")
 FACTS = ("cat /etc/debian_version; uname -r; findmnt -n -o SOURCE,SIZE,FSTYPE /; "
          "systemctl is-enabled cloud-init-main.service cloud-init-local.service | tr '\\n' ' '")
 PACKAGES = "dpkg-query -W -f '${Package} ${Version}\\n'"
@@ -105,6 +110,24 @@ def run_playbook_on(guest: Guest, provisioner: Provisioner, playbook: Path, *, r
     return {"seconds": round(time.monotonic() - t0, 1), "changed": res.changed, "status": res.status}
 
 
+def playbook_vars(cfg: ImageConfig, workdir: Path) -> dict[str, Any]:
+    """The image playbook's variables: ``provision.extra_vars`` and, with ``secure_boot``, the signing pair
+    for the nvidia role (the key where it is; the certificate as DER in the work directory, which is what
+    the publish stage ships)."""
+    out = dict(cfg.provision.extra_vars)
+    paths = cfg.signing_paths
+    if paths is not None:
+        try:
+            pair = load_pair(*paths)
+        except SigningError as exc:  # changed since the config was read
+            raise ConfigError(f"secure_boot: {exc}", stage="provision") from exc
+        cert = workdir / SIGNING_CERT
+        cert.write_bytes(pair.der)
+        out["nvidia_module_signing_key"] = str(pair.key_path)
+        out["nvidia_module_signing_cert"] = str(cert)
+    return out
+
+
 def run(ctx: BuildContext, base: InstalledBase, *, provisioner: Provisioner | None = None) -> Guest:
     """The stage: a booted, provisioned guest (still running, for ``finalize``)."""
     cfg, emitter, wd = ctx.config, ctx.emitter, ctx.workdir
@@ -138,10 +161,12 @@ def run(ctx: BuildContext, base: InstalledBase, *, provisioner: Provisioner | No
         facts["facts"] = out.strip().splitlines()
         emitter.info(f"SSH up after {facts['ssh_seconds']} s: " + " | ".join(facts["facts"]))
         if cfg.provision.enabled:
+            if cfg.signing_paths is None:
+                emitter.warning(NO_SIGNING_WARNING)
             facts["ansible"] = run_playbook_on(
                 guest, provisioner, cfg.playbook,
                 roles_path=cfg.roles_dirs,
-                extra_vars=dict(cfg.provision.extra_vars), workdir=wd, emitter=emitter, during="provisioning")
+                extra_vars=playbook_vars(cfg, wd), workdir=wd, emitter=emitter, during="provisioning")
         else:
             emitter.info("provision.enabled is false: no playbook")
         _, pkgs, _ = run_command(client, PACKAGES, check=True)

@@ -1,6 +1,7 @@
-"""Stage ``publish``: checksums, manifest, package list and the build's logs (throw-away keys removed) beside
-the compressed qcow2 in the staging directory, then the staging directory swapped in as the output directory
-in one rename (an older output is replaced whole; nothing half-built is ever under the output's name).
+"""Stage ``publish``: checksums, manifest, package list, the module-signing certificate (``NAME.mok.der`` and
+``NAME.mok.pem``, with ``secure_boot``) and the build's logs (throw-away keys removed) beside the compressed
+qcow2 in the staging directory, then the staging directory swapped in as the output directory in one rename
+(an older output is replaced whole; nothing half-built is ever under the output's name).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from ..archive.cache import sha256_file
 from ..context import BuildContext
 from ..errors import BuilderError, OutputError
 from ..redact import redact_private_keys
+from ..secureboot import SigningError, der_bytes, fingerprint, load_cert, pem_bytes, serial_hex, subject
 from .finalize import FinalImage
+from .provision import SIGNING_CERT
 
 LOGS = ("install.syslog", "install.serial.log", "provision.serial.log", "preseed.cfg", "ansible-events.jsonl")
 
@@ -36,13 +39,33 @@ class BuildResult:
     bytes_fetched: int = 0
 
 
+def _signing_cert(der: Path, staging: Path, name: str) -> tuple[dict[str, str], list[str]]:
+    """The certificate the modules were signed with (provision left it in the work directory when
+    ``secure_boot`` is set) as ``NAME.mok.der`` and ``NAME.mok.pem`` in ``staging``: its manifest entry and the
+    files written. Nothing without one."""
+    if not der.is_file():
+        return {}, []
+    try:
+        cert = load_cert(der)
+    except SigningError as exc:
+        raise OutputError(f"cannot publish the module-signing certificate: {exc}") from exc
+    files = [f"{name}.mok.der", f"{name}.mok.pem"]
+    (staging / files[0]).write_bytes(der_bytes(cert))
+    (staging / files[1]).write_bytes(pem_bytes(cert))
+    return {"signing_cert": files[0], "signing_cert_pem": files[1], "sha256_fingerprint": fingerprint(cert),
+            "subject": subject(cert), "serial": serial_hex(cert)}, files
+
+
 def run(ctx: BuildContext, final: FinalImage) -> BuildResult:
     """The stage: the output directory, complete, or an OutputError and the old output untouched."""
     cfg, out_dir, staging, target = ctx.config, ctx.options.output, final.staging, final.image
     name = target.name
     try:
         digest = sha256_file(target)
-        (staging / "SHA256SUMS").write_text(f"{digest}  {name}\n")
+        sums = [f"{digest}  {name}"]
+        secure_boot, cert_files = _signing_cert(ctx.workdir / SIGNING_CERT, staging, cfg.name)
+        sums += [f"{sha256_file(staging / f)}  {f}" for f in cert_files]
+        (staging / "SHA256SUMS").write_text("".join(f"{line}\n" for line in sums))
         if (ctx.workdir / "packages.txt").is_file():
             shutil.copy2(ctx.workdir / "packages.txt", staging / "packages.txt")
         for logname in LOGS:
@@ -60,6 +83,8 @@ def run(ctx: BuildContext, final: FinalImage) -> BuildResult:
             "image": name, "sha256": digest, "size_bytes": target.stat().st_size,
             "virtual_size": info.get("virtual-size"), "raw_disk_bytes": final.raw_disk_bytes,
             "compression": cfg.disk.compression,
+            # the module-signing certificate to enroll (None: DKMS's own key; the module does not load under SB)
+            "secure_boot": secure_boot or None,
             "debian": {"suite": cfg.debian.suite, "release": cfg.debian.release},
             # the installer inputs (fetch) and what the VMs fetched through the gateway (udebs, packages)
             "bytes_fetched_upstream": ctx.stats.bytes_fetched + gw_upstream,

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from builder.config import load_config
+from builder.errors import ProvisionError
 from builder.provision import run_playbook
 from builder.stages.finalize import finalize_vars
 
@@ -47,6 +48,8 @@ def plant_build_traces(tree: Path) -> None:
     (tree / "var/lib/dkms").mkdir(parents=True, exist_ok=True)
     (tree / "var/lib/dkms/mok.key").write_text("private\n")
     (tree / "var/lib/dkms/mok.pub").write_text("public\n")
+    # the image's module-signing certificate (the nvidia role leaves it; its private key it has removed)
+    (tree / "var/lib/dkms/builder-mok.der").write_bytes(b"0\x82certificate")
     # apt as the install left it: the gateway in the one-line sources, a proxy file, a proxy line
     (tree / "etc/apt/sources.list").write_text("deb http://10.0.2.100/debian trixie main\n")
     (tree / "etc/apt/apt.conf.d/99proxy-marker").write_text("// a file a proxy setup would leave\n")
@@ -115,6 +118,7 @@ def test_finalize_role_file_by_file(target, default_config):
     assert "ExecStartPre=/usr/bin/ssh-keygen -A" in dropin
     assert not (tree / "etc/cloud/cloud-init.disabled").exists()
     assert not (tree / "var/lib/dkms/mok.key").exists() and not (tree / "var/lib/dkms/mok.pub").exists()
+    assert (tree / "var/lib/dkms/builder-mok.der").read_bytes() == b"0\x82certificate"
     # logs and leftovers
     assert not (tree / "var/log/installer").exists()
     assert (tree / "var/log/dpkg.log").stat().st_size == 0
@@ -126,3 +130,20 @@ def test_finalize_role_file_by_file(target, default_config):
     assert chroot(tree, "getent", "passwd", "builder").returncode == 2
     assert not (tree / "home/builder").exists()
     assert not (tree / "etc/sudoers.d/90-builder").exists()
+
+
+@pytest.mark.timeout(600)
+def test_finalize_fails_while_the_module_signing_key_is_there(target):
+    """A private signing key in the image is an error to see, not something to tidy away silently."""
+    tree = target["tree"]
+    key = tree / "var/lib/dkms/builder-mok.key"
+    key.write_text("-----BEGIN PRIVATE KEY-----\nc2VjcmV0\n-----END PRIVATE KEY-----\n")
+    try:
+        with pytest.raises(ProvisionError, match="must not ship") as ei:
+            run_playbook(PLAYBOOK, target["target"], roles_path=ROLES, workdir=target["work"] / "key",
+                         extra_vars={"finalize_trim": False, "finalize_remove_build_user": False},
+                         tags=["finalize_identity"], task_timeout=300, timeout=600)
+        assert "Require the module-signing private key to be absent" in (ei.value.task or "")
+        assert key.exists()
+    finally:
+        key.unlink()

@@ -50,3 +50,32 @@ def test_publish_small_disk(default_config, tmp_path):
     assert manifest["raw_disk_bytes"] >= 8 << 20 and "stages" in manifest
     assert (out / "packages.txt").read_text().startswith("openssh-server")
     assert "c2VjcmV0" not in (out / "logs" / "install.syslog").read_text()
+
+
+@pytest.mark.timeout(120)
+def test_publish_ships_the_module_signing_certificate(default_config, tmp_path):
+    """With secure_boot the provision stage leaves the certificate in the work directory: it is published as
+    NAME.mok.der and NAME.mok.pem, in SHA256SUMS, and described in the manifest."""
+    from builder.secureboot import der_bytes, write_pair
+    from builder.stages.provision import SIGNING_CERT
+
+    pair = write_pair(tmp_path / "keys", "publish test")
+    disk = tmp_path / "disk.qcow2"
+    image.create(disk, 16 << 20)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / SIGNING_CERT).write_bytes(der_bytes(pair.cert))
+    out = tmp_path / "out"
+    with ExitStack() as stack:
+        ctx = BuildContext(default_config, BuildOptions(out), work, Emitter(), stack, Diagnostics(work))
+        res = publish.run(ctx, finalize.compress(ctx, disk))
+    sums = dict(reversed(line.split("  ")) for line in (out / "SHA256SUMS").read_text().splitlines())
+    assert set(sums) == {"cloud-gpu-worker.qcow2", "cloud-gpu-worker.mok.der", "cloud-gpu-worker.mok.pem"}
+    for name, digest in sums.items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest, name
+    assert sums["cloud-gpu-worker.qcow2"] == res.sha256
+    assert (out / "cloud-gpu-worker.mok.der").read_bytes() == der_bytes(pair.cert)
+    assert (out / "cloud-gpu-worker.mok.pem").read_bytes().startswith(b"-----BEGIN CERTIFICATE-----")
+    sb = json.loads((out / "manifest.json").read_text())["secure_boot"]
+    assert sb["signing_cert"] == "cloud-gpu-worker.mok.der" and sb["subject"] == "CN=publish test module signing"
+    assert sb["sha256_fingerprint"] == pair.fingerprint
