@@ -54,8 +54,8 @@ MEANING: dict[str, str] = {
     "installer.stall_timeout": "Seconds without installer log progress before the install counts as stuck.",
     "variants": "Named variants built by one `build` from the same installed disk, each into OUTPUT/NAME/ as "
                 "IMAGE-NAME.qcow2: a mapping of overrides merged over the image definition, limited to what does "
-                "not change the install (`provision`, `disk.compression`, `secure_boot`, `description`). `--only`/`--except` pick "
-                "some, `--parallel N` provisions N at once.",
+                "not change the install (`provision`, `disk.compression`, `secure_boot`, `description`). "
+                "`--only`/`--except` pick some, `--parallel N` provisions N at once.",
     "provision.enabled": "Run `provision.playbook` (the finalize role runs either way).",
     "provision.playbook": "The image's playbook. Default: builder's `playbooks/cloud-gpu-worker.yml`.",
     "provision.finalize_playbook": "Run after the playbook: makes the machine an image. Default: builder's "

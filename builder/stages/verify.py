@@ -6,17 +6,26 @@ A failed check fails the build before anything is published; the reports go into
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ..context import BuildContext
 from ..errors import VerifyError
+from ..secureboot import load_cert, pem_bytes
 from ..verify import default_firmwares, verify_all
+from ..vm.firmware import FirmwareKind
 from .finalize import FinalImage
+from .provision import SIGNING_CERT
 
 
-def run(ctx: BuildContext, final: FinalImage, *, mok_cert: Path | None = None) -> None:
+def run(ctx: BuildContext, final: FinalImage) -> None:
+    """With ``secure_boot`` set, also under ``uefi-secure``: the module-signing certificate enrolled as a MOK,
+    the NVIDIA module's signature accepted."""
     cfg = ctx.config
-    firmwares = default_firmwares(cfg)
+    firmwares: tuple[FirmwareKind, ...] = default_firmwares(cfg)
+    mok_cert = None
+    der = ctx.workdir / SIGNING_CERT
+    if der.is_file() and cfg.disk.boot != "bios":
+        mok_cert = ctx.workdir / "module-signing.pem"
+        mok_cert.write_bytes(pem_bytes(load_cert(der)))
+        firmwares = (*firmwares, "uefi-secure")
     reports = verify_all(cfg, final.image, final.staging / "verify", firmwares=firmwares, mok_cert=mok_cert,
                          emitter=ctx.emitter)
     ctx.manifest["verify"] = {r.firmware: {"ok": r.ok, "ssh_seconds": round(r.boot_seconds, 1),
