@@ -46,6 +46,7 @@ from rich.text import Text
 from .events import Event
 
 LABEL_WIDTH = 9  # the longest stage name, provision
+COUNT_WIDTH = 24  # "udebs 120 · packages 341", "19.9/151.2 MB 82.4 MB/s"
 
 
 def duration(seconds: float) -> str:
@@ -119,14 +120,18 @@ class _Bar(ProgressColumn):
 
 
 class _Count(ProgressColumn):
+    """The counters: bytes and rate, percent, the n-th task of the total, the installer's udebs and packages. A
+    fixed minimum width: the columns right of it stay put while the numbers change."""
+
     def __init__(self) -> None:
-        super().__init__(table_column=Column(no_wrap=True))
+        super().__init__(table_column=Column(min_width=COUNT_WIDTH, no_wrap=True))
         self._bytes = DownloadColumn()
+        self._speed = TransferSpeedColumn()
 
     def render(self, task: Task) -> RenderableType:
         unit, f = task.fields.get("unit", ""), task.fields
         if unit == "bytes":
-            return self._bytes.render(task)
+            return Text.assemble(self._bytes.render(task), " ", self._speed.render(task))
         if unit == "percent":
             return Text(f"{task.percentage:5.1f}%", style="progress.percentage")
         if unit == "tasks":
@@ -137,15 +142,6 @@ class _Count(ProgressColumn):
         if task.total is not None:
             return Text(f"{task.completed:g}/{task.total:g}", style="progress.download")
         return Text("")
-
-
-class _Rate(ProgressColumn):
-    def __init__(self) -> None:
-        super().__init__(table_column=Column(no_wrap=True))
-        self._speed = TransferSpeedColumn()
-
-    def render(self, task: Task) -> RenderableType:
-        return self._speed.render(task) if task.fields.get("unit") == "bytes" else Text("")
 
 
 class _Elapsed(TimeElapsedColumn):
@@ -177,7 +173,7 @@ class LiveDisplay:
                  get_time: Callable[[], float] | None = None) -> None:
         self.console = console
         self.progress = Progress(
-            _Glyph(), _Label(), _Bar(20), _Count(), _Rate(), _Elapsed(), _Detail(),
+            _Glyph(), _Label(), _Bar(20), _Count(), _Elapsed(), _Detail(),
             console=console, transient=True, auto_refresh=auto_refresh, refresh_per_second=refresh_per_second,
             expand=True, get_time=get_time)
         self._auto = auto_refresh
