@@ -69,11 +69,10 @@ class _Stage:
     bytes: int = 0
     udebs: int | None = None
     packages: int | None = None
-    step: str = ""
     tasks: int = 0
     tasks_total: int | None = None
     percent: dict[str, float] = field(default_factory=dict)
-    detail: str = ""
+    running: str = ""  # what a failure is reported "during": the installer's step, the Ansible task
 
     def summary(self) -> list[str]:
         parts = []
@@ -252,7 +251,7 @@ class LiveDisplay:
         if outcome == "ok":
             self._line("✓", "green", ev.stage, took, parts)
         else:
-            where = st.step or st.detail
+            where = st.running
             self._line("✗", "red", ev.stage, f"{took} {outcome}" + (f" during {where!r}" if where else ""), parts)
 
     def _line(self, glyph: str, style: str, stage: str, what: str, parts: list[str]) -> None:
@@ -270,7 +269,7 @@ class LiveDisplay:
         if unit == "bytes":
             self._download(st, ev)
         elif unit == "percent":
-            what = ev.message or "progress"
+            what = st.running = ev.message or "progress"
             pct = float(ev.current or 0.0)
             st.percent[what] = pct
             self.progress.update(st.task, completed=pct, total=float(ev.total or 100), unit="percent", detail=what)
@@ -278,13 +277,13 @@ class LiveDisplay:
             st.tasks = max(st.tasks, int(ev.current or 0))
             st.tasks_total = int(ev.total) if ev.total else None
             task, role = str(ev.data.get("task", "")), str(ev.data.get("role") or "")
-            self.progress.update(st.task, completed=st.tasks, total=st.tasks_total, unit="tasks",
-                                 detail=f"{role} : {task}" if role else task)
+            st.running = f"{role} : {task}" if role else task
+            self.progress.update(st.task, completed=st.tasks, total=st.tasks_total, unit="tasks", detail=st.running)
         elif "step" in ev.data:
-            st.step = str(ev.data["step"])
+            st.running = str(ev.data["step"])
             st.udebs, st.packages = int(ev.data.get("udebs") or 0), int(ev.data.get("packages") or 0)
             self.progress.update(st.task, total=None, unit="install", udebs=st.udebs, packages=st.packages,
-                                 detail=st.step)
+                                 detail=st.running)
         else:
             fields: dict[str, Any] = {"unit": "", "detail": ev.message}
             if ev.current is not None:
