@@ -136,6 +136,8 @@ def _setup_logging(debug: bool, quiet: bool, log_format: str = "text") -> Any:
         handler = RichHandler(console=console, show_path=False, rich_tracebacks=debug, markup=False,
                               show_time=True, omit_repeated_times=False, log_time_format="[%X]")
         handler.setFormatter(logging.Formatter("%(message)s"))
+        if not debug:
+            handler.addFilter(_LiveFilter())
     else:  # a pipe or a file (CI): plain lines, never folded to 80 columns, each with its time
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_PlainFormatter())
@@ -189,39 +191,52 @@ def _say(console: Any, text: str, style: str | None = None, *, prefix: str = "")
     console.print(Text.assemble((prefix, style or ""), text) if prefix else Text(text, style=style or ""))
 
 
+_LIVE: Any = None  # the running LiveDisplay: its events' own log records are not printed (_LiveFilter)
+
+
 class _Progress:
-    """Renders build events: stage lines through logging, downloads and long steps as a rich progress bar."""
+    """Renders build events: with --log-format json one line each; on a terminal (text, not --quiet) the live
+    display (builder/progress_display.py); elsewhere nothing here, the log lines of the events say it all."""
 
-    def __init__(self, console: Any) -> None:
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
-
+    def __init__(self, console: Any, *, live: bool = True) -> None:
         self.console = console
-        self.progress = Progress(TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(),
-                                 TimeElapsedColumn(), console=console, transient=True)
-        self.tasks: dict[str, Any] = {}
+        self.display: Any = None
+        if live and _JSON is None and console.is_terminal:  # elsewhere a live display only leaves empty lines
+            from .progress_display import LiveDisplay
+
+            self.display = LiveDisplay(console)
 
     def __enter__(self) -> _Progress:
-        if self.console.is_terminal and _JSON is None:  # elsewhere a live display only leaves an empty line behind
-            self.progress.start()
+        global _LIVE
+        if self.display is not None:
+            self.display.start()
+            _LIVE = self.display
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
+        self.stop()
+
+    def stop(self) -> None:
+        """The live rows erased (before an error is printed, or while the gateway serves); idempotent."""
+        global _LIVE
+        if self.display is not None:
+            _LIVE = None
+            self.display.stop()
 
     def __call__(self, ev: Any) -> None:
         if _JSON is not None:
             _JSON.event(ev)
-            return
-        if ev.kind != "progress" or ev.data.get("unit") != "bytes":
-            return
-        label = Path(ev.message).name or ev.message
-        task = self.tasks.get(label)
-        if task is None:
-            task = self.tasks[label] = self.progress.add_task(label[:48], total=ev.total)
-        self.progress.update(task, completed=ev.current, total=ev.total)
-        if ev.total and ev.current is not None and ev.current >= ev.total:
-            self.progress.remove_task(task)
-            del self.tasks[label]
+        elif self.display is not None and _LIVE is self.display:
+            self.display(ev)
+
+
+class _LiveFilter(logging.Filter):
+    """On a terminal, the records of the events the live display draws itself (stage start and end: a summary
+    line instead; each Ansible task: the stage's row) are not printed twice. --debug prints them all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ev = getattr(record, "builder_event", None)
+        return ev is None or _LIVE is None or not _LIVE.replaces(ev)
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
@@ -310,7 +325,7 @@ def _dispatch(args: argparse.Namespace, console: Any) -> int:
     from .events import Emitter
 
     stats = FetchStats()
-    with _Progress(console) as progress:
+    with _Progress(console, live=not args.quiet) as progress:
         emitter = Emitter(progress)
         t0 = time.monotonic()
         if args.verb == "lock":
@@ -429,10 +444,10 @@ def _gateway(args: argparse.Namespace, cfg: Any, console: Any) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
     try:
-        with _Progress(console) as progress:
+        with _Progress(console, live=not args.quiet) as progress:
             def ready(urls: list[str]) -> None:
                 nonlocal serving
-                progress.progress.stop()  # nothing more to download: no live display while serving
+                progress.stop()  # the gateway's inputs are ready: no live display while serving
                 sys.stdout.write("".join(f"{url}\n" for url in urls))
                 sys.stdout.flush()
                 serving = True

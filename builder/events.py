@@ -74,14 +74,21 @@ class Emitter:
 
     @contextmanager
     def stage(self, name: str, message: str = "") -> Iterator[Emitter]:
+        """Time a stage: ``stage-start``, then ``stage-end`` with ``elapsed`` and ``data["outcome"]`` (``ok``,
+        ``failed`` or ``interrupted``)."""
         prev, self.stage_name = self.stage_name, name
         prev_t0 = self.stage_started
         t0 = self.stage_started = time.monotonic()
         self.emit(Event("stage-start", name, message))
+        outcome = "failed"
         try:
             yield self
+            outcome = "ok"
+        except (KeyboardInterrupt, SystemExit):
+            outcome = "interrupted"
+            raise
         finally:
             dt = time.monotonic() - t0
             self.durations[name] = self.durations.get(name, 0.0) + dt
-            self.emit(Event("stage-end", name, f"{dt:.1f} s", elapsed=dt))
+            self.emit(Event("stage-end", name, f"{dt:.1f} s", elapsed=dt, data={"outcome": outcome}))
             self.stage_name, self.stage_started = prev, prev_t0

@@ -3,7 +3,8 @@ against a reachable host, stream its events, be cancelled), and its one implemen
 (:class:`AnsibleRunner`), which runs a playbook against the build VM over SSH with its pinned host key.
 
 Pure parts (tested by comparing output): :func:`inventory`, :func:`ssh_common_args`, :func:`build_envvars`,
-:func:`failures_from_events`, :func:`provision_error`. The effectful part is :func:`run_playbook`.
+:func:`failures_from_events`, :func:`provision_error`, :func:`count_listed_tasks`. The effectful parts are
+:func:`run_playbook` and :func:`list_task_count`.
 
 Why the environment looks the way it does (ansible-runner's and OpenSSH's behaviour, G1–G7):
 
@@ -46,6 +47,9 @@ log = logging.getLogger(__name__)
 INVENTORY_NAME = "build-vm"
 EVENTS_LOG = "ansible-events.jsonl"
 REMOTE_TEMP = "/tmp/.ansible-builder"  # /tmp is a tmpfs on Debian 13: nothing of Ansible's stays in the image
+# the first event run_playbook gives ``on_event`` (not ansible-runner's, not in the events log): how many tasks
+# ``ansible-playbook --list-tasks`` lists, ``{"event": TASK_COUNT_EVENT, "event_data": {"tasks": N}}``
+TASK_COUNT_EVENT = "builder_task_count"
 FAILED_EVENTS = ("runner_on_failed", "runner_on_unreachable", "runner_on_async_failed", "runner_item_on_failed")
 
 
@@ -251,7 +255,50 @@ def _tags(tags: str | Iterable[str]) -> str | None:
     return joined or None
 
 
+def count_listed_tasks(listing: str) -> int:
+    """The tasks in ``ansible-playbook --list-tasks`` output: the lines of every play's ``tasks:`` block (fact
+    gathering and handlers are never listed; statically imported tasks are)."""
+    count, in_tasks = 0, False
+    for line in listing.splitlines():
+        if not line.strip():
+            continue
+        if line.strip() == "tasks:":
+            in_tasks = True
+        elif not line.startswith("      "):  # "playbook: …", "  play #N (…)": a new section
+            in_tasks = False
+        elif in_tasks:
+            count += 1
+    return count
+
+
 # --------------------------------------------------------------------------------------------- effects
+
+
+def list_task_count(playbook: Path, *, envvars: Mapping[str, str], extra_vars: Mapping[str, Any], scratch: Path,
+                    tags: str | None = None, timeout: float = 60) -> int | None:
+    """How many tasks ``playbook`` has (``ansible-playbook --list-tasks``, about a second; nothing connects to
+    a host), or None when it cannot tell. The extra variables go through a file in ``scratch`` (removed)."""
+    binary = shutil.which("ansible-playbook", path=envvars.get("PATH"))
+    if binary is None:
+        return None
+    fd, name = tempfile.mkstemp(prefix="list-vars-", suffix=".json", dir=scratch)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(dict(extra_vars), f, default=str)
+        argv = [binary, "--list-tasks", "-i", f"{INVENTORY_NAME},", "-e", f"@{name}", os.fspath(playbook)]
+        if tags:
+            argv[2:2] = ["--tags", tags]
+        proc = run(argv, env=envvars, check=False, timeout=timeout)
+    except Exception as exc:  # a task count is a nicety: never a reason to fail the build
+        log.debug("ansible-playbook --list-tasks failed: %s", exc)
+        return None
+    finally:
+        Path(name).unlink(missing_ok=True)
+    if proc.returncode != 0:
+        log.debug("ansible-playbook --list-tasks: exit code %d: %s", proc.returncode, tail(proc.stderr, 5))
+        return None
+    return count_listed_tasks(proc.stdout.decode("utf-8", "replace"))
+
 
 
 def _close_control_masters(control_dir: Path) -> None:
@@ -280,7 +327,8 @@ def run_playbook(
 ) -> ProvisionResult:
     """Run ``playbook`` against ``target`` with ansible-runner; raise ProvisionError unless it succeeds.
 
-    Events go to ``on_event`` and are appended to ``workdir/ansible-events.jsonl``. ``check`` runs in
+    Events go to ``on_event`` and are appended to ``workdir/ansible-events.jsonl``; the first one ``on_event``
+    gets is the playbook's task count (:data:`TASK_COUNT_EVENT`, when ``--list-tasks`` tells). ``check`` runs in
     check mode; ``diff`` reports file differences (rendered templates) in the events. ``cancel`` is polled
     while the playbook runs (every few seconds); when it returns True the run is stopped and reported as
     ``canceled`` (the caller says why, e.g. the VM died).
@@ -318,6 +366,15 @@ def run_playbook(
             except Exception:  # a broken progress display must not break the build
                 log.exception("on_event callback failed")
         return True
+
+    if on_event is not None:
+        total = list_task_count(playbook, envvars=envvars, extra_vars=extra_vars, scratch=pdd / "tmp",
+                                tags=_tags(tags))
+        if total is not None:
+            try:
+                on_event({"event": TASK_COUNT_EVENT, "event_data": {"tasks": total}})
+            except Exception:  # a broken progress display must not break the build
+                log.exception("on_event callback failed")
 
     cmdline = ["--check"] if check else []
     if diff:

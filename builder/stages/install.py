@@ -31,6 +31,7 @@ from .media import INSTALL_MACHINE, Media, make_iso
 log = logging.getLogger(__name__)
 
 POLL = 2.0
+COUNTS_EVERY = 10.0
 
 
 @dataclass(frozen=True)
@@ -70,12 +71,17 @@ def run_install(spec: VmSpec, vm: Machine, *, tracker: InstallTracker, listener:
                 emitter: Emitter, timeout: float, stall_timeout: float) -> InstallResult:
     """Follow the installer running in the started ``vm`` until QEMU exits. InstallError on failure, question,
     stall or timeout (the caller owns the VM and stops it)."""
-    t0 = time.monotonic()
-    last_step = ""
+    t0 = last_t = time.monotonic()
+    last: tuple[str, int, int] = ("", -1, -1)
     while True:
         rc = vm.wait(POLL)
-        if tracker.step != last_step or int(time.monotonic() - t0) % 60 < POLL:
-            last_step = tracker.step
+        now = time.monotonic()
+        state = (tracker.step, tracker.udebs, tracker.packages)
+        # a new step at once; new counts every COUNTS_EVERY seconds (the live display's counters); else a minutely
+        # heartbeat
+        if (state[0] != last[0] or (state != last and now - last_t >= COUNTS_EVERY)
+                or int(now - t0) % 60 < POLL):
+            last, last_t = state, now
             emitter.progress(f"{tracker.step} (udebs {tracker.udebs}, packages {tracker.packages})",
                              step=tracker.step, udebs=tracker.udebs, packages=tracker.packages)
         if rc is not None:

@@ -24,7 +24,7 @@ from ..context import BuildContext
 from ..errors import ConfigError, ProvisionError, SshError, VmError
 from ..events import Emitter
 from ..installcache import DirectBoot
-from ..provision import AnsibleRunner, Provisioner, Target
+from ..provision import TASK_COUNT_EVENT, AnsibleRunner, Provisioner, Target
 from ..secureboot import SigningError, load_pair
 from ..ssh import known_hosts_line, run_command, wait_for_ssh
 from ..vm import Machine
@@ -79,15 +79,30 @@ def dead_vm(vm: Machine, during: str, cause: BaseException | None = None) -> VmE
 
 
 def ansible_progress(emitter: Emitter, current: dict[str, str] | None = None) -> Callable[[dict[str, Any]], None]:
-    """Task starts as progress lines; ``current["task"]`` is the running task ("role : task")."""
+    """Each task start as an info line ("ansible: TASK", fields ``task``, ``role``) and a progress event:
+    ``current`` is the task's index (the n-th task; fact gathering is not counted), ``total`` the playbook's task
+    count when known (handlers that run can push the index past it: the total then grows with it), fields
+    ``unit="tasks"``, ``task``, ``role``. ``current["task"]`` is the running task ("role : task")."""
+    count = {"n": 0, "total": 0}
+
     def on_event(ev: dict[str, Any]) -> None:
-        data = ev.get("event_data", {})
-        if ev.get("event") == "playbook_on_task_start":
+        data = ev.get("event_data") or {}
+        kind = ev.get("event")
+        if kind == TASK_COUNT_EVENT:
+            count["total"] = int(data.get("tasks") or 0)
+        elif kind in ("playbook_on_task_start", "playbook_on_handler_task_start"):
             task = str(data.get("task", ""))
             role = str(data.get("role") or "")
+            label = f"{role} : {task}" if role else task
             if current is not None:
-                current["task"] = f"{role} : {task}" if role else task
-            emitter.info(f"ansible: {task}")
+                current["task"] = label
+            if str(data.get("task_action", "")).rsplit(".", 1)[-1] != "gather_facts":
+                count["n"] += 1
+            n = count["n"]
+            total = max(count["total"], n) if count["total"] else None
+            emitter.progress(f"ansible task {n}{f'/{total}' if total else ''}: {label}", n, total, unit="tasks",
+                             task=task, role=role)
+            emitter.info(f"ansible: {task}", task=task, role=role)
     return on_event
 
 

@@ -121,3 +121,38 @@ def test_convert_failure_leaves_no_partial_file(tmp_path: Path, written: Path) -
         assert not dst.exists() and not dst.with_name(dst.name + ".part").exists()
     finally:
         ro.chmod(0o700)
+
+
+@pytest.mark.timeout(120)
+def test_qemu_img_progress_through_a_pipe_parses_to_rising_percentages(tmp_path: Path, written: Path) -> None:
+    """What ``qemu-img convert -p`` really writes into a pipe (not a terminal) is what parse_progress reads."""
+    proc = subprocess.run(["qemu-img", "convert", "-p", "-c", "-O", "qcow2", str(written), str(tmp_path / "o.qcow2")],
+                          check=True, capture_output=True, timeout=100)
+    assert b"\r" in proc.stdout or b"\n" in proc.stdout
+    pcts = image.parse_progress(proc.stdout)
+    assert len(pcts) > 2 and pcts == sorted(pcts) and pcts[-1] == 100.0, proc.stdout[:300]
+
+
+@pytest.mark.timeout(120)
+def test_compression_progress_events_reach_on_event(tmp_path: Path, written: Path) -> None:
+    """The finalize stage's compression: progress events (unit percent, rising to 100 of 100) through the
+    Emitter to the Python API's on_event, the same events the live display and the JSON lines get."""
+    from contextlib import ExitStack
+    from types import SimpleNamespace
+
+    from builder.events import Emitter, Event
+    from builder.stages import finalize
+
+    seen: list[Event] = []
+    emitter = Emitter(seen.append)
+    with ExitStack() as stack:
+        ctx = SimpleNamespace(options=SimpleNamespace(output=tmp_path / "out"), stack=stack, name="img",
+                              config=SimpleNamespace(disk=SimpleNamespace(compression="zlib")), emitter=emitter)
+        with emitter.stage("finalize"):
+            final = finalize.compress(ctx, written)  # type: ignore[arg-type]
+        assert final.image.is_file()
+    events = [ev for ev in seen if ev.kind == "progress"]
+    assert len(events) > 2 and all(ev.stage == "finalize" and ev.message == "compress" for ev in events)
+    assert all(ev.data == {"unit": "percent"} and ev.total == 100 for ev in events)
+    pcts = [ev.current for ev in events]
+    assert pcts == sorted(pcts) and pcts[-1] == 100.0, pcts

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from builder.errors import ProvisionError
-from builder.provision import Target, run_playbook
+from builder.provision import TASK_COUNT_EVENT, Target, run_playbook
 from builder.ssh import generate_keypair, known_hosts_line
 
 try:
@@ -76,9 +76,11 @@ def test_successful_run_and_events(env, tmp_path):
     assert res.status == "successful" and res.rc == 0
     assert res.changed == 1 and res.failed_tasks == []
     assert out.read_text() == "hello\n"
-    assert any(e.get("event") == "playbook_on_task_start" for e in seen)
+    # first the playbook's task count (for the progress display), then ansible-runner's events, all logged
+    assert seen[0] == {"event": TASK_COUNT_EVENT, "event_data": {"tasks": 2}}
+    assert sum(e.get("event") == "playbook_on_task_start" for e in seen) == 2
     lines = (tmp_path / "w" / "ansible-events.jsonl").read_text().splitlines()
-    assert len(lines) == len(seen) and json.loads(lines[-1])["event"] == "playbook_on_stats"
+    assert len(lines) == len(seen) - 1 and json.loads(lines[-1])["event"] == "playbook_on_stats"
     # G2: the file holding the environment is gone; the data dir is private
     assert not (res.artifact_dir / "command").exists()
     assert (res.artifact_dir / "status").read_text() == "successful"
