@@ -164,7 +164,7 @@ def test_iso_boots_under_ovmf_through_signed_shim_and_grub(tmp_path: Path, stock
                                                           signed_efi: tuple[bytes, bytes]) -> None:
     """The ISO's EFI El Torito entry: OVMF → shim (Microsoft-signed) → Debian's CD GRUB → our grub.cfg → the
     kernel with our command line → the appended initrd. The same ISO still boots under BIOS (the test above)."""
-    from builder.installer.efi import EFI_IMAGE, list_efi_image
+    from builder.installer.efi import EFI_IMAGE, list_efi_image, read_efi_file
     from builder.installer.iso import describe_iso, read_iso_file
     from builder.vm.firmware import prepare
 
@@ -178,8 +178,12 @@ def test_iso_boots_under_ovmf_through_signed_shim_and_grub(tmp_path: Path, stock
     assert [e["platform_name"] for e in info["eltorito"]] == ["x86", "efi"]
     efi_entry = info["eltorito"][1]
     assert efi_entry["boot_file"] == EFI_IMAGE and efi_entry["sectors"] * 512 == info["files"][EFI_IMAGE]
-    fat = list_efi_image(read_iso_file(iso, EFI_IMAGE))
+    fat_image = read_iso_file(iso, EFI_IMAGE)
+    fat = list_efi_image(fat_image)
     assert fat["/EFI/BOOT/BOOTX64.EFI"] == len(signed_efi[0]) and fat["/EFI/BOOT/grubx64.efi"] == len(signed_efi[1])
+    shim = read_efi_file(fat_image, "/EFI/BOOT/BOOTX64.EFI")
+    assert shim == signed_efi[0] and authenticode_size(shim) > 0  # a signed PE: its certificate table is there
+    assert b"Microsoft" in shim[-authenticode_size(shim):]  # shim is signed by Microsoft's UEFI CA
     fw = prepare("uefi", tmp_path / "vars.fd")
     assert fw.code is not None
     pflash = ["-machine", "q35", "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={fw.code}",
@@ -194,6 +198,19 @@ def test_iso_boots_under_ovmf_through_signed_shim_and_grub(tmp_path: Path, stock
     body = log.split("PRESEED-BEGIN\n", 1)[1].split("PRESEED-END", 1)[0]
     assert body == preseed.decode()
     print(f"UEFI: booted to /init and read the appended preseed in {elapsed:.1f} s")
+
+
+def authenticode_size(pe: bytes) -> int:
+    """The size of a PE image's certificate table (data directory 4): non-zero for a signed binary."""
+    import struct
+
+    off = struct.unpack_from("<I", pe, 0x3C)[0]
+    assert pe[off:off + 4] == b"PE\0\0"
+    opt = off + 24
+    magic = struct.unpack_from("<H", pe, opt)[0]
+    dirs = opt + (112 if magic == 0x20B else 96)  # PE32+ : PE32
+    _addr, size = struct.unpack_from("<II", pe, dirs + 4 * 8)
+    return int(size)
 
 
 def make_initrd(busybox: bytes, preseed: bytes) -> bytes:
