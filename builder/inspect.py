@@ -97,6 +97,18 @@ def inspect(path: Path, overrides: list[str] | tuple[str, ...] = (), *,
             if role not in dict(result.roles):
                 result.roles.append((role, str(d / role)))
     _inputs_and_reuse(cfg, result)
+    from .verify import default_firmwares
+
+    fws = list(default_firmwares(cfg)) + (["uefi-secure"] if cfg.secure_boot.signing_cert and
+                                          cfg.disk.boot != "bios" else [])
+    result.reuse.append(f"install a disk.boot {cfg.disk.boot} disk with {cfg.build_firmware} build VMs and verify "
+                        f"the image under {', '.join(fws)} before publishing")
+    base_vars = cfg.provision.extra_vars
+    for name in cfg.variants:
+        v = cfg.variant(name)
+        diff = {k: val for k, val in v.provision.extra_vars.items() if base_vars.get(k) != val}
+        result.reuse.append(f"variant {name}: {v.name}.qcow2 from the same installed disk"
+                            + (", " + ", ".join(f"{k}={val}" for k, val in diff.items()) if diff else ""))
     return result
 
 
