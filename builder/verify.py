@@ -282,8 +282,8 @@ def verify_image(cfg: ImageConfig, qcow2: Path, workdir: Path, *, emitter: Emitt
     fw = prepare(firmware, workdir / "verify.vars.fd",
                  mok_certs=[mok_cert] if mok_cert is not None and firmware == "uefi-secure" else [])
     spec = VmSpec(name="verify", memory_mib=cfg.provision.memory >> 20, cpus=cfg.vm.cpus, accel=accel,
-                  drives=(Drive(disk), Drive.cdrom(seed)), boot="disk", serial_log=workdir / "verify.serial.log",
-                  ssh_forward=port, no_reboot=False, firmware=fw)
+                  drives=(Drive(disk, keep=False), Drive.cdrom(seed)), boot="disk",
+                  serial_log=workdir / "verify.serial.log", ssh_forward=port, no_reboot=False, firmware=fw)
     report = VerifyReport(qcow2, firmware=firmware)
     checks = checks_for(cfg) + firmware_checks(firmware, signer if cfg.provision.enabled else None)
     if firmware == "uefi-secure" and cfg.provision.enabled and signer is None:
@@ -291,7 +291,7 @@ def verify_image(cfg: ImageConfig, qcow2: Path, workdir: Path, *, emitter: Emitt
                                    f"no {cfg.name}.mok.pem next to the image and no --mok-cert: the NVIDIA module "
                                    "cannot be trusted under Secure Boot (set secure_boot.signing_key/signing_cert)"))
     emitter.info(f"verify: booting {qcow2.name} under {firmware}")
-    with open_machine(spec, workdir, backend=cfg.vm.backend, libvirt_uri=cfg.vm.libvirt_uri) as vm:
+    with open_machine(spec, workdir, **cfg.vm.machine_options(cfg.name)) as vm:
         t0 = time.monotonic()
         vm.start()
         client_conn = wait_for_ssh("127.0.0.1", port, TEST_USER, client, host.public_openssh, timeout=ssh_timeout,
