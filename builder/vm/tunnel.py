@@ -58,6 +58,7 @@ class SshTunnel:
         self._client: paramiko.SSHClient | None = None
         self._targets: dict[int, Callable[[paramiko.Channel], None]] = {}
         self._listeners: list[socket.socket] = []
+        self._acceptors: list[threading.Thread] = []
         self._relays: list[tuple[paramiko.Channel, int]] = []
         self._open: set[Any] = set()
         self._lock = threading.Lock()
@@ -181,10 +182,16 @@ class SshTunnel:
             _close(chan)
         self._relays.clear()
         _close(*self._listeners)
+        for th in self._acceptors:  # a listener is gone once its accept loop has left poll()
+            th.join(2)
         self._listeners.clear()
+        self._acceptors.clear()
         with self._lock:
             _close(*self._open)
             self._open.clear()
+        for port in list(self._targets):  # sshd closes each listener before it answers
+            with contextlib.suppress(Exception):
+                self.transport.cancel_port_forward("127.0.0.1", port)
         self._targets.clear()
         if self._client is not None:
             _close(self._client)
@@ -278,7 +285,7 @@ class SshTunnel:
             srv.close()
             raise VmError(f"cannot listen on 127.0.0.1:{local_port} for the tunnel to the guest: {exc}") from exc
         srv.listen(16)
-        srv.settimeout(0.5)
+        srv.settimeout(0.2)
         self._listeners.append(srv)
 
         def serve(conn: socket.socket, peer: tuple[str, int]) -> None:
@@ -302,7 +309,9 @@ class SshTunnel:
                     return
                 threading.Thread(target=serve, args=(conn, peer), name=f"tunnel-{local_port}", daemon=True).start()
 
-        threading.Thread(target=accept, name=f"tunnel-listen-{local_port}", daemon=True).start()
+        th = threading.Thread(target=accept, name=f"tunnel-listen-{local_port}", daemon=True)
+        th.start()
+        self._acceptors.append(th)
 
     def relay_udp(self, remote_port: int, local_port: int, *, timeout: float = 15.0) -> None:
         """Datagrams to the remote 127.0.0.1:``remote_port`` → lines over SSH → datagrams to the local
