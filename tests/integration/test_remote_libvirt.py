@@ -43,8 +43,10 @@ from builder.vm.remote import machine_tag, parse_remote_uri, volume_prefix
 from builder.vm.spec import Drive, VmSpec
 
 try:
+    from conftest_vm import installer_context, require_libvirt
     from trixie_target import local_sshd
 except ImportError:  # tests/ imported as a package
+    from .conftest_vm import installer_context, require_libvirt
     from .trixie_target import local_sshd
 
 pytestmark = [pytest.mark.integration, pytest.mark.libvirt, pytest.mark.remote_libvirt]
@@ -59,16 +61,7 @@ def _unavailable(reason: str) -> None:
 
 @pytest.fixture(scope="module")
 def lv() -> Any:
-    try:
-        import libvirt
-    except ImportError:
-        _unavailable("libvirt-python is not installed (pip install builder[libvirt])")
-    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-    try:
-        libvirt.open(LOCAL_URI).close()
-    except libvirt.libvirtError as exc:
-        _unavailable(f"no libvirtd at {LOCAL_URI}: {exc}")
-    return libvirt
+    return require_libvirt(LOCAL_URI)
 
 
 def _names_host(line: str, host: str) -> bool:
@@ -412,13 +405,8 @@ def test_installer_on_a_remote_libvirt_host(lv: Any, uri: str, pool: tuple[str, 
     is left in the pool (the stopped domain's installed disk came back as a valid qcow2)."""
     from contextlib import ExitStack
 
-    from builder import services
-    from builder.context import BuildContext, BuildOptions
-    from builder.diagnostics import Diagnostics
-    from builder.events import Emitter
     from builder.installer.preseed import MILESTONE_LOADED
     from builder.installer.progress import console_question
-    from builder.stages import fetch, media
     from builder.stages.install import install_spec
     from builder.vm import open_machine
     from builder.vm.logs import read_text
@@ -427,14 +415,8 @@ def test_installer_on_a_remote_libvirt_host(lv: Any, uri: str, pool: tuple[str, 
     cfg = default_config
     vm_name = f"t-rinstall-{os.getpid()}"
     with ExitStack() as stack:
-        diagnostics = stack.enter_context(Diagnostics(tmp_path))
-        ctx = BuildContext(cfg, BuildOptions(tmp_path / "out", use_cache=False), tmp_path, Emitter(), stack,
-                           diagnostics)
-        inputs = fetch.run(ctx)
-        ctx = services.start(ctx, inputs)
-        assert ctx.services is not None
+        ctx, m = installer_context(stack, cfg, tmp_path)
         gw, tracker = ctx.services.gateway, ctx.services.tracker
-        m = media.run(ctx, inputs)
         assert m.iso is not None
         disk = image.create(tmp_path / "installed.qcow2", cfg.disk.size)
         spec = install_spec(name=vm_name, iso=m.iso, disk=disk, accel=ctx.accel, cpus=cfg.vm.cpus,
