@@ -85,7 +85,8 @@ class VolumeStore:
     def open(self) -> None:
         lv = self._lv
         if self.pool_dir:
-            name = f"builder-{machine_tag()}-{os.getpid()}-{secrets.token_hex(3)}"
+            self._sweep_pools()
+            name = f"builder-{machine_tag()}-{os.getpid()}-{secrets.token_hex(3)}-pool"
             path = f"{self.pool_dir.rstrip('/')}/{name}"
             root = ET.Element("pool", type="dir")
             ET.SubElement(root, "name").text = name
@@ -130,6 +131,24 @@ class VolumeStore:
         if stale:
             log.warning("removed %d volume(s) left in pool %s on %s by builder runs that were killed: %s",
                         len(stale), self.pool_name, self.host, ", ".join(stale))
+
+    def _sweep_pools(self) -> None:
+        """Remove the transient pools (and their volumes) of this machine's builder runs that were killed."""
+        lv = self._lv
+        try:
+            names = list(self._conn.listStoragePools())
+        except lv.libvirtError:
+            return
+        for n in stale_volumes(names, tag=machine_tag()):
+            with contextlib.suppress(lv.libvirtError):
+                pool = self._conn.storagePoolLookupByName(n)
+                path = ET.fromstring(pool.XMLDesc(0)).findtext("target/path")
+                for vol in pool.listAllVolumes(0):
+                    vol.delete(0)
+                pool.destroy()
+                log.warning("removed the pool %s on %s left by a builder run that was killed", n, self.host)
+                if path and self._run is not None:
+                    self._run(f"rmdir {shlex.quote(path)}", check=False)
 
     def volumes(self) -> list[str]:
         """The pool's volume names now (refreshed)."""

@@ -297,9 +297,15 @@ def test_volumes_chain_download_and_cleanup(lv: Any, uri: str, pool: tuple[str, 
             pool_dir.mkdir()
             raw = tmp_path / "vars.fd"
             raw.write_bytes(os.urandom(256 << 10))
+            # the transient pool of a killed run (with a volume in it) is removed by the next run's open()
+            stale = f"builder-{machine_tag()}-{dead.pid}-0badc0-pool"
+            spool = conn.storagePoolCreateXML(f"<pool type='dir'><name>{stale}</name><target><path>{pool_dir}/"
+                                              f"{stale}</path></target></pool>", lv.VIR_STORAGE_POOL_CREATE_WITH_BUILD)
+            spool.createXML("<volume><name>v</name><capacity>1024</capacity></volume>", 0)
             tstore = VolumeStore(lv, conn, prefix=volume_prefix("t-tmp", "d4e5f6"), pool_dir=str(pool_dir),
                                  run=t.run, workdir=tmp_path, host=host.label)
             tstore.open()
+            assert stale not in conn.listStoragePools() and not (pool_dir / stale).exists()
             tname = tstore.pool_name
             assert tname in conn.listStoragePools()
             vol = tstore.upload(raw)
@@ -411,6 +417,7 @@ def test_installer_on_a_remote_libvirt_host(lv: Any, uri: str, pool: tuple[str, 
     from builder.vm import open_machine
     from builder.vm.logs import read_text
 
+    deadline = time.monotonic() + 780  # of the 900 s: the rest for the teardown (download, volumes)
     name, _ = pool
     cfg = default_config
     vm_name = f"t-rinstall-{os.getpid()}"
@@ -423,15 +430,19 @@ def test_installer_on_a_remote_libvirt_host(lv: Any, uri: str, pool: tuple[str, 
                             memory=cfg.vm.memory, workdir=tmp_path, gateway_port=gw.port,
                             firmware=ctx.firmware(vm_name), syslog_port=ctx.services.syslog.port)
         t0 = time.monotonic()
-        loaded = None
         with open_machine(spec, tmp_path, backend="libvirt", libvirt_uri=uri, libvirt_pool=name) as vm:
             staged = time.monotonic() - t0
             assert _volumes(lv, name), "the machine's files are volumes in the pool while it runs"
-            loaded = vm.wait_for_serial(f"BUILDER {MILESTONE_LOADED}", timeout=600)
+            assert vm.status() == "running"  # QMP through libvirt's connection
+            # libvirt's log of the domain on the remote host, read through the SSH connection
+            assert any("starting up" in ln or "qemu-system" in ln for ln in vm.stderr_tail(50))
+            loaded = vm.wait_for_serial(f"BUILDER {MILESTONE_LOADED}", timeout=max(60, deadline - time.monotonic()))
             assert loaded, "no 'preseed loaded' on the serial console:\n" + "\n".join(vm.serial_tail(30))
             took = time.monotonic() - t0
+            shot = vm.screendump(tmp_path / "screen.ppm")  # virDomainScreenshot: PPM (or PNG) from the remote
+            assert shot.read_bytes()[:2] in (b"P6", b"\x89P")
             # then the network: d-i's syslog reaches the listener, and its mirror (the gateway) is used
-            while time.monotonic() - t0 < 780 and not (tracker.tail and gw.stats.served_bytes):
+            while time.monotonic() < deadline and not (tracker.tail and gw.stats.served_bytes):
                 assert vm.is_running(), "the installer VM stopped:\n" + "\n".join(vm.serial_tail(30))
                 assert tracker.failed is None, f"d-i failed: {tracker.failed}"
                 q = console_question(read_text(spec.serial_log)[-20000:])
@@ -448,5 +459,6 @@ def test_installer_on_a_remote_libvirt_host(lv: Any, uri: str, pool: tuple[str, 
     assert tracker.tail, "no d-i syslog line arrived"
     assert gw.stats.served_bytes > 0, "the guest never reached the gateway through the tunnel"
     assert image.info(disk)["format"] == "qcow2"  # came back from the remote volume when the machine closed
+    assert vm.domain_log() == tmp_path / f"{vm_name}.qemu.log"  # kept for the failure bundle
     print(f"\nremote libvirt: staged in {staged:.1f} s, 'preseed loaded' after {took:.0f} s, gateway served "
           f"{gw.stats.served_bytes} bytes, {len(tracker.tail)} syslog lines, step '{tracker.step}'")
