@@ -29,6 +29,7 @@ from .vm import guestnet, open_machine
 from .vm.accel import pick_accel
 from .vm.firmware import FirmwareKind, prepare
 from .vm.net import find_free_port
+from .vm.remote import is_local
 from .vm.spec import Drive, VmSpec
 
 log = logging.getLogger(__name__)
@@ -221,6 +222,9 @@ def _pick_accel(cfg: ImageConfig, emitter: Emitter) -> Literal["kvm", "tcg"]:
     whose KVM cannot run a Linux kernel). The kernel is the installer's, from the verified download cache."""
     if cfg.vm.accel != "auto":
         return cfg.vm.accel
+    uri = cfg.vm.libvirt_host(cfg.name) if cfg.vm.backend == "libvirt" else None
+    if uri is not None and not is_local(uri):  # the VMs run there: nothing to probe here
+        return pick_accel(cfg.vm.accel, None, emitter, libvirt_uri=uri)
     from .archive.cache import ContentCache
     from .archive.http import FetchStats
     from .stages.fetch import fetch_inputs

@@ -30,7 +30,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlparse
 
 from ..errors import VmError
@@ -160,6 +160,30 @@ def _import_libvirt() -> tuple[ModuleType, ModuleType]:
                       hint="pip install builder[libvirt] (builds against the system libvirt: apt-get install "
                            "libvirt-dev pkg-config gcc python3-dev)") from exc
     return libvirt, libvirt_qemu
+
+
+def choose_remote_accel(requested: str, uri: str) -> tuple[Literal["kvm", "tcg"], str]:
+    """``accel: auto|kvm|tcg`` for VMs on the libvirt host at ``uri``: KVM when its libvirt offers ``kvm``
+    domains (its domain capabilities; no boot probe there), else TCG (VmError if ``kvm`` was required)."""
+    if requested == "tcg":
+        return "tcg", "accel: tcg requested"
+    lv, _ = _import_libvirt()
+    lv.registerErrorHandler(lambda _ctx, _err: None, None)
+    try:
+        conn = lv.open(uri)
+    except lv.libvirtError as exc:
+        raise VmError(f"cannot connect to libvirt at {uri}: {exc.get_error_message()}") from exc
+    try:
+        conn.getDomainCapabilities(None, "x86_64", None, "kvm", 0)
+        return "kvm", f"the libvirt host {uri} offers KVM"
+    except lv.libvirtError as exc:
+        reason = exc.get_error_message()
+    finally:
+        conn.close()
+    if requested == "kvm":
+        raise VmError(f"accel: kvm was requested, but the libvirt host {uri} has no KVM: {reason}",
+                      hint="set vm.accel to 'tcg' (slow) or 'auto'")
+    return "tcg", f"the libvirt host {uri} has no KVM ({reason}); using TCG (software emulation, much slower)"
 
 
 class LibvirtMachine:

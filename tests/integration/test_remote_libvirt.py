@@ -462,3 +462,19 @@ def test_installer_on_a_remote_libvirt_host(lv: Any, uri: str, pool: tuple[str, 
     assert vm.domain_log() == tmp_path / f"{vm_name}.qemu.log"  # kept for the failure bundle
     print(f"\nremote libvirt: staged in {staged:.1f} s, 'preseed loaded' after {took:.0f} s, gateway served "
           f"{gw.stats.served_bytes} bytes, {len(tracker.tail)} syslog lines, step '{tracker.step}'")
+
+
+def test_remote_accel_comes_from_the_hosts_capabilities(lv: Any, uri: str) -> None:
+    from builder.vm.libvirt import choose_remote_accel
+
+    conn = lv.open(LOCAL_URI)
+    try:
+        conn.getDomainCapabilities(None, "x86_64", None, "kvm", 0)
+        offered = True
+    except lv.libvirtError:
+        offered = False
+    finally:
+        conn.close()
+    accel, why = choose_remote_accel("auto", uri)
+    assert accel == ("kvm" if offered else "tcg") and uri in why
+    assert choose_remote_accel("tcg", uri)[0] == "tcg"
