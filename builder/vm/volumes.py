@@ -276,8 +276,9 @@ class VolumeStore:
             except lv.libvirtError as exc:
                 left.append(f"{name} ({self._err(exc)})")
         if left:  # a volume whose file went away underneath (libvirt's view is stale) is not left over
-            present = set(self.volumes())
-            left = [s for s in left if s.split(" ", 1)[0] in present]
+            with contextlib.suppress(lv.libvirtError):
+                present = set(self.volumes())
+                left = [s for s in left if s.split(" ", 1)[0] in present]
         self.created.clear()
         self.files.clear()
         if self._transient_path is not None:

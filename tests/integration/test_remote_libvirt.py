@@ -5,7 +5,8 @@ through a real sshd on loopback (started here with generated keys; libvirtd by s
 * storage volumes: a qcow2 overlay goes up with its backing file, what a guest wrote comes back onto the
   local backing file, the volumes of a killed run are swept, a transient directory pool leaves nothing;
 * a machine staged on the remote host without booting it: every file a volume with the same bytes, the remote
-  domain XML valid for libvirt (defined, never started, undefined), every volume gone afterwards;
+  domain XML valid for libvirt (defined, never started, undefined), every volume gone afterwards; a
+  provision-like machine whose disk comes back onto the local base when its domain has stopped;
 * (``vm``) the real installer in a transient domain on the "remote" host up to "preseed loaded" on its serial
   console, with its syslog and the gateway reached through the tunnels, and every volume gone afterwards.
 
@@ -397,6 +398,60 @@ def test_machine_staged_on_the_remote_host_without_booting(lv: Any, uri: str, po
     assert not _listening(ssh_port) and not _listening(remote_gw)
     print(f"\nstaged a UEFI install machine on the remote host in {staged:.2f} s (4 volumes), "
           f"torn down in {time.monotonic() - t0 - staged:.2f} s")
+
+
+class _Stopped:
+    """A domain that ran and stopped on its own (as the machine sees one after the guest powered off)."""
+
+    def isActive(self) -> bool:  # libvirt spells it so
+        return False
+
+
+@pytest.mark.timeout(180)
+def test_provision_machine_disk_comes_back_onto_the_local_base(lv: Any, uri: str, pool: tuple[str, Path],
+                                                               tmp_path: Path) -> None:
+    """A provision-like machine (overlay on a cached base, direct-boot kernel and initrd, SSH forward) staged on
+    the remote host; once its domain has stopped, close() brings the overlay back onto the local base, and
+    leaves no volume; a machine left because of an error brings nothing back."""
+    from builder.vm.libvirt import LibvirtMachine
+
+    name, _ = pool
+    base = image.create(tmp_path / "cache" / "installed.qcow2", 256 << 20)
+    _qemu_io(base, "write -P 0x11 0 64k")
+    base_sha = _sha(base)
+    for attempt, failed in (("ok", False), ("failed", True)):
+        disk = image.overlay(base, tmp_path / attempt / "disk.qcow2")
+        kernel, initrd = tmp_path / attempt / "vmlinuz", tmp_path / attempt / "initrd.img"
+        kernel.write_bytes(os.urandom(64 << 10))
+        initrd.write_bytes(os.urandom(64 << 10))
+        ssh_port = find_free_port()
+        spec = VmSpec(name=f"t-prov-{attempt}-{os.getpid()}", memory_mib=512, cpus=1, accel="tcg",
+                      drives=(Drive(disk),), kernel=kernel, initrd=initrd, append="console=ttyS0",
+                      serial_log=tmp_path / attempt / "serial.log", ssh_forward=ssh_port, no_reboot=False)
+        m = LibvirtMachine(spec, tmp_path / attempt, uri=uri, pool=name)
+        assert m.remote is not None
+        m._conn = lv.open(uri)
+        try:
+            xml = m._stage_remote(m.remote)
+            rs = m.remote_spec
+            assert rs is not None and len(_volumes(lv, name)) == 4  # base, overlay, kernel, initrd
+            assert _sha(rs.kernel) == _sha(kernel) and _sha(rs.initrd) == _sha(initrd)  # type: ignore[arg-type]
+            assert ET.fromstring(xml).findtext("os/kernel") == str(rs.kernel)
+            assert _listening(ssh_port)
+            _qemu_io(rs.drives[0].path, "write -P 0x33 1M 64k")  # the guest provisions
+            m._dom = _Stopped()
+            m.stop_method = "exited"
+        finally:
+            if failed:
+                m._discard = True  # as __exit__ does when the with block raised
+            m.close()
+        assert _volumes(lv, name) == [] and not _listening(ssh_port)
+        assert image.info(disk)["backing-filename"] == str(base.absolute()) and _sha(base) == base_sha
+        if failed:
+            _qemu_io(disk, "read -P 0x00 1M 64k", ro=True)  # nothing came back
+        else:
+            _qemu_io(disk, "read -P 0x33 1M 64k", ro=True)
+            _qemu_io(disk, "read -P 0x11 0 64k", ro=True)
 
 
 # ------------------------------------------------------------------------------------------------ the installer
