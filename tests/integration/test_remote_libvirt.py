@@ -454,6 +454,48 @@ def test_provision_machine_disk_comes_back_onto_the_local_base(lv: Any, uri: str
             _qemu_io(disk, "read -P 0x11 0 64k", ro=True)
 
 
+@pytest.mark.timeout(120)
+def test_ctrl_c_while_uploading_leaves_no_volume(lv: Any, uri: str, pool: tuple[str, Path], tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C in the middle of the second upload: start() raises KeyboardInterrupt, and every volume created
+    so far (the half-written one too) is deleted, the tunnels closed. (createXML is disabled: nothing boots.)"""
+    from builder.vm import volumes
+    from builder.vm.libvirt import LibvirtMachine
+
+    name, _ = pool
+
+    def no_boot(*_a: Any, **_k: Any) -> None:
+        raise AssertionError("the test must not start a domain")
+
+    monkeypatch.setattr(lv.virConnect, "createXML", no_boot)
+    real_send, calls = volumes.VolumeStore._send, []
+
+    def interrupted(self: Any, vol: Any, local: Path, size: int) -> None:
+        calls.append(local)
+        if len(calls) == 2:
+            stream = self._conn.newStream(0)
+            vol.upload(stream, 0, size, 0)
+            stream.send(local.read_bytes()[: 1 << 20])
+            with contextlib.suppress(Exception):
+                stream.abort()
+            raise KeyboardInterrupt
+        real_send(self, vol, local, size)
+
+    monkeypatch.setattr(volumes.VolumeStore, "_send", interrupted)
+    disk = image.create(tmp_path / "d.qcow2", 1 << 30)
+    iso = tmp_path / "i.iso"
+    iso.write_bytes(os.urandom(4 << 20))
+    ssh_port = find_free_port()
+    spec = VmSpec(name=f"t-int-{os.getpid()}", memory_mib=512, cpus=1, accel="tcg", boot="cdrom",
+                  drives=(Drive(disk), Drive.cdrom(iso)), ssh_forward=ssh_port)
+    m = LibvirtMachine(spec, tmp_path, uri=uri, pool=name)
+    with pytest.raises(KeyboardInterrupt):
+        m.start()
+    assert len(calls) == 2
+    assert _volumes(lv, name) == []
+    assert m._tunnel is None and m._store is None and m._conn is None and not _listening(ssh_port)
+
+
 # ------------------------------------------------------------------------------------------------ the installer
 
 
