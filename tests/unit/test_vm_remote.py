@@ -162,3 +162,23 @@ def test_config_hosts_pool_and_choice(repo: Path) -> None:
         load_config(image, ["vm.libvirt_uri=qemu+tcp://gpu1/system"])
     with pytest.raises(ConfigError, match="absolute"):
         load_config(image, ["vm.libvirt_pool_dir=relative/dir"])
+
+
+def test_ssh_login_takes_the_uri_then_ssh_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from builder.vm.tunnel import SshTunnel
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".ssh").mkdir()
+    key = tmp_path / ".ssh" / "gpu_key"
+    key.write_text("not read here")
+    (tmp_path / ".ssh" / "config").write_text(
+        f"Host gpu1\n  HostName gpu1.internal.example\n  User builder\n  Port 2200\n  IdentityFile {key}\n")
+    h = parse_remote_uri("qemu+ssh://gpu1/system")
+    assert h is not None
+    args = SshTunnel(h)._login()
+    assert (args["hostname"], args["port"], args["username"]) == ("gpu1.internal.example", 2200, "builder")
+    assert args["key_filename"] == [str(key)] and args["allow_agent"] and args["look_for_keys"]
+    explicit = parse_remote_uri(f"qemu+ssh://root@gpu1:22/system?keyfile={tmp_path}/missing")
+    assert explicit is not None
+    args = SshTunnel(explicit)._login()
+    assert (args["port"], args["username"], args["key_filename"]) == (22, "root", [str(key)])  # missing: skipped
