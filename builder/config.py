@@ -179,7 +179,10 @@ class DiskConfig(_Model):
 
 class VmConfig(_Model):
     backend: Literal["qemu", "libvirt"] = "qemu"
-    libvirt_uri: str = "qemu:///system"
+    # one URI, or a list of hosts: a build takes one by a stable hash of its image name (docs/remote-libvirt.md)
+    libvirt_uri: str | tuple[str, ...] = "qemu:///system"
+    libvirt_pool: str = "default"
+    libvirt_pool_dir: str | None = None
     accel: Literal["auto", "kvm", "tcg"] = "auto"
     cpus: Annotated[int, Field(ge=1, le=64)] = 2
     memory: Annotated[int, Field(description="guest RAM, e.g. '3G'")] = 3 << 30
@@ -193,6 +196,46 @@ class VmConfig(_Model):
         if n < 1 << 30:
             raise ValueError("the installer needs at least 1G of memory")
         return n
+
+    @field_validator("libvirt_uri")
+    @classmethod
+    def _uris(cls, v: str | tuple[str, ...]) -> str | tuple[str, ...]:
+        from .errors import VmError
+        from .vm.remote import parse_remote_uri
+
+        uris = (v,) if isinstance(v, str) else v
+        if not uris:
+            raise ValueError("at least one libvirt URI")
+        for uri in uris:
+            if "://" not in uri:
+                raise ValueError(f"not a libvirt URI: {uri!r}")
+            try:
+                parse_remote_uri(uri)
+            except VmError as exc:
+                raise ValueError(exc.message) from None
+        return v
+
+    @field_validator("libvirt_pool_dir")
+    @classmethod
+    def _pool_dir(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith("/"):
+            raise ValueError(f"an absolute directory on the libvirt host, not {v!r}")
+        return v
+
+    @property
+    def libvirt_uris(self) -> tuple[str, ...]:
+        return (self.libvirt_uri,) if isinstance(self.libvirt_uri, str) else tuple(self.libvirt_uri)
+
+    def libvirt_host(self, image_name: str) -> str:
+        """The libvirt URI a build of ``image_name`` uses (one of several by a stable hash of the name)."""
+        from .vm.remote import pick_uri
+
+        return pick_uri(self.libvirt_uris, image_name)
+
+    def machine_options(self, image_name: str) -> dict[str, Any]:
+        """:func:`~builder.vm.open_machine`'s backend arguments for a build of ``image_name``."""
+        return {"backend": self.backend, "libvirt_uri": self.libvirt_host(image_name),
+                "libvirt_pool": self.libvirt_pool, "libvirt_pool_dir": self.libvirt_pool_dir}
 
 
 class InstallerConfig(_Model):

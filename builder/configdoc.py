@@ -31,7 +31,13 @@ MEANING: dict[str, str] = {
     "disk.size": "Virtual size of the image's disk (cloud-init grows the root file system to the real disk).",
     "disk.compression": "qcow2 compression of the published image: zlib (portable), zstd (QEMU >= 5.1), none.",
     "vm.backend": "How build VMs run: `qemu` (a child process) or `libvirt` (transient domains).",
-    "vm.libvirt_uri": "libvirt connection URI for `vm.backend: libvirt`.",
+    "vm.libvirt_uri": "libvirt connection URI for `vm.backend: libvirt`, or a list of them (a build takes one by a "
+                      "stable hash of its image name). A remote host is `qemu+ssh://USER@HOST/system` "
+                      "(docs/remote-libvirt.md).",
+    "vm.libvirt_pool": "Storage pool on a remote libvirt host that the build VMs' files are uploaded to (a "
+                       "`dir`, `fs` or `netfs` pool that exists and is active).",
+    "vm.libvirt_pool_dir": "Instead of `vm.libvirt_pool`: a directory on the remote host under which builder "
+                           "creates a transient pool per VM (removed with it).",
     "vm.accel": "`auto` probes KVM with a real boot and falls back to TCG; `kvm` or `tcg` force one.",
     "vm.cpus": "vCPUs of the build VMs.",
     "vm.memory": "RAM of the installer VM.",

@@ -99,7 +99,7 @@ class BuildContext:
         takes a screendump before the VM is stopped. Leaving the block always leaves no VM running."""
         from .vm import open_machine
 
-        vm = open_machine(spec, self.workdir, backend=self.config.vm.backend, libvirt_uri=self.config.vm.libvirt_uri)
+        vm = open_machine(spec, self.workdir, **self.config.vm.machine_options(self.name))
         self.diagnostics.machines.append(vm)
         with vm:
             try:

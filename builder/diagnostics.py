@@ -109,7 +109,8 @@ class Diagnostics:
         try:
             vm.screendump(ppm)
             png = ppm.with_suffix("").with_suffix(".png")
-            png.write_bytes(ppm_to_png(ppm.read_bytes()))
+            data = ppm.read_bytes()  # PPM from QEMU; a remote libvirt host's screenshot may already be PNG
+            png.write_bytes(data if data.startswith(b"\x89PNG") else ppm_to_png(data))
             ppm.unlink()
             self.screendumps.append(png)
         except Exception as exc:  # the failure being reported matters more than its picture

@@ -68,6 +68,15 @@ def overlay(base: Path, path: Path) -> Path:
     return path
 
 
+def rebase_unsafe(path: Path, backing: Path | str, fmt: str = "qcow2") -> Path:
+    """Point the qcow2 ``path`` at another backing file (``qemu-img rebase -u``: the header only, nothing is
+    copied, the new backing file need not exist here: a remote libvirt host's volume path)."""
+    path = Path(path)
+    _run(["rebase", "-u", "-F", fmt, "-b", os.fspath(backing), os.fspath(path)],
+         f"rebasing {path} onto {backing}")
+    return path
+
+
 def info(path: Path) -> dict[str, Any]:
     """``qemu-img info --output=json`` (with ``--force-share``, so it works while a VM uses the image)."""
     path = Path(path)

@@ -2,7 +2,8 @@
 
 * the archive gateway (:mod:`builder.gateway`), serving the installer suite signed by a fresh ephemeral key;
 * the installer's syslog listener and the tracker that turns its lines into progress;
-* the accelerator, chosen by a real boot probe (KVM that exists may still be unusable).
+* the accelerator, chosen by a real boot probe (KVM that exists may still be unusable), or by a remote
+  libvirt host's capabilities.
 
 Everything started here lives on the build's ExitStack and is stopped when the build ends, however it ends.
 """
@@ -48,6 +49,8 @@ def start(ctx: BuildContext, inputs: InstallerInputs) -> BuildContext:
     tracker = InstallTracker(on_step=lambda step: emitter.info(f"installer: {step}"))
     syslog = stack.enter_context(SyslogListener(ctx.workdir / "install.syslog", tracker))
     gateway.on_request = lambda path, status, size: tracker.touch()  # downloads count as installer progress
-    accel = pick_accel(ctx.config.vm.accel, inputs.kernel, emitter)
+    vm = ctx.config.vm
+    accel = pick_accel(vm.accel, inputs.kernel, emitter,
+                       libvirt_uri=vm.libvirt_host(ctx.name) if vm.backend == "libvirt" else None)
     ctx.manifest["accel"] = accel
     return ctx.with_(services=Services(gateway, key, syslog, tracker), accel=accel)

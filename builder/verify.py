@@ -29,6 +29,7 @@ from .vm import guestnet, open_machine
 from .vm.accel import pick_accel
 from .vm.firmware import FirmwareKind, prepare
 from .vm.net import find_free_port
+from .vm.remote import is_local
 from .vm.spec import Drive, VmSpec
 
 log = logging.getLogger(__name__)
@@ -221,6 +222,9 @@ def _pick_accel(cfg: ImageConfig, emitter: Emitter) -> Literal["kvm", "tcg"]:
     whose KVM cannot run a Linux kernel). The kernel is the installer's, from the verified download cache."""
     if cfg.vm.accel != "auto":
         return cfg.vm.accel
+    uri = cfg.vm.libvirt_host(cfg.name) if cfg.vm.backend == "libvirt" else None
+    if uri is not None and not is_local(uri):  # the VMs run there: nothing to probe here
+        return pick_accel(cfg.vm.accel, None, emitter, libvirt_uri=uri)
     from .archive.cache import ContentCache
     from .archive.http import FetchStats
     from .stages.fetch import fetch_inputs
@@ -282,8 +286,8 @@ def verify_image(cfg: ImageConfig, qcow2: Path, workdir: Path, *, emitter: Emitt
     fw = prepare(firmware, workdir / "verify.vars.fd",
                  mok_certs=[mok_cert] if mok_cert is not None and firmware == "uefi-secure" else [])
     spec = VmSpec(name="verify", memory_mib=cfg.provision.memory >> 20, cpus=cfg.vm.cpus, accel=accel,
-                  drives=(Drive(disk), Drive.cdrom(seed)), boot="disk", serial_log=workdir / "verify.serial.log",
-                  ssh_forward=port, no_reboot=False, firmware=fw)
+                  drives=(Drive(disk, keep=False), Drive.cdrom(seed)), boot="disk",
+                  serial_log=workdir / "verify.serial.log", ssh_forward=port, no_reboot=False, firmware=fw)
     report = VerifyReport(qcow2, firmware=firmware)
     checks = checks_for(cfg) + firmware_checks(firmware, signer if cfg.provision.enabled else None)
     if firmware == "uefi-secure" and cfg.provision.enabled and signer is None:
@@ -291,7 +295,7 @@ def verify_image(cfg: ImageConfig, qcow2: Path, workdir: Path, *, emitter: Emitt
                                    f"no {cfg.name}.mok.pem next to the image and no --mok-cert: the NVIDIA module "
                                    "cannot be trusted under Secure Boot (set secure_boot.signing_key/signing_cert)"))
     emitter.info(f"verify: booting {qcow2.name} under {firmware}")
-    with open_machine(spec, workdir, backend=cfg.vm.backend, libvirt_uri=cfg.vm.libvirt_uri) as vm:
+    with open_machine(spec, workdir, **cfg.vm.machine_options(cfg.name)) as vm:
         t0 = time.monotonic()
         vm.start()
         client_conn = wait_for_ssh("127.0.0.1", port, TEST_USER, client, host.public_openssh, timeout=ssh_timeout,

@@ -58,12 +58,14 @@ class InstalledBase:
 
 
 def install_spec(*, name: str, iso: Path, disk: Path, accel: str, cpus: int, memory: int, workdir: Path,
-                 gateway_port: int, firmware: Firmware = BIOS) -> VmSpec:
+                 gateway_port: int, firmware: Firmware = BIOS, syslog_port: int | None = None) -> VmSpec:
+    """The installer VM: ``syslog_port`` is where the installer's syslog goes (the listener's UDP port)."""
     return VmSpec(firmware=firmware,
         name=name, memory_mib=memory >> 20, cpus=cpus, accel=accel,  # type: ignore[arg-type]
         drives=(Drive(disk, cache="unsafe"), Drive.cdrom(iso)), boot="cdrom", machine=INSTALL_MACHINE,
         serial_log=workdir / "install.serial.log", no_reboot=True,
         guest_services=(gateway_service(gateway_port),),
+        udp_to_host=(syslog_port,) if syslog_port is not None else (),
     )
 
 
@@ -137,7 +139,7 @@ def run(ctx: BuildContext, media: Media, inputs: InstallerInputs) -> InstalledBa
     image.create(disk, cfg.disk.size)
     spec = install_spec(name=f"{cfg.name}-install", iso=iso, disk=disk, accel=ctx.accel, cpus=cfg.vm.cpus,
                         memory=cfg.vm.memory, workdir=ctx.workdir, gateway_port=services.gateway.port,
-                        firmware=ctx.firmware(f"{cfg.name}-install"))
+                        firmware=ctx.firmware(f"{cfg.name}-install"), syslog_port=services.syslog.port)
     with ctx.machine(spec) as vm:
         res = run_install(spec, vm, tracker=services.tracker, listener=services.syslog, emitter=emitter,
                           timeout=cfg.installer.timeout, stall_timeout=cfg.installer.stall_timeout)

@@ -4,7 +4,7 @@ Usage::
 
     accel, why = choose_accel(cfg.vm.accel, installer_kernel)      # log `why` as a warning when it fell back
     spec = VmSpec(name="install", memory_mib=3072, cpus=2, accel=accel, drives=(Drive(disk),), ...)
-    with open_machine(spec, workdir, backend=cfg.vm.backend, libvirt_uri=cfg.vm.libvirt_uri) as vm:
+    with open_machine(spec, workdir, **cfg.vm.machine_options(cfg.name)) as vm:
         rc = vm.wait(timeout=3600)
     # no VM is left running here, whatever happened in the block
 """
@@ -80,12 +80,15 @@ def open_machine(
     *,
     backend: Literal["qemu", "libvirt"] = "qemu",
     libvirt_uri: str = "qemu:///system",
+    libvirt_pool: str = "default",
+    libvirt_pool_dir: str | None = None,
 ) -> Machine:
-    """A not yet started machine for ``spec`` on ``backend`` (use it as a context manager to start it)."""
+    """A not yet started machine for ``spec`` on ``backend`` (use it as a context manager to start it).
+    ``libvirt_pool``/``libvirt_pool_dir`` matter for a remote ``libvirt_uri`` only (docs/remote-libvirt.md)."""
     if backend == "qemu":
         return QemuMachine(spec, workdir)
     if backend == "libvirt":
         from .libvirt import LibvirtMachine
 
-        return LibvirtMachine(spec, workdir, uri=libvirt_uri)
+        return LibvirtMachine(spec, workdir, uri=libvirt_uri, pool=libvirt_pool, pool_dir=libvirt_pool_dir)
     raise VmError(f"unknown VM backend {backend!r} (qemu or libvirt)")

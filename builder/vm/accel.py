@@ -163,10 +163,19 @@ def choose_accel(requested: Literal["auto", "kvm", "tcg"], kernel: Path | None) 
     return "tcg", f"KVM is unusable ({reason}); using TCG (software emulation, much slower)"
 
 
-def pick_accel(requested: Literal["auto", "kvm", "tcg"], kernel: Path | None, emitter: Emitter,
-               ) -> Literal["kvm", "tcg"]:
-    """:func:`choose_accel`, its reason reported: as info when it is KVM or what was asked for, else a warning."""
-    accel, why = choose_accel(requested, kernel)
+def pick_accel(requested: Literal["auto", "kvm", "tcg"], kernel: Path | None, emitter: Emitter, *,
+               libvirt_uri: str | None = None) -> Literal["kvm", "tcg"]:
+    """:func:`choose_accel`, its reason reported: as info when it is KVM or what was asked for, else a warning.
+    With a remote ``libvirt_uri`` the VMs run there: that host's libvirt says whether it has KVM
+    (:func:`~builder.vm.libvirt.choose_remote_accel`), nothing is probed here."""
+    from .remote import is_local
+
+    if libvirt_uri is not None and not is_local(libvirt_uri):
+        from .libvirt import choose_remote_accel
+
+        accel, why = choose_remote_accel(requested, libvirt_uri)
+    else:
+        accel, why = choose_accel(requested, kernel)
     (emitter.info if accel == "kvm" or requested == "tcg" else emitter.warning)(f"accelerator {accel}: {why}")
     return accel
 

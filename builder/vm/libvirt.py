@@ -7,8 +7,12 @@
 - User-mode networking with the SSH port forward is passed through ``<qemu:commandline>`` (libvirt 9's
   ``<portForward>`` needs passt). Its PCI device sits at ``bus=pcie.0,addr=0x1e``: without an explicit slot it
   collides with libvirt's first pcie-root-port. libvirt marks such a domain "tainted: custom-argv"; expected.
-- The serial log and screendumps are files written by the QEMU that libvirtd runs, i.e. on the libvirt host:
-  with a remote URI they are not on this machine.
+- Locally, the serial log and screendumps are files written by the QEMU that libvirtd runs.
+- A remote ``qemu+ssh://`` host (docs/remote-libvirt.md): the files go up as storage volumes
+  (:mod:`~builder.vm.volumes`) and the disks the build needs come back when the domain stopped; the guest's
+  services, its serial console, its UDP to the host and its SSH cross builder's own SSH connection
+  (:mod:`~builder.vm.tunnel`); screendumps come through libvirt (``virDomainScreenshot``). The domain is
+  created with AUTODESTROY: if builder dies, libvirt destroys it when the connection drops.
 
 libvirt-python is an optional dependency (``pip install builder[libvirt]``); it is imported only when a
 LibvirtMachine is created. Running it needs a libvirtd (see docs: the daemon can be started by hand, without
@@ -26,21 +30,22 @@ import xml.etree.ElementTree as ET
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlparse
 
 from ..errors import VmError
 from .logs import tail_lines, wait_for_pattern
+from .remote import RemoteHost, is_local, local_files, parse_remote_uri, remote_spec, volume_prefix
 from .spec import VmSpec
+
+if TYPE_CHECKING:
+    from .tunnel import SshTunnel
+    from .volumes import VolumeStore
 
 log = logging.getLogger(__name__)
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 DEFAULT_URI = "qemu:///system"
-
-
-def _is_local(uri: str) -> bool:
-    return not urlparse(uri).netloc
 
 
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrib: str) -> ET.Element:
@@ -61,9 +66,11 @@ def _cpu(spec: VmSpec, root: ET.Element) -> None:
         _sub(cpu, "model", model, fallback="allow")
 
 
-def domain_xml(spec: VmSpec, *, uri: str = DEFAULT_URI) -> str:
+def domain_xml(spec: VmSpec, *, uri: str = DEFAULT_URI, serial_port: int | None = None) -> str:
     """The transient domain's XML for ``spec`` (pure). ``uri`` is where it will run: for a local URI the
-    emulator is pinned to /usr/bin/qemu-system-x86_64; a remote host picks its own."""
+    emulator is pinned to /usr/bin/qemu-system-x86_64; a remote host picks its own. ``serial_port``: the serial
+    console goes to a TCP connection to that port of the libvirt host's 127.0.0.1 (a tunnel back to builder)
+    instead of ``spec.serial_log``."""
     ET.register_namespace("qemu", QEMU_NS)
     root = ET.Element("domain", type="kvm" if spec.accel == "kvm" else "qemu")
     _sub(root, "name", spec.name)
@@ -94,7 +101,7 @@ def domain_xml(spec: VmSpec, *, uri: str = DEFAULT_URI) -> str:
     _sub(root, "on_crash", "destroy")
 
     devices = _sub(root, "devices")
-    if _is_local(uri):
+    if is_local(uri):
         _sub(devices, "emulator", "/usr/bin/qemu-system-x86_64")
     q35 = spec.machine.startswith("q35")
     order = [i for i, d in enumerate(spec.drives) if d.media == spec.boot]
@@ -118,7 +125,11 @@ def domain_xml(spec: VmSpec, *, uri: str = DEFAULT_URI) -> str:
         if cdrom or drive.readonly:
             _sub(disk, "readonly")
         _sub(disk, "boot", order=str(order.index(i) + 1))
-    if spec.serial_log is not None:
+    if serial_port is not None:
+        serial = _sub(devices, "serial", type="tcp")
+        _sub(serial, "source", mode="connect", host="127.0.0.1", service=str(serial_port))
+        _sub(serial, "protocol", type="raw")
+    elif spec.serial_log is not None:
         serial = _sub(devices, "serial", type="file")
         _sub(serial, "source", path=os.fspath(spec.serial_log))
     else:
@@ -151,14 +162,43 @@ def _import_libvirt() -> tuple[ModuleType, ModuleType]:
     return libvirt, libvirt_qemu
 
 
+def choose_remote_accel(requested: str, uri: str) -> tuple[Literal["kvm", "tcg"], str]:
+    """``accel: auto|kvm|tcg`` for VMs on the libvirt host at ``uri``: KVM when its libvirt offers ``kvm``
+    domains (its domain capabilities; no boot probe there), else TCG (VmError if ``kvm`` was required)."""
+    if requested == "tcg":
+        return "tcg", "accel: tcg requested"
+    lv, _ = _import_libvirt()
+    lv.registerErrorHandler(lambda _ctx, _err: None, None)
+    try:
+        conn = lv.open(uri)
+    except lv.libvirtError as exc:
+        raise VmError(f"cannot connect to libvirt at {uri}: {exc.get_error_message()}") from exc
+    try:
+        conn.getDomainCapabilities(None, "x86_64", None, "kvm", 0)
+        return "kvm", f"the libvirt host {uri} offers KVM"
+    except lv.libvirtError as exc:
+        reason = exc.get_error_message()
+    finally:
+        conn.close()
+    if requested == "kvm":
+        raise VmError(f"accel: kvm was requested, but the libvirt host {uri} has no KVM: {reason}",
+                      hint="set vm.accel to 'tcg' (slow) or 'auto'")
+    return "tcg", f"the libvirt host {uri} has no KVM ({reason}); using TCG (software emulation, much slower)"
+
+
 class LibvirtMachine:
     """A transient libvirt domain for one :class:`VmSpec`; same interface as QemuMachine.
 
     libvirt reports no exit code: :meth:`wait` and :meth:`shutdown` return 0 when the guest stopped on its
     own or by power-off, -9 when it had to be destroyed.
+
+    On a remote host (``qemu+ssh://``) :meth:`close` downloads the writable disks (``Drive.keep``) back into
+    their local files, unless the machine is left because of an exception (``with`` block), then deletes every
+    volume it uploaded, in all cases.
     """
 
-    def __init__(self, spec: VmSpec, workdir: Path, *, uri: str = DEFAULT_URI) -> None:
+    def __init__(self, spec: VmSpec, workdir: Path, *, uri: str = DEFAULT_URI, pool: str = "default",
+                 pool_dir: str | None = None) -> None:
         self._libvirt, self._libvirt_qemu = _import_libvirt()
         self.workdir = Path(workdir)
         if spec.serial_log is None:
@@ -166,11 +206,19 @@ class LibvirtMachine:
         self.spec = spec
         self.serial_log: Path = spec.serial_log  # type: ignore[assignment]
         self.uri = uri
+        self.remote: RemoteHost | None = parse_remote_uri(uri)
+        self.pool = pool
+        self.pool_dir = pool_dir
+        self.remote_spec: VmSpec | None = None
         self.stop_method: str | None = None
         self.startup_seconds: float | None = None
+        self.transfer_seconds: float = 0.0
         self._conn: Any = None
         self._dom: Any = None
         self._rc: int | None = None
+        self._tunnel: SshTunnel | None = None
+        self._store: VolumeStore | None = None
+        self._discard = False
 
     @property
     def name(self) -> str:
@@ -189,31 +237,125 @@ class LibvirtMachine:
         lv.registerErrorHandler(lambda _ctx, _err: None, None)  # else libvirt prints every error to stderr
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.serial_log.parent.mkdir(parents=True, exist_ok=True)
-        xml = domain_xml(self.spec, uri=self.uri)
-        (self.workdir / f"{self.name}.domain.xml").write_text(xml)
         t0 = time.monotonic()
         try:
             self._conn = lv.open(self.uri)
         except lv.libvirtError as exc:
             raise VmError(f"cannot connect to libvirt at {self.uri}: {self._error(exc)}",
                           hint="is libvirtd running, and may this user use that URI?") from exc
-        log.info("starting libvirt domain %s on %s (%s, %d vCPU, %d MiB)", self.name, self.uri, self.spec.accel,
-                 self.spec.cpus, self.spec.memory_mib)
+        flags = 0
         try:
-            self._dom = self._conn.createXML(xml, 0)
-        except lv.libvirtError as exc:
-            self._conn.close()
-            self._conn = None
-            raise VmError(f"libvirt could not start VM {self.name}: {self._error(exc)}",
-                          log_tail=self.stderr_tail()) from exc
+            if self.remote is not None:
+                xml = self._stage_remote(self.remote)
+                flags = lv.VIR_DOMAIN_START_AUTODESTROY
+                t0 = time.monotonic()
+            else:
+                xml = domain_xml(self.spec, uri=self.uri)
+            (self.workdir / f"{self.name}.domain.xml").write_text(xml)
+            log.info("starting libvirt domain %s on %s (%s, %d vCPU, %d MiB)", self.name, self.uri,
+                     self.spec.accel, self.spec.cpus, self.spec.memory_mib)
+            try:
+                self._dom = self._conn.createXML(xml, flags)
+            except lv.libvirtError as exc:
+                raise VmError(f"libvirt could not start VM {self.name}: {self._error(exc)}",
+                              log_tail=self.stderr_tail()) from exc
+        except BaseException:
+            self._discard = True
+            self.close()
+            raise
         self.startup_seconds = time.monotonic() - t0
         if self.spec.guest_services and self._spawn_denied():
+            self._discard = True
             self.close()
             raise VmError(
                 f"libvirt runs VM {self.name}'s QEMU with -sandbox spawn=deny, so the guest cannot reach builder's "
                 "services (QEMU's guestfwd starts a relay per connection)",
                 hint="set seccomp_sandbox = 0 in the libvirt host's /etc/libvirt/qemu.conf and restart libvirtd "
                      "(scripts/libvirtd.sh does for a local one), or use vm.backend: qemu")
+
+    def _stage_remote(self, host: RemoteHost) -> str:
+        """Volumes for every file, tunnels for every port, the serial console back here: the remote XML."""
+        import secrets
+
+        from .tunnel import SshTunnel
+        from .volumes import VolumeStore
+
+        t0 = time.monotonic()
+        spec = self.spec
+        self._tunnel = tunnel = SshTunnel(host)
+        tunnel.open()
+        if spec.guest_services or spec.udp_to_host:
+            rc, _, _ = tunnel.run("command -v socat", check=False)
+            if rc != 0:
+                raise VmError(f"the libvirt host {host.label} has no socat: QEMU's guestfwd there needs it to "
+                              "reach builder's services", hint="apt-get install socat on that host")
+        self._store = store = VolumeStore(
+            self._libvirt, self._conn, prefix=volume_prefix(self.name, secrets.token_hex(3)), pool=self.pool,
+            pool_dir=self.pool_dir, run=tunnel.run, workdir=self.workdir, host=host.label)
+        store.open()
+        formats = {d.path.absolute(): d.format for d in spec.drives}
+        paths = {f: store.upload(f, formats.get(f, "raw")).path for f in local_files(spec)}
+        local_ports = [h for h, _ in spec.forwards]
+        remote_ports = tunnel.free_ports(len(local_ports))  # before the remote forwards (see free_ports)
+        services = {s.host_port: tunnel.forward_to_local(s.host_port) for s in spec.guest_services}
+        self.serial_log.write_bytes(b"")
+        serial_port = tunnel.sink_to_file(self.serial_log)
+        for here, there in zip(local_ports, remote_ports, strict=True):
+            tunnel.forward_from_local(here, there)
+        if spec.udp_to_host:
+            if tunnel.same_machine():  # its 127.0.0.1 is ours: the datagrams reach the listener as they are
+                log.info("the libvirt host %s is this machine: no UDP relay", host.label)
+            else:
+                for port in spec.udp_to_host:
+                    tunnel.relay_udp(port, port)
+        self.remote_spec = remote_spec(spec, paths, forwards=dict(zip(local_ports, remote_ports, strict=True)),
+                                       services=services)
+        self.transfer_seconds += time.monotonic() - t0
+        log.info("VM %s staged on %s in %.1f s (%d volume(s) in pool %s)", self.name, host.label,
+                 time.monotonic() - t0, len(store.created), store.pool_name)
+        return domain_xml(self.remote_spec, uri=self.uri, serial_port=serial_port)
+
+    def _teardown_remote(self) -> None:
+        """Download what the build needs (unless discarded), keep libvirt's log of the domain, delete every
+        volume, close the tunnels. Runs once."""
+        store, tunnel = self._store, self._tunnel
+        self._store = self._tunnel = None
+        download = self._dom is not None and not self._discard and store is not None
+        t0 = time.monotonic()
+        try:
+            if download and store is not None:
+                for d in self.spec.drives:
+                    if d.media == "disk" and not d.readonly and d.keep:
+                        store.download(d.path)
+        finally:
+            try:
+                if tunnel is not None and self._dom is not None:
+                    self._save_domain_log(tunnel)
+                if store is not None:
+                    try:
+                        store.close()
+                    except VmError as exc:
+                        if download:
+                            raise
+                        log.error("%s", exc)
+            finally:
+                if tunnel is not None:
+                    tunnel.close()
+                self.transfer_seconds += time.monotonic() - t0
+
+    def _remote_log_text(self, tunnel: SshTunnel | None, size: int = 256 * 1024) -> str | None:
+        if tunnel is None or self.remote is None:
+            return None
+        try:
+            rc, out, _ = tunnel.run(f"tail -c {size} {self.remote.domain_log(self.name)}", timeout=20, check=False)
+        except VmError:
+            return None
+        return out if rc == 0 else None
+
+    def _save_domain_log(self, tunnel: SshTunnel) -> None:
+        text = self._remote_log_text(tunnel)
+        if text is not None:
+            (self.workdir / f"{self.name}.qemu.log").write_text(text)
 
     def is_running(self) -> bool:
         if self._dom is None:
@@ -260,12 +402,34 @@ class LibvirtMachine:
         return str(self._monitor("query-status")["status"])
 
     def screendump(self, path: Path) -> Path:
-        """PPM of the VGA console, written by QEMU on the libvirt host (so: local URIs only)."""
+        """The VGA console at ``path``: PPM written by QEMU on a local host; from a remote one whatever
+        ``virDomainScreenshot`` sends (PPM, or PNG from newer libvirt)."""
         path = Path(path).absolute()
         path.parent.mkdir(parents=True, exist_ok=True)
+        if self.remote is not None:
+            return self._screenshot(path)
         self._monitor("screendump", {"filename": os.fspath(path)})
         if not path.is_file():
-            raise VmError(f"VM {self.name}: screendump wrote nothing to {path} (remote libvirt host?)")
+            raise VmError(f"VM {self.name}: screendump wrote nothing to {path}")
+        return path
+
+    def _screenshot(self, path: Path) -> Path:
+        if not self.is_running():
+            raise VmError(f"VM {self.name} is not running (screenshot)")
+        stream = self._conn.newStream(0)
+        try:
+            self._dom.screenshot(stream, 0, 0)
+            data = bytearray()
+            while chunk := stream.recv(1 << 20):
+                if isinstance(chunk, int):
+                    raise VmError(f"VM {self.name}: screenshot stream would block")
+                data.extend(chunk)
+            stream.finish()
+        except self._libvirt.libvirtError as exc:
+            with contextlib.suppress(Exception):
+                stream.abort()
+            raise VmError(f"VM {self.name}: screenshot through libvirt failed: {self._error(exc)}") from exc
+        path.write_bytes(bytes(data))
         return path
 
     def powerdown(self) -> None:
@@ -298,40 +462,56 @@ class LibvirtMachine:
                 self._dom.destroy()
 
     def close(self) -> None:
-        self.kill()
-        if self._conn is not None:
-            with contextlib.suppress(self._libvirt.libvirtError):
-                self._conn.close()
-            self._conn = None
+        """Stop the domain; on a remote host download the kept disks (unless discarded) and delete every
+        volume. Idempotent."""
+        try:
+            self.kill()
+            if self._store is not None or self._tunnel is not None:
+                self._teardown_remote()
+        finally:
+            if self._conn is not None:
+                with contextlib.suppress(self._libvirt.libvirtError):
+                    self._conn.close()
+                self._conn = None
 
     def __enter__(self) -> LibvirtMachine:
         self.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object = None, *exc: object) -> None:
+        if exc_type is not None:
+            self._discard = True  # the block failed: what the guest wrote is not wanted
         self.close()
 
     def _spawn_denied(self) -> bool:
-        """Whether this run's QEMU command line (libvirt's domain log, local hosts only) forbids spawning."""
-        log_path = self.domain_log()
-        if log_path is None:
-            return False
-        try:
-            text = log_path.read_text(errors="replace")
-        except OSError:
+        """Whether this run's QEMU command line (libvirt's domain log) forbids spawning."""
+        if self.remote is not None:
+            text = self._remote_log_text(self._tunnel, 64 * 1024)
+        else:
+            log_path = self.domain_log()
+            try:
+                text = log_path.read_text(errors="replace") if log_path is not None else None
+            except OSError:
+                text = None
+        if text is None:
             return False
         run = text[text.rfind("starting up"):] if "starting up" in text else text
         return "spawn=deny" in run
 
     def domain_log(self) -> Path | None:
-        """libvirt's log of this domain's QEMU (command line and stderr), when it is on this machine."""
-        if not _is_local(self.uri):
-            return None
+        """libvirt's log of this domain's QEMU (command line and stderr) on this machine: libvirt's own file for
+        a local host, the copy fetched when the machine closed for a remote one."""
+        if self.remote is not None:
+            copy = self.workdir / f"{self.name}.qemu.log"
+            return copy if copy.is_file() else None
         if urlparse(self.uri).path == "/session":
             return Path.home() / ".cache/libvirt/qemu/log" / f"{self.name}.log"
         return Path("/var/log/libvirt/qemu") / f"{self.name}.log"
 
     def stderr_tail(self, n: int = 20) -> list[str]:
+        if self.remote is not None and self._tunnel is not None:
+            text = self._remote_log_text(self._tunnel, 64 * 1024) or ""
+            return [ln for ln in text.splitlines() if ln.strip()][-n:]
         with contextlib.suppress(OSError):
             return tail_lines(self.domain_log(), n)
         return []

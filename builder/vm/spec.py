@@ -29,7 +29,8 @@ class Drive:
     ``raw`` (an ISO is never qcow2). ``discard`` passes the guest's TRIM through (``discard=unmap``) and turns
     written zeros into holes (``detect-zeroes=unmap``), so ``fstrim`` in the guest shrinks the image.
     ``cache="unsafe"`` ignores the guest's flushes (much faster for a throw-away install disk, but a host crash
-    loses data).
+    loses data). ``keep=False`` says that what the guest writes is not needed afterwards (a scratch overlay): a
+    remote libvirt host does not send it back.
     """
 
     path: Path
@@ -38,6 +39,7 @@ class Drive:
     readonly: bool = False
     discard: bool = True
     cache: Literal["writeback", "unsafe", "none", "writethrough", "directsync"] = "writeback"
+    keep: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
@@ -67,6 +69,9 @@ class VmSpec:
     variable store is this VM's own copy).
     ``no_reboot`` makes a guest reboot end the VM like a power-off (the installer reboots or powers off at the
     end; both must end the VM). ``serial_log`` receives the guest's first serial port (ttyS0).
+    ``udp_to_host`` are the UDP ports on the host's 127.0.0.1 that the guest sends to at
+    :data:`~builder.vm.guestnet.HOST` (the installer's syslog): slirp forwards them by itself, nothing for a local
+    QEMU to set up; a remote libvirt host relays them back to this machine.
     """
 
     name: str
@@ -82,6 +87,7 @@ class VmSpec:
     ssh_forward: int | None = None
     extra_forwards: tuple[tuple[int, int], ...] = ()
     guest_services: tuple[GuestService, ...] = ()
+    udp_to_host: tuple[int, ...] = ()
     nic_model: str = "virtio-net-pci"
     machine: str = "q35"
     cpu_model: str | None = None
@@ -108,7 +114,7 @@ class VmSpec:
         if self.append and self.kernel is None:
             problems.append("append (kernel command line) given without kernel")
         ports = [p for p in (self.ssh_forward,) if p is not None] + [h for h, _ in self.extra_forwards]
-        for port in ports + [g for _, g in self.extra_forwards]:
+        for port in ports + [g for _, g in self.extra_forwards] + list(self.udp_to_host):
             if not 1 <= port <= 65535:
                 problems.append(f"port {port} is out of range")
         for svc in self.guest_services:
@@ -124,6 +130,7 @@ class VmSpec:
         object.__setattr__(self, "extra_forwards", tuple((int(h), int(g)) for h, g in self.extra_forwards))
         object.__setattr__(self, "extra_args", tuple(self.extra_args))
         object.__setattr__(self, "guest_services", tuple(self.guest_services))
+        object.__setattr__(self, "udp_to_host", tuple(int(p) for p in self.udp_to_host))
         for attr in ("kernel", "initrd", "serial_log"):
             value = getattr(self, attr)
             if value is not None:

@@ -23,7 +23,10 @@ import re
 import shutil
 import subprocess
 import time
+from contextlib import ExitStack
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -165,3 +168,36 @@ def acpi_initrd(tmp_path_factory: pytest.TempPathFactory, kernel: Path) -> Path:
     path.write_bytes(gzip.compress(_newc(entries)))
     _initrd = path
     return path
+
+
+def require_libvirt(uri: str) -> ModuleType:
+    """libvirt-python, with a libvirtd answering at ``uri``; skips the test without them, fails it in CI (which
+    starts libvirtd with scripts/libvirtd.sh and sets BUILDER_TEST_LIBVIRT=1)."""
+    unavailable = pytest.fail if os.environ.get("BUILDER_TEST_LIBVIRT") == "1" else pytest.skip
+    try:
+        import libvirt
+    except ImportError:
+        unavailable("libvirt-python is not installed (pip install builder[libvirt])")
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    try:
+        libvirt.open(uri).close()
+    except libvirt.libvirtError as exc:
+        unavailable(f"no libvirtd at {uri}: {exc}")
+    return libvirt
+
+
+def installer_context(stack: ExitStack, cfg: Any, workdir: Path) -> tuple[Any, Any]:
+    """What the pipeline has before the install stage, on ``stack``: a build context with its services
+    started (gateway, syslog listener, accelerator) and the installer media (ISO included)."""
+    from builder import services
+    from builder.context import BuildContext, BuildOptions
+    from builder.diagnostics import Diagnostics
+    from builder.events import Emitter
+    from builder.stages import fetch, media
+
+    diagnostics = stack.enter_context(Diagnostics(workdir))
+    ctx = BuildContext(cfg, BuildOptions(workdir / "out", use_cache=False), workdir, Emitter(), stack, diagnostics)
+    inputs = fetch.run(ctx)
+    ctx = services.start(ctx, inputs)
+    assert ctx.services is not None
+    return ctx, media.run(ctx, inputs)

@@ -10,17 +10,18 @@ from contextlib import ExitStack
 
 import pytest
 
-from builder import image, services
-from builder.context import BuildContext, BuildOptions
-from builder.diagnostics import Diagnostics
-from builder.events import Emitter
+from builder import image
 from builder.installer.progress import console_question
 from builder.run import pid_alive
-from builder.stages import fetch, media
 from builder.stages.install import install_spec
 from builder.vm import guestnet
 from builder.vm.logs import read_text
 from builder.vm.qemu import QemuMachine
+
+try:
+    from conftest_vm import installer_context
+except ImportError:  # tests/ imported as a package
+    from .conftest_vm import installer_context
 
 pytestmark = [pytest.mark.integration, pytest.mark.vm]
 
@@ -29,14 +30,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.vm]
 def test_installer_fetches_signed_udebs_and_reaches_partitioner(default_config, tmp_path):
     cfg = default_config
     with ExitStack() as stack:
-        diagnostics = stack.enter_context(Diagnostics(tmp_path))
-        ctx = BuildContext(cfg, BuildOptions(tmp_path / "out", use_cache=False), tmp_path, Emitter(), stack,
-                           diagnostics)
-        inputs = fetch.run(ctx)
-        ctx = services.start(ctx, inputs)
-        assert ctx.services is not None
+        ctx, m = installer_context(stack, cfg, tmp_path)
         gw, tracker = ctx.services.gateway, ctx.services.tracker
-        m = media.run(ctx, inputs)
         preseed = m.preseed
         settings = "\n".join(ln for ln in preseed.splitlines() if not ln.lstrip().startswith("#"))
         assert "allow_unauthenticated" not in settings and "--no-check-gpg" not in settings

@@ -16,9 +16,9 @@ import pytest
 from builder.vm import Drive, VmSpec, find_free_port, open_machine
 
 try:
-    from conftest_vm import debian_kernel
+    from conftest_vm import debian_kernel, require_libvirt
 except ImportError:  # tests/ imported as a package
-    from .conftest_vm import debian_kernel
+    from .conftest_vm import debian_kernel, require_libvirt
 
 pytestmark = [pytest.mark.integration, pytest.mark.vm, pytest.mark.libvirt]
 
@@ -27,17 +27,7 @@ URI = os.environ.get("BUILDER_LIBVIRT_URI", "qemu:///system")
 
 @pytest.fixture(scope="session")  # before the (session) kernel fixture: skip without downloading
 def libvirt_conn() -> None:
-    # CI starts libvirtd (scripts/libvirtd.sh) and sets BUILDER_TEST_LIBVIRT=1: there a missing piece fails.
-    unavailable = pytest.fail if os.environ.get("BUILDER_TEST_LIBVIRT") == "1" else pytest.skip
-    try:
-        import libvirt
-    except ImportError:
-        unavailable("libvirt-python is not installed (pip install builder[libvirt])")
-    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-    try:
-        libvirt.open(URI).close()
-    except libvirt.libvirtError as exc:
-        unavailable(f"no libvirtd at {URI}: {exc}")
+    require_libvirt(URI)
 
 
 @pytest.fixture(scope="session")
