@@ -306,9 +306,10 @@ def load_indexes(sources: Sources, cache: ContentCache, *, stats: FetchStats | N
             archive = Archive(url, suite, keyring=sources.keyring, fingerprints=fprs, cache=cache, stats=stats)
             release = archive.release()
             for comp in sources.components:
-                if release.components and comp not in release.components:
-                    continue
                 path = f"{comp}/binary-{sources.arch}/Packages"
+                # (the security archive's Components say updates/main, its files are listed as main/… too)
+                if not any(f == path or f.startswith(path + ".") for f in release.files):
+                    continue
                 index: dict[str, dict[str, str]] = {}
                 for st in iter_stanzas(archive.index(path), source=f"{suite}/{path}"):
                     name = st.get("Package", "")

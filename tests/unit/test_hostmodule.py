@@ -126,9 +126,10 @@ def test_load_indexes_keeps_the_packages_a_plan_can_use(monkeypatch):
         def __init__(self, url, suite, *, keyring, fingerprints, cache, stats):
             self.url, self.suite, self.fingerprints = url, suite, fingerprints
 
-        def release(self):
+        def release(self):  # the security archive has no non-free here, and says "updates/main"
             comps = ("main",) if self.suite == "trixie-security" else ("main", "non-free")
-            return type("R", (), {"components": comps})()
+            files = {f"{c}/binary-amd64/Packages{sfx}": None for c in comps for sfx in ("", ".xz")}
+            return type("R", (), {"components": tuple(f"updates/{c}" for c in comps), "files": files})()
 
         def index(self, path):
             seen.append((self.url, self.suite, self.fingerprints, path))
