@@ -275,11 +275,20 @@ class ProvisionConfig(_Model):
     task_timeout: Annotated[int, Field(ge=30)] = 3600
     timeout: Annotated[int, Field(ge=60)] = 7200
     memory: Annotated[int, Field(description="guest RAM while provisioning")] = 4 << 30
+    # auto: compile the NVIDIA DKMS module on the build host (builder.hostmodule) while the installer runs,
+    # when the driver comes from Debian; off: DKMS compiles it in the (emulated) guest.
+    host_module: Literal["auto", "off"] = "auto"
 
     @field_validator("memory", mode="before")
     @classmethod
     def _mem(cls, v: Any) -> int:
         return parse_size(v)
+
+    @field_validator("host_module", mode="before")
+    @classmethod
+    def _host_module(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare `off` as false (and `on`/`yes` as true)
+        return {False: "off", True: "auto"}.get(v, v) if isinstance(v, bool) else v
 
 
 class OutputConfig(_Model):

@@ -27,7 +27,7 @@ from .events import Emitter, Event
 from .gateway.signing import sweep_stale_homes
 from .installcache import InstalledDiskCache
 from .run import pid_alive
-from .stages import fetch, finalize, install, media, provision, publish
+from .stages import fetch, finalize, install, media, module, provision, publish
 from .stages.media import write_iso
 from .stages.publish import BuildResult
 
@@ -59,13 +59,14 @@ def build(cfg: ImageConfig, *, on_event: Callable[[Event], None] | Emitter | Non
             inputs = fetch.run(ctx)
         with emitter.stage("prepare"):
             ctx = services.start(ctx, inputs)
+            prebuild = module.start(ctx)  # the NVIDIA module, compiled on this host while the installer runs
         with emitter.stage("media"):
             installer = media.run(ctx, inputs)
         with emitter.stage("install"):
             base = install.run(ctx, installer, inputs)
         workdir.record_base(base.disk)
         with emitter.stage("provision"):
-            guest = provision.run(ctx, base)
+            guest = provision.run(ctx, base, prebuilt=module.finish(ctx, prebuild))
         with emitter.stage("finalize"):
             final = finalize.run(ctx, guest)
         with emitter.stage("publish"):
@@ -165,8 +166,9 @@ def live_builds(base: Path | None = None) -> list[Path]:
 
 
 def clean(*, all_downloads: bool = False, image: str | None = None) -> list[str]:
-    """Remove work directories and cached installed disks (and with ``all_downloads`` the content cache), but
-    nothing a live build uses; with ``image`` only that image's. Returns what was done, one line each."""
+    """Remove work directories and cached installed disks (and with ``all_downloads`` the content cache and the
+    host-built modules), but nothing a live build uses; with ``image`` only that image's. Returns what was done,
+    one line each."""
     base = cache_base()
     live = live_builds(base / "work")
     if image is not None:
@@ -199,7 +201,7 @@ def clean(*, all_downloads: bool = False, image: str | None = None) -> list[str]
         if live:
             lines.append("skipped the download cache (a build is running)")
         else:
-            for sub in ("blobs", "gateway"):
+            for sub in ("blobs", "gateway", "modules"):
                 if (base / sub).exists():
                     shutil.rmtree(base / sub, ignore_errors=True)
                     lines.append(f"removed {base / sub}")

@@ -9,7 +9,9 @@ or Ansible failure.
 
 from __future__ import annotations
 
+import json
 import logging
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ from ..config import ImageConfig
 from ..context import BuildContext
 from ..errors import ProvisionError, SshError, VmError
 from ..events import Emitter
+from ..hostmodule import HostModule
 from ..installcache import DirectBoot
 from ..provision import AnsibleRunner, Provisioner, Target
 from ..ssh import known_hosts_line, run_command, wait_for_ssh
@@ -30,6 +33,7 @@ from ..vm import Machine
 from ..vm.guestnet import gateway_service
 from ..vm.net import find_free_port
 from ..vm.spec import Drive, VmSpec
+from . import module
 from .install import InstalledBase
 
 log = logging.getLogger(__name__)
@@ -104,8 +108,32 @@ def run_playbook_on(guest: Guest, provisioner: Provisioner, playbook: Path, *, r
     return {"seconds": round(time.monotonic() - t0, 1), "changed": res.changed, "status": res.status}
 
 
-def run(ctx: BuildContext, base: InstalledBase, *, provisioner: Provisioner | None = None) -> Guest:
-    """The stage: a booted, provisioned guest (still running, for ``finalize``)."""
+def playbook_vars(cfg: ImageConfig, prebuilt: HostModule | None) -> dict[str, Any]:
+    """The playbook's extra variables: the image's ``provision.extra_vars``, and the module built on the host."""
+    extra = dict(cfg.provision.extra_vars)
+    if prebuilt is not None:
+        extra[module.TARBALL_VAR] = str(prebuilt.tarball)
+    return extra
+
+
+def module_record(client: paramiko.SSHClient, cfg: ImageConfig) -> dict[str, Any] | None:
+    """What the nvidia role recorded about the module (its ``nvidia_module_report`` file), or None."""
+    path = module.report_path(cfg)
+    if path is None:
+        return None
+    rc, out, _ = run_command(client, f"cat {shlex.quote(path)}", check=False)
+    try:
+        record = json.loads(out) if rc == 0 else None
+    except ValueError:
+        log.warning("%s on the guest is not JSON", path)
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def run(ctx: BuildContext, base: InstalledBase, *, provisioner: Provisioner | None = None,
+        prebuilt: HostModule | None = None) -> Guest:
+    """The stage: a booted, provisioned guest (still running, for ``finalize``). ``prebuilt``: the NVIDIA
+    module built on the host, for the role to load instead of compiling it."""
     cfg, emitter, wd = ctx.config, ctx.emitter, ctx.workdir
     provisioner = provisioner or AnsibleRunner(task_timeout=cfg.provision.task_timeout,
                                                timeout=cfg.provision.timeout)
@@ -136,10 +164,16 @@ def run(ctx: BuildContext, base: InstalledBase, *, provisioner: Provisioner | No
         facts["facts"] = out.strip().splitlines()
         emitter.info(f"SSH up after {facts['ssh_seconds']} s: " + " | ".join(facts["facts"]))
         if cfg.provision.enabled:
+            extra_vars = playbook_vars(cfg, prebuilt)
             facts["ansible"] = run_playbook_on(
                 guest, provisioner, cfg.playbook,
                 roles_path=cfg.roles_dirs,
-                extra_vars=dict(cfg.provision.extra_vars), workdir=wd, emitter=emitter, during="provisioning")
+                extra_vars=extra_vars, workdir=wd, emitter=emitter, during="provisioning")
+            nvidia = module.module_manifest(prebuilt, module_record(client, cfg))
+            if nvidia is not None:
+                ctx.manifest["nvidia_module"] = nvidia
+                emitter.info(f"NVIDIA module {nvidia['module']} {nvidia['version']} for {nvidia['kver']}: "
+                             f"{nvidia['origin']}")
         else:
             emitter.info("provision.enabled is false: no playbook")
         _, pkgs, _ = run_command(client, PACKAGES, check=True)
