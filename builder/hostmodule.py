@@ -434,7 +434,9 @@ def mmdebstrap_argv(plan: ModulePlan, sources: Sources, *, mode: str, script: Pa
         f"--customize-hook=copy-out {OUT_INSIDE} {q(str(outdir))}",
     ]
     aptopts = ['--aptopt=Acquire::Retries "3"']
-    aptopts += [f'--aptopt=Acquire::http::Proxy::{h} "DIRECT"' for h in sources.hosts() if h]
+    # the build's gateway listens on the loopback: never through a proxy the environment names
+    aptopts += [f'--aptopt=Acquire::http::Proxy::{h} "DIRECT"' for h in sources.hosts()
+                if h in ("localhost", "::1") or h.startswith("127.")]
     return [
         "mmdebstrap", f"--mode={mode}", "--variant=buildd", f"--architectures={sources.arch}",
         f"--keyring={sources.keyring}", f"--include={','.join(plan.includes())}",

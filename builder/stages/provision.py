@@ -164,6 +164,8 @@ def run(ctx: BuildContext, base: InstalledBase, *, provisioner: Provisioner | No
         facts["facts"] = out.strip().splitlines()
         emitter.info(f"SSH up after {facts['ssh_seconds']} s: " + " | ".join(facts["facts"]))
         if cfg.provision.enabled:
+            if prebuilt is not None and len(facts["facts"]) > 1:
+                prebuilt = module.for_kernel(ctx, prebuilt, facts["facts"][1].strip())
             extra_vars = playbook_vars(cfg, prebuilt)
             facts["ansible"] = run_playbook_on(
                 guest, provisioner, cfg.playbook,

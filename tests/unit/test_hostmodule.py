@@ -214,6 +214,10 @@ def test_mmdebstrap_argv(tmp_path):
                          f"deb http://127.0.0.1:4711/debian trixie-updates {comps}",
                          f"deb http://127.0.0.1:4711/debian-security trixie-security {comps}"]
     assert '--aptopt=Acquire::http::Proxy::127.0.0.1 "DIRECT"' in argv
+    direct = hm.mmdebstrap_argv(plan, hm.Sources.of(DebianConfig(mirror="http://192.0.2.1/debian",
+                                                                  security_mirror="http://192.0.2.1/debian-security")),
+                                mode="root", script=tmp_path / "s.sh", outdir=tmp_path / "out")
+    assert not [a for a in direct if "Proxy" in a]  # a mirror elsewhere goes through the environment's proxy
     hooks = [a for a in argv if a.startswith(("--essential-hook", "--customize-hook"))]
     assert hooks[0].startswith("--essential-hook=") and "etc/dkms/no-autoinstall" in hooks[0]
     assert hooks[-1] == f"--customize-hook=copy-out /tmp/builder-out {tmp_path / 'out'}"

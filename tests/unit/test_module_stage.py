@@ -150,3 +150,24 @@ def test_start_runs_the_build_in_a_thread_that_the_build_stops(ctx, monkeypatch)
     assert stopped.is_set() and not job.thread.is_alive()
     off = ctx.with_(config=cfg("provision.host_module=off"), stack=ExitStack())
     assert module.start(off) is None and off.manifest["host_module"]["status"] == "not used"
+
+
+def test_a_guest_on_another_kernel_gets_a_module_built_for_it(ctx, monkeypatch):
+    calls = []
+
+    def fake_build(sources, package, *, kver, **kw):
+        calls.append((package, kver))
+        if kver == "6.12.99+deb13-amd64":
+            raise HostModuleError("mmdebstrap is not installed", missing_tool="mmdebstrap")
+        return HostModule(Path("/m/other.tar.gz"), "nvidia-current", "550.163.01", kver, "host-built", 60.0,
+                          package, "550.163.01-2", "k2")
+
+    monkeypatch.setattr(module, "build_module", fake_build)
+    monkeypatch.setattr(type(ctx), "gateway", property(lambda self: FakeGateway()))
+    first = built()
+    assert module.for_kernel(ctx, first, KVER) is first and not calls
+    again = module.for_kernel(ctx, first, "6.12.117+deb13-amd64")
+    assert again is not None and again.kver == "6.12.117+deb13-amd64"
+    assert calls == [("nvidia-kernel-dkms", "6.12.117+deb13-amd64")]
+    assert ctx.manifest["host_module"]["rebuilt_for_the_guest_kernel"] is True
+    assert module.for_kernel(ctx, first, "6.12.99+deb13-amd64") is None  # no mmdebstrap: the guest compiles
