@@ -108,7 +108,8 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("clean", help="remove work directories and cached installed disks (never a live build's)")
     sp.add_argument("image", nargs="?", type=Path,
                     help="only this image definition's work directories and installed disks")
-    sp.add_argument("--all", action="store_true", help="also the content cache of downloads (not with IMAGE)")
+    sp.add_argument("--all", action="store_true",
+                    help="also the content cache of downloads and the host-built kernel modules (not with IMAGE)")
     return p
 
 

@@ -328,11 +328,20 @@ class ProvisionConfig(_Model):
     task_timeout: Annotated[int, Field(ge=30)] = 3600
     timeout: Annotated[int, Field(ge=60)] = 7200
     memory: Annotated[int, Field(description="guest RAM while provisioning")] = 4 << 30
+    # auto: compile the NVIDIA DKMS module on the build host (builder.hostmodule) while the installer runs,
+    # when the driver comes from Debian; off: DKMS compiles it in the (emulated) guest.
+    host_module: Literal["auto", "off"] = "auto"
 
     @field_validator("memory", mode="before")
     @classmethod
     def _mem(cls, v: Any) -> int:
         return parse_size(v)
+
+    @field_validator("host_module", mode="before")
+    @classmethod
+    def _host_module(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare `off` as false (and `on`/`yes` as true)
+        return {False: "off", True: "auto"}.get(v, v) if isinstance(v, bool) else v
 
 
 class OutputConfig(_Model):
@@ -511,12 +520,31 @@ SEED_VAR = "base_packages"
 SEED_EXTRA_VAR = "base_extra_packages"
 
 
-def base_role_defaults(cfg: ImageConfig) -> Path:
-    """``defaults/main.yml`` of the base role on the provisioning roles path (the seed list's one home)."""
+def role_file(cfg: ImageConfig, role: str, relpath: str) -> Path | None:
+    """``relpath`` (e.g. ``defaults/main.yml``) of ``role`` as Ansible finds it on the provisioning roles path."""
     for rp in cfg.roles_dirs:
-        cand = rp / BASE_ROLE / "defaults" / "main.yml"
+        cand = rp / role / relpath
         if cand.is_file():
             return cand
+    return None
+
+
+def read_role_yaml(path: Path, what: str) -> dict[str, Any]:
+    """A role's variables file (defaults/main.yml, vars/main.yml) as a mapping; ConfigError if unreadable."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {what} from {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return data
+
+
+def base_role_defaults(cfg: ImageConfig) -> Path:
+    """``defaults/main.yml`` of the base role on the provisioning roles path (the seed list's one home)."""
+    found = role_file(cfg, BASE_ROLE, "defaults/main.yml")
+    if found is not None:
+        return found
     raise ConfigError("the base role (its defaults/main.yml) is not on provision.roles_path",
                       problems=[("provision.roles_path", f"no {BASE_ROLE}/defaults/main.yml in any of "
                                  + ", ".join(str(p) for p in cfg.roles_dirs))])
@@ -527,13 +555,7 @@ def seed_packages(cfg: ImageConfig) -> tuple[str, ...]:
     ``provision.extra_vars`` may override them. Defined once, in the role; the preseed installs them, the role
     keeps them, ``verify`` checks them."""
     path = base_role_defaults(cfg)
-    try:
-        defaults = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read the seed package list from {path}: {exc}") from exc
-    if not isinstance(defaults, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
-    merged = {**defaults, **cfg.provision.extra_vars}
+    merged = {**read_role_yaml(path, "the seed package list"), **cfg.provision.extra_vars}
     pkgs = merged.get(SEED_VAR, [])
     extra = merged.get(SEED_EXTRA_VAR) or []
     problems = check_package_list(pkgs, SEED_VAR) + check_package_list(extra, SEED_EXTRA_VAR)

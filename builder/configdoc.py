@@ -71,6 +71,11 @@ MEANING: dict[str, str] = {
     "provision.task_timeout": "Seconds one Ansible task may take.",
     "provision.timeout": "Seconds the whole playbook may take.",
     "provision.memory": "RAM of the provisioning VM.",
+    "provision.host_module": "`auto`: when the NVIDIA driver comes from Debian (`nvidia_driver_source: debian`), "
+                             "compile its DKMS module on the build host (an mmdebstrap build root of the same "
+                             "suite, through the build's gateway, while the installer runs; cached) and load it "
+                             "in the guest, instead of compiling it there under emulation; a build without "
+                             "mmdebstrap warns and compiles in the guest. `off`: DKMS compiles in the guest.",
     "output.dir": "Output directory; `{name}` is the image name. Relative paths are relative to the image file.",
     "secure_boot.signing_key": "Private key (unencrypted PEM, RSA >= 2048) DKMS signs the NVIDIA module with "
                                "during the build; it never enters the image. With `signing_cert`, or neither: "

@@ -20,6 +20,7 @@ Tree::
     ├── InstallError             debian-installer failed (failing step + last log lines)
     ├── SshError                 SSH did not come up, or the host key differs
     ├── ProvisionError           an Ansible task failed (host, task, message)
+    ├── HostModuleError          the host-side DKMS module build failed (missing tool, package, compile)
     ├── ImageError               qemu-img create/convert/check failed
     ├── OutputError              publishing the artifacts failed
     └── VerifyError              the boot test of a published image failed
@@ -166,6 +167,16 @@ class ProvisionError(BuilderError):
     def __init__(self, message: str, *, host: str | None = None, task: str | None = None, **kw: object) -> None:
         self.host = host
         self.task = task
+        super().__init__(message, **kw)  # type: ignore[arg-type]
+
+
+class HostModuleError(BuilderError):
+    """The DKMS module could not be built on the build host (:mod:`builder.hostmodule`). ``missing_tool``
+    names the host program that is not installed when that is the cause (the build may then compile in the
+    guest instead); ``log_tail`` carries the end of DKMS's make.log or of mmdebstrap's output."""
+
+    def __init__(self, message: str, *, missing_tool: str | None = None, **kw: object) -> None:
+        self.missing_tool = missing_tool
         super().__init__(message, **kw)  # type: ignore[arg-type]
 
 

@@ -141,6 +141,12 @@ def _inputs_and_reuse(cfg: ImageConfig, result: Inspection) -> None:
     have = sum(1 for p in pins if cache.path(p.sha256).is_file())
     result.reuse.append(f"find {have} of {len(pins)} pinned installer packages in the download cache "
                         f"({cache.root}); udebs and target packages are fetched through the gateway as needed")
+    from .stages.module import dkms_package
+
+    package, why = dkms_package(cfg)
+    result.reuse.append(f"compile {package} on this host while the installer runs ({why}; provision.host_module), "
+                        "or take it from the module cache" if package else
+                        f"leave the NVIDIA module to DKMS in the guest ({why})")
     mirror, _ = hostapt.debian_mirrors()
     if mirror and cfg.debian.mirror == mirror.rstrip("/"):
         result.reuse.append("use the Debian mirror of this host's apt sources")

@@ -30,7 +30,7 @@ from .events import Emitter, Event
 from .gateway.signing import sweep_stale_homes
 from .installcache import InstalledDiskCache
 from .run import pid_alive
-from .stages import fetch, finalize, install, media, provision, publish
+from .stages import fetch, finalize, install, media, module, provision, publish
 from .stages import verify as verify_stage
 from .stages.media import write_iso
 from .stages.publish import BuildResult
@@ -57,8 +57,8 @@ def build(cfg: ImageConfig, *, on_event: Callable[[Event], None] | Emitter | Non
     options = BuildOptions((output or cfg.output_dir).resolve(), force, keep_workdir, use_cache, on_error, verify)
     preflight.check(cfg, options)
     with ExitStack() as stack:
-        ctx, _workdir, base = _base(cfg, options, emitter, stack)
-        return _image(ctx, base)
+        ctx, _workdir, base, jobs = _base(cfg, options, emitter, stack, {"": cfg})
+        return _image(ctx, base, jobs[""])
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -100,7 +100,7 @@ def build_variants(cfg: ImageConfig, *, names: list[str], on_event: Callable[[Ev
         preflight.check(vcfg, replace(options, output=root / n))
     result = VariantsResult()
     with ExitStack() as stack:
-        ctx, workdir, base = _base(cfg, options, emitter, stack)
+        ctx, workdir, base, jobs = _base(cfg, options, emitter, stack, variants)
         lock = threading.Lock()
 
         def one(name: str) -> None:
@@ -114,7 +114,7 @@ def build_variants(cfg: ImageConfig, *, names: list[str], on_event: Callable[[Ev
                                  manifest={**ctx.manifest, "variant": name})
                 vstack.push(_FailureHandler(vctx, workdir))
                 try:
-                    res = _image(vctx, base)
+                    res = _image(vctx, base, jobs[name])
                 except BuilderError as exc:
                     with lock:
                         result.failed[name] = exc
@@ -131,9 +131,12 @@ def build_variants(cfg: ImageConfig, *, names: list[str], on_event: Callable[[Ev
     return result
 
 
-def _base(cfg: ImageConfig, options: BuildOptions, emitter: Emitter,
-          stack: ExitStack) -> tuple[BuildContext, _WorkDir, install.InstalledBase]:
-    """The shared part of every build: work directory, inputs, services, media and the installed disk."""
+def _base(cfg: ImageConfig, options: BuildOptions, emitter: Emitter, stack: ExitStack,
+          images: dict[str, ImageConfig],
+          ) -> tuple[BuildContext, _WorkDir, install.InstalledBase, dict[str, module.ModuleJob | None]]:
+    """The shared part of every build: work directory, inputs, services, media and the installed disk; and
+    for each of ``images`` (a variant's name → its config; "" for a build without variants) the NVIDIA module
+    built on this host while the installer runs."""
     workdir = stack.enter_context(_WorkDir(cfg, options, emitter))
     diagnostics = stack.enter_context(Diagnostics(workdir.path))
     ctx = BuildContext(cfg, options, workdir.path, emitter, stack, diagnostics)
@@ -142,19 +145,23 @@ def _base(cfg: ImageConfig, options: BuildOptions, emitter: Emitter,
         inputs = fetch.run(ctx)
     with emitter.stage("prepare"):
         ctx = services.start(ctx, inputs)
+        # the NVIDIA module, compiled on this host while the installer runs (one build root at a time)
+        jobs = {name: module.start(ctx.with_(config=vcfg, manifest={}) if name else ctx, label=name)
+                for name, vcfg in images.items()}
     with emitter.stage("media"):
         installer = media.run(ctx, inputs)
     with emitter.stage("install"):
         base = install.run(ctx, installer, inputs)
     workdir.record_base(base.disk)
-    return ctx, workdir, base
+    return ctx, workdir, base, jobs
 
 
-def _image(ctx: BuildContext, base: install.InstalledBase) -> BuildResult:
-    """One image from the installed disk: provision, finalize, verify, publish."""
+def _image(ctx: BuildContext, base: install.InstalledBase, job: module.ModuleJob | None) -> BuildResult:
+    """One image from the installed disk: provision (with the module built on the host), finalize, verify,
+    publish."""
     emitter = ctx.emitter
     with emitter.stage("provision"):
-        guest = provision.run(ctx, base)
+        guest = provision.run(ctx, base, prebuilt=module.finish(ctx, job))
     with emitter.stage("finalize"):
         final = finalize.run(ctx, guest)
     if ctx.options.verify:
@@ -256,8 +263,9 @@ def live_builds(base: Path | None = None) -> list[Path]:
 
 
 def clean(*, all_downloads: bool = False, image: str | None = None) -> list[str]:
-    """Remove work directories and cached installed disks (and with ``all_downloads`` the content cache), but
-    nothing a live build uses; with ``image`` only that image's. Returns what was done, one line each."""
+    """Remove work directories and cached installed disks (and with ``all_downloads`` the content cache and the
+    host-built modules), but nothing a live build uses; with ``image`` only that image's. Returns what was done,
+    one line each."""
     base = cache_base()
     live = live_builds(base / "work")
     if image is not None:
@@ -290,7 +298,7 @@ def clean(*, all_downloads: bool = False, image: str | None = None) -> list[str]
         if live:
             lines.append("skipped the download cache (a build is running)")
         else:
-            for sub in ("blobs", "gateway"):
+            for sub in ("blobs", "gateway", "modules"):
                 if (base / sub).exists():
                     shutil.rmtree(base / sub, ignore_errors=True)
                     lines.append(f"removed {base / sub}")

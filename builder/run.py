@@ -193,6 +193,13 @@ class Child:
     def stdout(self) -> IO[bytes] | None:
         return self.popen.stdout
 
+    def _signal(self, sig: signal.Signals, group: bool) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if group and os.getpgid(self.popen.pid) == self.popen.pid:
+                os.killpg(self.popen.pid, sig)
+            else:
+                self.popen.send_signal(sig)
+
     def running(self) -> bool:
         return self.popen.poll() is None
 
@@ -203,14 +210,15 @@ class Child:
         except subprocess.TimeoutExpired:
             return None
 
-    def stop(self, grace: float = 5.0) -> int | None:
-        """SIGTERM, ``grace`` seconds, SIGKILL; always reaped (exit code, or None if even SIGKILL hung)."""
+    def stop(self, grace: float = 5.0, *, group: bool = False) -> int | None:
+        """SIGTERM, ``grace`` seconds, SIGKILL; always reaped (exit code, or None if even SIGKILL hung).
+
+        ``group``: signal the child's whole process group (a child started in a session of its own leads it),
+        so that what it started itself (apt, make, compilers) goes too."""
         if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.popen.terminate() if grace > 0 else self.popen.kill()
+            self._signal(signal.SIGTERM if grace > 0 else signal.SIGKILL, group)
             if self.wait(grace) is None:
-                with contextlib.suppress(ProcessLookupError):
-                    self.popen.kill()
+                self._signal(signal.SIGKILL, group)
         rc = self.wait(30)
         for f in (self.popen.stdout, self.popen.stderr):
             if f is not None:
@@ -249,10 +257,12 @@ def start(
 
 
 @contextlib.contextmanager
-def spawn(argv: Sequence[str | os.PathLike[str]], *, grace: float = 5.0, **kw: Any) -> Iterator[Child]:
-    """``with spawn(argv) as child:`` — the child is terminated and reaped when the block is left, however."""
+def spawn(argv: Sequence[str | os.PathLike[str]], *, grace: float = 5.0, group: bool = False,
+          **kw: Any) -> Iterator[Child]:
+    """``with spawn(argv) as child:`` — the child is terminated and reaped when the block is left, however
+    (with ``group``, its process group: see :meth:`Child.stop`)."""
     child = start(argv, **kw)
     try:
         yield child
     finally:
-        child.stop(grace)
+        child.stop(grace, group=group)

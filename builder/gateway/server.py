@@ -156,6 +156,10 @@ class Gateway:
             raise GatewayError("gateway not started")
         return int(self._server.server_address[1])
 
+    def url(self, prefix: str, host: str = "127.0.0.1") -> str:
+        """The URL of the archive served under ``prefix`` (``debian``, ``debian-security``), as seen from ``host``."""
+        return f"http://{host}:{self.port}/{prefix.strip('/')}"
+
     def guest_host(self, guest_gateway: str = "10.0.2.2") -> str:
         return f"{guest_gateway}:{self.port}"
 

@@ -9,7 +9,9 @@ or Ansible failure.
 
 from __future__ import annotations
 
+import json
 import logging
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ from ..config import ImageConfig
 from ..context import BuildContext
 from ..errors import ConfigError, ProvisionError, SshError, VmError
 from ..events import Emitter
+from ..hostmodule import HostModule
 from ..installcache import DirectBoot
 from ..provision import TASK_COUNT_EVENT, AnsibleRunner, Provisioner, Target
 from ..secureboot import SigningError, load_pair
@@ -32,6 +35,7 @@ from ..vm.firmware import BIOS, Firmware
 from ..vm.guestnet import gateway_service
 from ..vm.net import find_free_port
 from ..vm.spec import Drive, VmSpec
+from . import module
 from .install import InstalledBase
 
 log = logging.getLogger(__name__)
@@ -125,10 +129,10 @@ def run_playbook_on(guest: Guest, provisioner: Provisioner, playbook: Path, *, r
     return {"seconds": round(time.monotonic() - t0, 1), "changed": res.changed, "status": res.status}
 
 
-def playbook_vars(cfg: ImageConfig, workdir: Path) -> dict[str, Any]:
-    """The image playbook's variables: ``provision.extra_vars`` and, with ``secure_boot``, the signing pair
-    for the nvidia role (the key where it is; the certificate as DER in the work directory, which is what
-    the publish stage ships)."""
+def playbook_vars(cfg: ImageConfig, workdir: Path, prebuilt: HostModule | None = None) -> dict[str, Any]:
+    """The image playbook's variables: ``provision.extra_vars``; with ``secure_boot``, the signing pair for the
+    nvidia role (the key where it is; the certificate as DER in the work directory, which is what the publish
+    stage ships); and the module built on the host."""
     out = dict(cfg.provision.extra_vars)
     paths = cfg.signing_paths
     if paths is not None:
@@ -140,11 +144,29 @@ def playbook_vars(cfg: ImageConfig, workdir: Path) -> dict[str, Any]:
         cert.write_bytes(pair.der)
         out["nvidia_module_signing_key"] = str(pair.key_path)
         out["nvidia_module_signing_cert"] = str(cert)
+    if prebuilt is not None:
+        out[module.TARBALL_VAR] = str(prebuilt.tarball)
     return out
 
 
-def run(ctx: BuildContext, base: InstalledBase, *, provisioner: Provisioner | None = None) -> Guest:
-    """The stage: a booted, provisioned guest (still running, for ``finalize``)."""
+def module_record(client: paramiko.SSHClient, cfg: ImageConfig) -> dict[str, Any] | None:
+    """What the nvidia role recorded about the module (its ``nvidia_module_report`` file), or None."""
+    path = module.report_path(cfg)
+    if path is None:
+        return None
+    rc, out, _ = run_command(client, f"cat {shlex.quote(path)}", check=False)
+    try:
+        record = json.loads(out) if rc == 0 else None
+    except ValueError:
+        log.warning("%s on the guest is not JSON", path)
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def run(ctx: BuildContext, base: InstalledBase, *, provisioner: Provisioner | None = None,
+        prebuilt: HostModule | None = None) -> Guest:
+    """The stage: a booted, provisioned guest (still running, for ``finalize``). ``prebuilt``: the NVIDIA
+    module built on the host, for the role to load instead of compiling it."""
     cfg, emitter, wd = ctx.config, ctx.emitter, ctx.workdir
     provisioner = provisioner or AnsibleRunner(task_timeout=cfg.provision.task_timeout,
                                                timeout=cfg.provision.timeout)
@@ -178,10 +200,18 @@ def run(ctx: BuildContext, base: InstalledBase, *, provisioner: Provisioner | No
         if cfg.provision.enabled:
             if cfg.signing_paths is None:
                 emitter.warning(NO_SIGNING_WARNING)
+            if prebuilt is not None and len(facts["facts"]) > 1:
+                prebuilt = module.for_kernel(ctx, prebuilt, facts["facts"][1].strip())
+            extra_vars = playbook_vars(cfg, wd, prebuilt)
             facts["ansible"] = run_playbook_on(
                 guest, provisioner, cfg.playbook,
                 roles_path=cfg.roles_dirs,
-                extra_vars=playbook_vars(cfg, wd), workdir=wd, emitter=emitter, during="provisioning")
+                extra_vars=extra_vars, workdir=wd, emitter=emitter, during="provisioning")
+            nvidia = module.module_manifest(prebuilt, module_record(client, cfg))
+            if nvidia is not None:
+                ctx.manifest["nvidia_module"] = nvidia
+                emitter.info(f"NVIDIA module {nvidia['module']} {nvidia['version']} for {nvidia['kver']}: "
+                             f"{nvidia['origin']}")
         else:
             emitter.info("provision.enabled is false: no playbook")
         _, pkgs, _ = run_command(client, PACKAGES, check=True)

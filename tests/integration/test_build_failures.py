@@ -63,6 +63,7 @@ provision:
   finalize_playbook: {REPO / 'playbooks/finalize.yml'}
   roles_path: [{REPO / 'roles'}, {work / 'roles'}]
   memory: 1536M
+  host_module: off  # these playbooks do not use the nvidia role: no NVIDIA compile on the host
 output: {{dir: {work / 'out'}}}
 """)
     shutil.copyfile(REPO / "images/cloud-gpu-worker.lock.json", work / f"{NAME}.lock.json")  # the same installer

@@ -104,6 +104,15 @@ def test_clean_spares_a_live_build_and_its_base(tmp_path, monkeypatch):
     assert "skipped the download cache (a build is running)" in lines
 
 
+def test_clean_all_removes_the_host_built_modules(tmp_path, monkeypatch):
+    from builder.pipeline import clean
+
+    monkeypatch.setenv("BUILDER_CACHE_DIR", str(tmp_path))
+    (tmp_path / "modules" / "k").mkdir(parents=True)
+    assert clean() == ["nothing to clean"] and (tmp_path / "modules").exists()
+    assert clean(all_downloads=True) == [f"removed {tmp_path / 'modules'}"]
+
+
 def test_clean_one_image_only(tmp_path, monkeypatch):
     import json
 

@@ -19,7 +19,7 @@ from hostile_mirror import Answer, HostileMirror, hostile_mirror
 
 from builder.archive.cache import ContentCache
 from builder.gateway.signing import EphemeralKey, sweep_stale_homes
-from builder.run import pid_alive
+from builder.run import pid_alive, spawn
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,6 +34,23 @@ def test_pid_alive() -> None:
     assert pid_alive(os.getpid())
     assert not pid_alive(dead_pid())
     assert not pid_alive(0) and not pid_alive(-1)
+
+
+def test_spawn_with_group_stops_what_the_child_started(tmp_path: Path) -> None:
+    """A build root's mmdebstrap starts apt, dpkg, make: stopping its process group stops them too."""
+    pids = tmp_path / "pids"
+    script = f"sleep 300 & echo $! > {pids}; trap '' TERM; wait"  # the leader even ignores SIGTERM
+    with spawn(["sh", "-c", script], grace=0.5, group=True) as child:
+        deadline = time.monotonic() + 10
+        while not (pids.exists() and pids.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        grandchild = int(pids.read_text())
+        assert pid_alive(grandchild)
+    assert child.returncode is not None
+    deadline = time.monotonic() + 5
+    while pid_alive(grandchild) and time.monotonic() < deadline:  # reaped by init once orphaned
+        time.sleep(0.05)
+    assert not pid_alive(grandchild)
 
 
 # ------------------------------------------------------------------------------------------- blob cache

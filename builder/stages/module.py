@@ -1,0 +1,212 @@
+"""The NVIDIA module compiled on the build host while the installer runs (:mod:`builder.hostmodule`).
+
+Started as soon as the archive gateway is up (``prepare``), in a thread of its own: it reads the same verified
+archives the guest will install from, through the same gateway, so the module is built from exactly the
+packages and kernel the guest gets. Joined before provisioning; its tarball reaches the role
+``nvidia-gpu-drivers`` as the extra variable ``nvidia_dkms_tarball``, and what the role did with it comes back
+in the manifest as ``nvidia_module``.
+
+``provision.host_module: auto`` builds on the host when the role takes the driver from Debian
+(``nvidia_driver_source: debian``); a failure fails the build with its own message, except a missing host tool
+(mmdebstrap), which warns and leaves the compile to DKMS in the guest. ``off``: DKMS compiles in the guest.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any
+
+from ..config import ImageConfig, read_role_yaml, role_file
+from ..errors import HostModuleError
+from ..hostmodule import HostModule, Sources, build_module
+
+if TYPE_CHECKING:
+    from ..context import BuildContext
+
+NVIDIA_ROLE = "nvidia-gpu-drivers"
+TARBALL_VAR = "nvidia_dkms_tarball"  # the role's variable: the prebuilt module's tarball on the controller
+REPORT_VAR = "nvidia_module_report"  # the role's variable: where it records what it did
+NICENESS = 10  # the build root yields the CPU to the installer VM it runs beside
+
+
+def role_vars(cfg: ImageConfig) -> dict[str, Any] | None:
+    """The nvidia role's variables as the play sees them (defaults, then its vars, then the image's
+    ``provision.extra_vars``), or None when the role is not on the roles path."""
+    defaults, rvars = role_file(cfg, NVIDIA_ROLE, "defaults/main.yml"), role_file(cfg, NVIDIA_ROLE, "vars/main.yml")
+    if defaults is None or rvars is None:
+        return None
+    return {**read_role_yaml(defaults, f"the {NVIDIA_ROLE} role's defaults"),
+            **read_role_yaml(rvars, f"the {NVIDIA_ROLE} role's vars"), **cfg.provision.extra_vars}
+
+
+def report_path(cfg: ImageConfig) -> str | None:
+    """Where the role records what it did with the module on the guest (None: nowhere, or no such role)."""
+    rv = role_vars(cfg)
+    path = rv.get(REPORT_VAR) if rv is not None else None
+    return path if isinstance(path, str) and path.startswith("/") else None
+
+
+def dkms_package(cfg: ImageConfig) -> tuple[str | None, str]:
+    """The DKMS source package to build on the host, or None and why not."""
+    if cfg.provision.host_module == "off":
+        return None, "provision.host_module is off"
+    if not cfg.provision.enabled:
+        return None, "provisioning is off"
+    if cfg.provision.extra_vars.get(TARBALL_VAR):
+        return None, f"provision.extra_vars sets {TARBALL_VAR} already"
+    rv = role_vars(cfg)
+    if rv is None:
+        return None, f"the {NVIDIA_ROLE} role is not on the roles path"
+    source, flavor = rv.get("nvidia_driver_source"), rv.get("nvidia_driver_flavor")
+    if source != "debian":
+        return None, f"nvidia_driver_source is {source!r}: only Debian's driver packages are built on the host"
+    flavors = rv.get("nvidia_debian_flavors")
+    entry = flavors.get(flavor) if isinstance(flavors, dict) and isinstance(flavor, str) else None
+    package = entry.get("dkms_package") if isinstance(entry, dict) else None
+    if not isinstance(package, str) or not package:
+        return None, f"nvidia_driver_flavor {flavor!r} names no DKMS package in the role's nvidia_debian_flavors"
+    return package, f"nvidia_driver_flavor {flavor}"
+
+
+def module_manifest(built: HostModule | None, record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The manifest's ``nvidia_module``: where the module the image boots with came from (``host-built``,
+    ``cache`` or ``guest-compiled``), from the role's record and the host build."""
+    if record is None:
+        if built is None:
+            return None
+        return {**_five(built.origin, built.module, built.version, built.kver, built.seconds),
+                "note": "the playbook recorded nothing: whether it used the prebuilt module is unknown"}
+    prebuilt = record.get("origin") == "prebuilt"
+    origin = (built.origin if built is not None else "prebuilt") if prebuilt else "guest-compiled"
+    seconds = (built.seconds if built is not None else None) if prebuilt else record.get("guest_seconds")
+    out = _five(origin, record.get("module"), record.get("version"), record.get("kver"), seconds)
+    if isinstance(record.get("kernels"), dict):
+        out["kernels"] = {k: (origin if v == "prebuilt" else v) for k, v in record["kernels"].items()}
+    return out
+
+
+def _five(origin: Any, module: Any, version: Any, kver: Any, seconds: Any) -> dict[str, Any]:
+    return {"origin": origin, "module": module, "version": version, "kver": kver,
+            "seconds": round(float(seconds), 1) if isinstance(seconds, int | float | str) and seconds != "" else None}
+
+
+_ONE_AT_A_TIME = threading.Lock()  # one build root compiling at a time on this host
+
+
+class ModuleJob:
+    """The host-side build of ``package`` in a background thread: :meth:`join` waits for it, :meth:`stop`
+    cancels it (its build root's processes are stopped, the thread ends)."""
+
+    def __init__(self, ctx: BuildContext, package: str, *, label: str = "") -> None:
+        self.ctx = ctx
+        self.package = package
+        self.label = label
+        self.cancel = threading.Event()
+        self.result: HostModule | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="host-module", daemon=True)
+
+    def _run(self) -> None:
+        ctx = self.ctx
+        key, cert = ctx.config.signing_paths or (None, None)
+        try:
+            with _ONE_AT_A_TIME:  # variants' builds queue up (the same module a second time is a cache hit)
+                if self.cancel.is_set():
+                    return
+                self.result = build_module(
+                    gateway_sources(ctx), self.package,
+                    workdir=ctx.workdir / ("hostmodule-" + self.label if self.label else "hostmodule"),
+                    cache=ctx.cache, niceness=NICENESS, cancel=self.cancel, report=ctx.emitter.info,
+                    signing_key=key, signing_cert=cert)
+        except BaseException as exc:  # handed to the thread that joins
+            self.error = exc
+            if isinstance(exc, HostModuleError) and exc.missing_tool is not None:  # said now, not after the install
+                ctx.emitter.warning(fallback_warning(exc))
+
+    def start(self) -> ModuleJob:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.cancel.set()
+        self.thread.join(timeout=60)
+
+    def join(self) -> HostModule:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+
+def start(ctx: BuildContext, *, label: str = "") -> ModuleJob | None:
+    """Start the host-side build (stopped with the build's ExitStack), or None when it does not apply. ``label``
+    names a variant's build (its own build root)."""
+    package, why = dkms_package(ctx.config)
+    if package is None:
+        ctx.manifest["host_module"] = {"status": "not used", "why": why}
+        ctx.emitter.info(f"the NVIDIA module is compiled in the guest: {why}")
+        return None
+    ctx.emitter.info(f"building the NVIDIA module ({package}, {why}) on this host while the installer runs")
+    job = ModuleJob(ctx, package, label=label).start()
+    ctx.stack.callback(job.stop)
+    return job
+
+
+def finish(ctx: BuildContext, job: ModuleJob | None) -> HostModule | None:
+    """The built module (None: DKMS compiles in the guest). Waits for the build; its failure is the build's,
+    except a missing host tool, which is a warning."""
+    if job is None:
+        return None
+    if job.thread.is_alive():
+        ctx.emitter.info("waiting for the host-side NVIDIA module build")
+    try:
+        built = job.join()
+    except HostModuleError as exc:
+        _fallback(ctx, exc, warn=False)  # the thread warned already
+        return None
+    ctx.manifest["host_module"] = {"status": "used", **built.manifest()}
+    return built
+
+
+def for_kernel(ctx: BuildContext, built: HostModule, kver: str) -> HostModule | None:
+    """``built``, or the same package's module for ``kver`` when the guest booted another kernel than the
+    archive's newest (a cached installed disk from before a kernel update): built on the host now, in minutes,
+    rather than left to the guest (~45 minutes under TCG). None: a host tool is missing, the guest compiles."""
+    if not kver or kver == built.kver:
+        return built
+    ctx.emitter.info(f"the installed system runs kernel {kver}, not {built.kver} (an older cached installed disk?): "
+                     f"building {built.package} for {kver} on this host")
+    try:
+        again = build_module(gateway_sources(ctx), built.package, workdir=ctx.workdir / "hostmodule",
+                             cache=ctx.cache, kver=kver, niceness=None, report=ctx.emitter.info)
+    except HostModuleError as exc:
+        _fallback(ctx, exc, warn=True)
+        return None
+    ctx.manifest["host_module"] = {"status": "used", **again.manifest(), "rebuilt_for_the_guest_kernel": True}
+    return again
+
+
+def gateway_sources(ctx: BuildContext) -> Sources:
+    """The image's archives as the build's gateway serves them on this host."""
+    gw = ctx.gateway
+    return Sources.of(ctx.config.debian, mirror=gw.url("debian"), security_mirror=gw.url("debian-security"))
+
+
+def _fallback(ctx: BuildContext, exc: HostModuleError, *, warn: bool) -> None:
+    """A missing host tool: the guest compiles (recorded, and warned when ``warn``); anything else fails."""
+    if exc.missing_tool is None:
+        exc.stage = exc.stage or "provision"
+        raise exc
+    if warn:
+        ctx.emitter.warning(fallback_warning(exc))
+    ctx.manifest["host_module"] = {"status": "fell back to the guest", "why": exc.message}
+
+
+def fallback_warning(exc: HostModuleError) -> str:
+    return (f"{exc.message}: DKMS compiles the NVIDIA module in the guest instead"
+            + (f" ({exc.hint})" if exc.hint else ""))
+
+
+__all__ = ["ModuleJob", "dkms_package", "finish", "for_kernel", "module_manifest", "report_path", "role_vars",
+           "start"]

@@ -1,0 +1,173 @@
+"""builder.stages.module: when the NVIDIA module is built on the host, how a failure is handled, what reaches the
+playbook and the manifest. No build root: the host build is replaced where it would run."""
+
+from __future__ import annotations
+
+import threading
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+
+from builder.config import load_config
+from builder.context import BuildContext, BuildOptions
+from builder.errors import HostModuleError
+from builder.events import Emitter
+from builder.hostmodule import HostModule
+from builder.stages import module
+from builder.stages.provision import playbook_vars
+
+ROOT = Path(__file__).resolve().parents[2]
+IMAGE = ROOT / "images" / "cloud-gpu-worker.yaml"
+KVER = "6.12.118+deb13-amd64"
+
+
+def cfg(*overrides: str):
+    return load_config(IMAGE, list(overrides))
+
+
+@pytest.mark.parametrize(("overrides", "package", "why"), [
+    ((), "nvidia-kernel-dkms", "nvidia_driver_flavor current"),
+    (("provision.extra_vars.nvidia_driver_flavor=open",), "nvidia-open-kernel-dkms", "flavor open"),
+    (("provision.extra_vars.nvidia_driver_flavor=tesla-535",), "nvidia-tesla-535-kernel-dkms", "tesla-535"),
+    (("provision.host_module=off",), None, "provision.host_module is off"),
+    (("provision.enabled=false",), None, "provisioning is off"),
+    (("provision.extra_vars.nvidia_driver_source=nvidia",), None, "nvidia_driver_source is 'nvidia'"),
+    (("provision.extra_vars.nvidia_driver_flavor=nope",), None, "nvidia_driver_flavor 'nope' names no DKMS"),
+    (("provision.extra_vars.nvidia_dkms_tarball=/x.tar.gz",), None, "sets nvidia_dkms_tarball already"),
+])
+def test_which_package_is_built_on_the_host(overrides, package, why):
+    got, reason = module.dkms_package(cfg(*overrides))
+    assert got == package and why in reason
+
+
+def test_the_role_decides_its_own_report_path():
+    assert module.report_path(cfg()) == "/var/lib/nvidia-gpu-drivers/module.json"
+    assert module.report_path(cfg("provision.extra_vars.nvidia_module_report=")) is None
+
+
+def built(origin="host-built") -> HostModule:
+    return HostModule(Path("/cache/modules/k/module.tar.gz"), "nvidia-current", "550.163.01", KVER, origin,
+                      312.4, "nvidia-kernel-dkms", "550.163.01-2", "k")
+
+
+def test_playbook_vars_carry_the_tarball(tmp_path):
+    c = cfg()
+    assert playbook_vars(c, tmp_path, None) == dict(c.provision.extra_vars)
+    assert playbook_vars(c, tmp_path, built())["nvidia_dkms_tarball"] == "/cache/modules/k/module.tar.gz"
+
+
+def test_module_manifest():
+    record = {"origin": "prebuilt", "module": "nvidia-current", "version": "550.163.01", "kver": KVER,
+              "kernels": {KVER: "prebuilt"}, "guest_seconds": 21.0}
+    assert module.module_manifest(built("cache"), record) == {
+        "origin": "cache", "module": "nvidia-current", "version": "550.163.01", "kver": KVER, "seconds": 312.4,
+        "kernels": {KVER: "cache"}}
+    guest = {**record, "origin": "guest-compiled", "kernels": {KVER: "guest-compiled"}, "guest_seconds": "2712.3"}
+    assert module.module_manifest(None, guest) == {
+        "origin": "guest-compiled", "module": "nvidia-current", "version": "550.163.01", "kver": KVER,
+        "seconds": 2712.3, "kernels": {KVER: "guest-compiled"}}
+    # the tarball was for another kernel than the installed one: the role compiled in the guest
+    assert module.module_manifest(built(), guest)["origin"] == "guest-compiled"
+    assert module.module_manifest(None, None) is None
+    unknown = module.module_manifest(built(), None)
+    assert unknown is not None and unknown["origin"] == "host-built" and "recorded nothing" in unknown["note"]
+
+
+@pytest.fixture
+def events() -> list:
+    return []
+
+
+@pytest.fixture
+def ctx(tmp_path, events):
+    with ExitStack() as stack:
+        yield BuildContext(cfg(), BuildOptions(tmp_path / "out"), tmp_path, Emitter(events.append), stack,
+                           None)  # type: ignore[arg-type]
+
+
+class FakeJob(module.ModuleJob):
+    def __init__(self, ctx, *, result=None, error=None):
+        super().__init__(ctx, "nvidia-kernel-dkms")
+        self.result, self.error = result, error
+        self.thread = threading.Thread(target=lambda: None)
+        self.thread.start()
+
+
+class FakeGateway:
+    def url(self, prefix, host="127.0.0.1"):
+        return f"http://{host}:4711/{prefix}"
+
+
+def test_finish_returns_the_module_and_records_it(ctx):
+    assert module.finish(ctx, FakeJob(ctx, result=built())) == built()
+    assert ctx.manifest["host_module"]["status"] == "used" and ctx.manifest["host_module"]["origin"] == "host-built"
+    assert module.finish(ctx, None) is None
+
+
+def test_a_missing_tool_falls_back_to_the_guest_with_a_warning_at_once(ctx, events, monkeypatch):
+    err = HostModuleError("mmdebstrap is not installed", missing_tool="mmdebstrap", hint="apt-get install mmdebstrap")
+
+    def fake_build(*a, **kw):
+        raise err
+
+    monkeypatch.setattr(module, "build_module", fake_build)
+    monkeypatch.setattr(type(ctx), "gateway", property(lambda self: FakeGateway()))
+    job = module.start(ctx)
+    assert job is not None
+    job.thread.join(10)
+    warnings = [e.message for e in events if e.kind == "warning"]
+    assert warnings == ["mmdebstrap is not installed: DKMS compiles the NVIDIA module in the guest instead "
+                        "(apt-get install mmdebstrap)"]  # before the install is over
+    assert module.finish(ctx, job) is None
+    assert ctx.manifest["host_module"]["status"] == "fell back to the guest"
+    assert len([e for e in events if e.kind == "warning"]) == 1
+
+
+def test_any_other_failure_fails_the_build(ctx):
+    err = HostModuleError("the host-side DKMS build of nvidia-kernel-dkms failed", log_tail=["make: *** Error 2"])
+    with pytest.raises(HostModuleError, match="DKMS build") as ei:
+        module.finish(ctx, FakeJob(ctx, error=err))
+    assert ei.value.stage == "provision" and ei.value.log_tail == ["make: *** Error 2"]
+
+
+def test_start_runs_the_build_in_a_thread_that_the_build_stops(ctx, monkeypatch):
+    started, stopped = threading.Event(), threading.Event()
+
+    def fake_build(sources, package, *, cancel, **kw):
+        assert package == "nvidia-kernel-dkms" and sources.mirror == "http://127.0.0.1:4711/debian"
+        assert sources.security_mirror == "http://127.0.0.1:4711/debian-security"
+        started.set()
+        cancel.wait(10)
+        stopped.set()
+        raise HostModuleError("the host-side module build was cancelled")
+
+    monkeypatch.setattr(module, "build_module", fake_build)
+    monkeypatch.setattr(type(ctx), "gateway", property(lambda self: FakeGateway()))
+    job = module.start(ctx)
+    assert job is not None and started.wait(10)
+    ctx.stack.close()  # the build ends (fails) before provisioning: the host build is cancelled
+    assert stopped.is_set() and not job.thread.is_alive()
+    off = ctx.with_(config=cfg("provision.host_module=off"), stack=ExitStack())
+    assert module.start(off) is None and off.manifest["host_module"]["status"] == "not used"
+
+
+def test_a_guest_on_another_kernel_gets_a_module_built_for_it(ctx, monkeypatch):
+    calls = []
+
+    def fake_build(sources, package, *, kver, **kw):
+        calls.append((package, kver))
+        if kver == "6.12.99+deb13-amd64":
+            raise HostModuleError("mmdebstrap is not installed", missing_tool="mmdebstrap")
+        return HostModule(Path("/m/other.tar.gz"), "nvidia-current", "550.163.01", kver, "host-built", 60.0,
+                          package, "550.163.01-2", "k2")
+
+    monkeypatch.setattr(module, "build_module", fake_build)
+    monkeypatch.setattr(type(ctx), "gateway", property(lambda self: FakeGateway()))
+    first = built()
+    assert module.for_kernel(ctx, first, KVER) is first and not calls
+    again = module.for_kernel(ctx, first, "6.12.117+deb13-amd64")
+    assert again is not None and again.kver == "6.12.117+deb13-amd64"
+    assert calls == [("nvidia-kernel-dkms", "6.12.117+deb13-amd64")]
+    assert ctx.manifest["host_module"]["rebuilt_for_the_guest_kernel"] is True
+    assert module.for_kernel(ctx, first, "6.12.99+deb13-amd64") is None  # no mmdebstrap: the guest compiles
