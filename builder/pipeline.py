@@ -74,7 +74,7 @@ def build(cfg: ImageConfig, *, on_event: Callable[[Event], None] | Emitter | Non
             with emitter.stage("verify"):
                 verify_stage.run(ctx, final)
         with emitter.stage("publish"):
-            return publish.run(ctx, final)
+            return publish.run(ctx, final, inputs)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
