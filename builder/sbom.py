@@ -156,8 +156,10 @@ def pct(value: str) -> str:
 
 
 def purl(name: str, version: str, arch: str, *, distro: str = "debian-13") -> str:
-    """The package URL of a Debian binary package: ``pkg:deb/debian/NAME@VERSION?arch=ARCH&distro=DISTRO``."""
-    return f"pkg:deb/debian/{pct(name)}@{pct(version)}?arch={pct(arch)}&distro={pct(distro)}"
+    """The package URL of a Debian binary package: ``pkg:deb/debian/NAME@VERSION?arch=ARCH&distro=DISTRO``
+    (an unknown architecture: no ``arch``)."""
+    quals = "&".join(f"{k}={pct(v)}" for k, v in (("arch", arch), ("distro", distro)) if v)
+    return f"pkg:deb/debian/{pct(name)}@{pct(version)}" + (f"?{quals}" if quals else "")
 
 
 def spdx_id(name: str) -> str | None:

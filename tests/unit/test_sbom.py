@@ -72,6 +72,11 @@ def test_purl_format_and_round_trip(name, version, arch, expected):
     assert back.qualifiers == {"arch": arch, "distro": "debian-13"}
 
 
+def test_purl_without_architecture():
+    """packages.txt of an older build says no architecture: the purl then has none rather than an empty one."""
+    assert sbom.purl("curl", "8.14.1-2", "") == "pkg:deb/debian/curl@8.14.1-2?distro=debian-13"
+
+
 # ------------------------------------------------------------------------------------------------ guest data
 
 
