@@ -57,8 +57,8 @@ def build(cfg: ImageConfig, *, on_event: Callable[[Event], None] | Emitter | Non
     options = BuildOptions((output or cfg.output_dir).resolve(), force, keep_workdir, use_cache, on_error, verify)
     preflight.check(cfg, options)
     with ExitStack() as stack:
-        ctx, _workdir, base, jobs = _base(cfg, options, emitter, stack, {"": cfg})
-        return _image(ctx, base, jobs[""])
+        ctx, _workdir, base, jobs, inputs = _base(cfg, options, emitter, stack, {"": cfg})
+        return _image(ctx, base, jobs[""], inputs)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -100,7 +100,7 @@ def build_variants(cfg: ImageConfig, *, names: list[str], on_event: Callable[[Ev
         preflight.check(vcfg, replace(options, output=root / n))
     result = VariantsResult()
     with ExitStack() as stack:
-        ctx, workdir, base, jobs = _base(cfg, options, emitter, stack, variants)
+        ctx, workdir, base, jobs, inputs = _base(cfg, options, emitter, stack, variants)
         lock = threading.Lock()
 
         def one(name: str) -> None:
@@ -114,7 +114,7 @@ def build_variants(cfg: ImageConfig, *, names: list[str], on_event: Callable[[Ev
                                  manifest={**ctx.manifest, "variant": name})
                 vstack.push(_FailureHandler(vctx, workdir))
                 try:
-                    res = _image(vctx, base, jobs[name])
+                    res = _image(vctx, base, jobs[name], inputs)
                 except BuilderError as exc:
                     with lock:
                         result.failed[name] = exc
@@ -133,7 +133,8 @@ def build_variants(cfg: ImageConfig, *, names: list[str], on_event: Callable[[Ev
 
 def _base(cfg: ImageConfig, options: BuildOptions, emitter: Emitter, stack: ExitStack,
           images: dict[str, ImageConfig],
-          ) -> tuple[BuildContext, _WorkDir, install.InstalledBase, dict[str, module.ModuleJob | None]]:
+          ) -> tuple[BuildContext, _WorkDir, install.InstalledBase, dict[str, module.ModuleJob | None],
+                     fetch.InstallerInputs]:
     """The shared part of every build: work directory, inputs, services, media and the installed disk; and
     for each of ``images`` (a variant's name → its config; "" for a build without variants) the NVIDIA module
     built on this host while the installer runs."""
@@ -153,10 +154,11 @@ def _base(cfg: ImageConfig, options: BuildOptions, emitter: Emitter, stack: Exit
     with emitter.stage("install"):
         base = install.run(ctx, installer, inputs)
     workdir.record_base(base.disk)
-    return ctx, workdir, base, jobs
+    return ctx, workdir, base, jobs, inputs
 
 
-def _image(ctx: BuildContext, base: install.InstalledBase, job: module.ModuleJob | None) -> BuildResult:
+def _image(ctx: BuildContext, base: install.InstalledBase, job: module.ModuleJob | None,
+           inputs: fetch.InstallerInputs) -> BuildResult:
     """One image from the installed disk: provision (with the module built on the host), finalize, verify,
     publish."""
     emitter = ctx.emitter
@@ -168,7 +170,7 @@ def _image(ctx: BuildContext, base: install.InstalledBase, job: module.ModuleJob
         with emitter.stage("verify"):
             verify_stage.run(ctx, final)
     with emitter.stage("publish"):
-        return publish.run(ctx, final)
+        return publish.run(ctx, final, inputs)
 
 
 class _WorkDir:

@@ -202,14 +202,20 @@ def wait_for_ssh(
 
 
 def run_command(
-    client: paramiko.SSHClient, command: str, *, timeout: float = 600, check: bool = True
+    client: paramiko.SSHClient, command: str, *, timeout: float = 600, check: bool = True,
+    input: bytes | None = None,
 ) -> tuple[int, str, str]:
-    """Run ``command`` (a shell string) on the remote; return (exit status, stdout, stderr).
+    """Run ``command`` (a shell string) on the remote, ``input`` on its standard input; return (exit status,
+    stdout, stderr).
 
     SshError when it exits non-zero (with ``check``), when it runs longer than ``timeout`` or the session breaks.
     """
     try:
         stdin, stdout, stderr = client.exec_command(command, timeout=timeout)
+        if input:
+            stdin.write(input)
+            stdin.flush()
+            stdin.channel.shutdown_write()
         stdin.close()
         chan = stdout.channel
         # Read both streams fully before asking for the status (a full window would block the remote).

@@ -192,6 +192,21 @@ class Gateway:
         """Register an already verified Release (so its indexes are served by hash)."""
         self._releases[(prefix.strip("/"), suite)] = release
 
+    def verified_releases(self) -> dict[tuple[str, str], Release]:
+        """(prefix, suite) → the Release of every InRelease that verified here (or was registered), so far."""
+        with self._lock:
+            return dict(self._releases)
+
+    def release_files(self) -> dict[str, bytes]:
+        """Gateway path (``debian/dists/trixie/InRelease``) → the bytes of every upstream Release file passed on."""
+        with self._lock:
+            return dict(self._meta)
+
+    def upstream_url(self, gateway_path: str) -> str:
+        """Where the gateway fetches ``prefix/path`` from ("" for a prefix it does not serve)."""
+        prefix, _, path = gateway_path.strip("/").partition("/")
+        return self._upstream_url(prefix, path) if prefix in self.upstreams else ""
+
     # ------------------------------------------------------------------ resolution
     def resolve(self, url_path: str) -> Path | bytes | None:
         """The content for a request path: bytes, a cache file, or None (404). BadRequest for a malformed path."""

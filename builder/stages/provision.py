@@ -1,5 +1,7 @@
 """Stage ``provision``: boot the installed disk (through a qcow2 overlay: the cached base is never written),
-reach it over SSH with the pinned host key, run the image's playbook, record the package list.
+reach it over SSH with the pinned host key, run the image's playbook, record the package list and what the SBOM
+needs from the guest (each package's architecture and source, the licences the packages declare, the NVIDIA
+kernel modules: :mod:`builder.guestfacts`).
 
 The VM keeps running for the ``finalize`` stage (one boot does both); it lives on the build's ExitStack, so
 it is stopped whatever happens. A VM that dies while the build waits for SSH or runs a playbook is reported
@@ -20,7 +22,7 @@ from typing import Any
 
 import paramiko
 
-from .. import image
+from .. import attest, guestfacts, image, sbom
 from ..config import ImageConfig
 from ..context import BuildContext
 from ..errors import ConfigError, ProvisionError, SshError, VmError
@@ -47,7 +49,10 @@ NO_SIGNING_WARNING = ("secure_boot is not configured: DKMS signs the NVIDIA modu
                       "(python -m builder keygen; docs/secure-boot.md)")
 FACTS = ("cat /etc/debian_version; uname -r; findmnt -n -o SOURCE,SIZE,FSTYPE /; "
          "systemctl is-enabled cloud-init-main.service cloud-init-local.service | tr '\\n' ' '")
-PACKAGES = "dpkg-query -W -f '${Package} ${Version}\\n'"
+# tab-separated: package, version, architecture, source, source version, status, homepage (sbom.DPKG_FIELDS)
+PACKAGES = f"dpkg-query -W -f '{sbom.DPKG_FORMAT}'"
+# the source of builder.guestfacts on its standard input; as root where sudo lets the build user (dkms may want it)
+GUEST_FACTS = "if sudo -n true 2>/dev/null; then exec sudo -n python3 -; else exec python3 -; fi"
 
 
 @dataclass
@@ -215,10 +220,32 @@ def run(ctx: BuildContext, base: InstalledBase, *, provisioner: Provisioner | No
         else:
             emitter.info("provision.enabled is false: no playbook")
         _, pkgs, _ = run_command(client, PACKAGES, check=True)
+        collect_guest_facts(client, wd, emitter)
     except SshError as exc:
         if not vm.is_running():
             raise dead_vm(vm, "provisioning") from exc
         raise
-    (wd / "packages.txt").write_text(pkgs)
-    facts["packages"] = len(pkgs.splitlines())
+    packages = sbom.parse_packages_tsv(pkgs)
+    (wd / attest.PACKAGES_TSV).write_text(pkgs)
+    (wd / "packages.txt").write_text(sbom.packages_txt(packages))
+    facts["packages"] = len(packages)
     return guest
+
+
+def collect_guest_facts(client: paramiko.SSHClient, wd: Path, emitter: Emitter) -> None:
+    """licenses.tsv and kernel-modules.json in ``wd``, from :mod:`builder.guestfacts` run in the guest. A
+    failure costs the SBOM those facts (each package then says its licence is unknown), not the build."""
+    status, out, err = run_command(client, GUEST_FACTS, check=False, timeout=300,
+                                   input=Path(guestfacts.__file__).read_bytes())
+    try:
+        if status != 0:
+            raise ValueError(f"exit status {status}: {err.strip()[-500:]}")
+        data = json.loads(out)
+        lic, modules, dkms = data["licenses"], data["modules"], data["dkms"]
+    except (ValueError, KeyError, TypeError) as exc:
+        emitter.warning(f"the guest's licences and kernel modules were not collected: {exc}")
+        return
+    (wd / attest.LICENSES_TSV).write_text(sbom.licenses_tsv(lic))
+    (wd / attest.MODULES_JSON).write_text(json.dumps({"modules": modules, "dkms": dkms}, indent=2) + "\n")
+    names = sorted({f"{m.get('name')} {m.get('version')}" for m in modules})
+    emitter.info(f"guest facts: licences of {len(lic)} packages; NVIDIA modules: {', '.join(names) or 'none'}")

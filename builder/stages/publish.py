@@ -1,7 +1,8 @@
-"""Stage ``publish``: checksums, manifest, package list, the module-signing certificate (``NAME.mok.der`` and
-``NAME.mok.pem``, with ``secure_boot``) and the build's logs (throw-away keys removed) beside the compressed
-qcow2 in the staging directory, then the staging directory swapped in as the output directory in one rename
-(an older output is replaced whole; nothing half-built is ever under the output's name).
+"""Stage ``publish``: checksums, manifest, package list, SBOM (CycloneDX), provenance (in-toto/SLSA), the
+module-signing certificate (``NAME.mok.der`` and ``NAME.mok.pem``, with ``secure_boot``) and the build's logs
+(throw-away keys removed) beside the compressed qcow2 in the staging directory, then the staging directory swapped
+in as the output directory in one rename (an older output is replaced whole; nothing half-built is ever under the
+output's name).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .. import __version__, image
+from .. import __version__, attest, image
 from ..archive.cache import sha256_file
 from ..context import BuildContext
 from ..errors import BuilderError, OutputError
@@ -22,6 +24,9 @@ from ..redact import redact_private_keys
 from ..secureboot import SigningError, der_bytes, fingerprint, load_cert, pem_bytes, serial_hex, subject
 from .finalize import FinalImage
 from .provision import SIGNING_CERT
+
+if TYPE_CHECKING:
+    from .fetch import InstallerInputs
 
 LOGS = ("install.syslog", "install.serial.log", "provision.serial.log", "preseed.cfg", "ansible-events.jsonl")
 
@@ -56,18 +61,20 @@ def _signing_cert(der: Path, staging: Path, name: str) -> tuple[dict[str, str], 
             "subject": subject(cert), "serial": serial_hex(cert)}, files
 
 
-def run(ctx: BuildContext, final: FinalImage) -> BuildResult:
-    """The stage: the output directory, complete, or an OutputError and the old output untouched."""
+def run(ctx: BuildContext, final: FinalImage, inputs: InstallerInputs | None = None) -> BuildResult:
+    """The stage: the output directory, complete, or an OutputError and the old output untouched. ``inputs``
+    (fetch's) name the installer's pinned files in the provenance; without them, what the manifest says."""
     cfg, out_dir, staging, target = ctx.config, ctx.options.output, final.staging, final.image
     name = target.name
     try:
         digest = sha256_file(target)
-        sums = [f"{digest}  {name}"]
         secure_boot, cert_files = _signing_cert(ctx.workdir / SIGNING_CERT, staging, cfg.name)
-        sums += [f"{sha256_file(staging / f)}  {f}" for f in cert_files]
-        (staging / "SHA256SUMS").write_text("".join(f"{line}\n" for line in sums))
         if (ctx.workdir / "packages.txt").is_file():
             shutil.copy2(ctx.workdir / "packages.txt", staging / "packages.txt")
+        docs = attest.write_documents(ctx, staging, name, digest, inputs)
+        extra = [*(staging / f for f in cert_files), *docs]
+        (staging / "SHA256SUMS").write_text(f"{digest}  {name}\n"
+                                            + "".join(f"{sha256_file(d)}  {d.name}\n" for d in extra))
         for logname in LOGS:
             src = ctx.workdir / logname
             if src.is_file() and src.stat().st_size > 0:  # no empty installer log for a cached install
@@ -81,6 +88,7 @@ def run(ctx: BuildContext, final: FinalImage) -> BuildResult:
         manifest.update({
             "name": cfg.name, "builder_version": __version__,
             "image": name, "sha256": digest, "size_bytes": target.stat().st_size,
+            "sbom": docs[0].name, "provenance": docs[1].name,
             "virtual_size": info.get("virtual-size"), "raw_disk_bytes": final.raw_disk_bytes,
             "compression": cfg.disk.compression,
             # the module-signing certificate to enroll (None: DKMS's own key; the module does not load under SB)

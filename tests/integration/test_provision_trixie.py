@@ -7,6 +7,7 @@ exit 101, and no init). Slow: see the timings printed with ``-s`` (the lead deci
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -16,7 +17,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cyclonedx.schema import SchemaVersion
+from cyclonedx.validation.json import JsonStrictValidator
 
+from builder import guestfacts, sbom
 from builder.errors import ProvisionError
 from builder.provision import run_playbook
 
@@ -137,6 +141,37 @@ def test_cloud_gpu_worker_playbook(trixie):
     changed = [e["event_data"]["task"] for e in map(json.loads, (second.events_log or Path()).read_text().splitlines())
                if e.get("event") == "runner_on_ok" and e["event_data"].get("res", {}).get("changed")]
     assert second.changed == 0, changed
+
+
+@pytest.mark.timeout(600)
+def test_guest_facts_describe_the_dkms_module(trixie):
+    """What provision collects for the SBOM, on the tree the playbook provisioned: the NVIDIA module DKMS built
+    for each installed kernel (modinfo, the file's sha256), DKMS's record and the package that ships the source;
+    the SBOM made of it validates."""
+    tree = trixie["tree"]
+    if not list((tree / "var/lib/dkms").glob("nvidia*")):
+        pytest.skip("needs the DKMS build of test_cloud_gpu_worker_playbook first")
+    res = subprocess.run(["chroot", str(tree), "python3", "-"], input=Path(guestfacts.__file__).read_bytes(),
+                         capture_output=True, timeout=300, check=True)
+    facts = json.loads(res.stdout)
+    kernels = installed_kernels(tree)
+    main = [m for m in facts["modules"] if m["name"] == "nvidia"]
+    assert sorted(m["kernel"] for m in main) == kernels
+    for m in main:
+        assert f"/lib/modules/{m['kernel']}/updates/dkms/" in m["path"] and m["license"] == "NVIDIA"
+        assert m["vermagic"].startswith(m["kernel"]) and m["version"]
+        assert m["sha256"] == hashlib.sha256((tree / m["path"].lstrip("/")).read_bytes()).hexdigest()
+    recs = [r for r in facts["dkms"] if r["module"].startswith("nvidia")]
+    assert {r["kernel"] for r in recs} >= set(kernels) and {r["version"] for r in recs} == {main[0]["version"]}
+    assert {r.get("source_package") for r in recs} == {"nvidia-kernel-dkms"}
+    pkgs = sbom.parse_packages_tsv(chroot(tree, "dpkg-query", "-W", "-f", sbom.DPKG_FORMAT).stdout)
+    bom = sbom.cyclonedx(image_name="trixie", image_file="trixie.qcow2", image_sha256="00" * 32, packages=pkgs,
+                         licenses=facts["licenses"], digests={}, modules=facts["modules"], dkms=facts["dkms"],
+                         builder_version="test", timestamp="2026-12-02T00:00:00Z")
+    assert JsonStrictValidator(SchemaVersion.V1_6).validate_str(json.dumps(bom)) is None
+    driver = next(c for c in bom["components"] if c["name"] == "nvidia-driver")
+    assert driver["version"] == main[0]["version"] and "nvidia" in {c["name"] for c in driver["components"]}
+    print("\nNVIDIA modules:", " ".join(sorted({f"{m['name']}@{m['kernel']}" for m in facts["modules"]})))
 
 
 @pytest.mark.timeout(900)

@@ -1,0 +1,311 @@
+"""The SBOM and provenance of a build, gathered and written (the I/O around :mod:`builder.sbom`).
+
+Sources, all recorded by the stages before ``publish``:
+
+* the work directory: ``packages.tsv`` (dpkg-query), ``licenses.tsv`` and ``kernel-modules.json``
+  (:mod:`builder.guestfacts`), written by ``provision``;
+* the gateway: the InRelease files it passed on and the Releases that verified, whose Packages indexes give
+  each installed ``.deb``'s sha256 (from the content cache, where the gateway stored them by that hash; an
+  index apt did not fetch whole, e.g. one it patched with pdiffs, is fetched through the gateway and checked
+  the same way);
+* the installer inputs of ``fetch`` (the lock's pins: netboot, boot loaders, udeb index, overrides) and the
+  image definition's files (definition, locks, playbooks, roles, preseed templates, keyring), hashed here.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import lzma
+import platform
+import re
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import __version__, sbom
+from .archive.cache import ContentCache, sha256_file
+from .archive.release import FileEntry
+from .errors import BuilderError
+
+if TYPE_CHECKING:
+    from .config import ImageConfig
+    from .context import BuildContext
+    from .gateway.server import Gateway
+    from .stages.fetch import InstallerInputs
+
+log = logging.getLogger(__name__)
+
+PACKAGES_TSV = "packages.tsv"
+LICENSES_TSV = "licenses.tsv"
+MODULES_JSON = "kernel-modules.json"
+_INDEX_RE = re.compile(r"(?P<dir>(?P<comp>[^/]+)/binary-(?P<arch>[^/]+))/Packages(?P<ext>\.xz|\.gz|)")
+_EXT_ORDER = {".xz": 0, ".gz": 1, "": 2}
+_SKIP_DIRS = {"__pycache__", ".git", ".pytest_cache", ".mypy_cache"}
+
+
+def sbom_name(image_name: str) -> str:
+    return f"{image_name}.cdx.json"
+
+
+def provenance_name(image_name: str) -> str:
+    return f"{image_name}.provenance.json"
+
+
+def rfc3339(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+# ------------------------------------------------------------------------------------------------ the guest
+
+
+def read_guest(workdir: Path) -> tuple[list[sbom.InstalledPackage], dict[str, tuple[str, ...]] | None,
+                                       list[dict[str, str]], list[dict[str, str]]]:
+    """packages, licences (None: not collected), NVIDIA modules and DKMS records from the work directory."""
+    tsv, txt = workdir / PACKAGES_TSV, workdir / "packages.txt"
+    text = tsv.read_text() if tsv.is_file() else txt.read_text() if txt.is_file() else ""
+    packages = sbom.parse_packages_tsv(text)
+    lic = workdir / LICENSES_TSV
+    licenses = sbom.parse_licenses_tsv(lic.read_text()) if lic.is_file() else None
+    modules: list[dict[str, str]] = []
+    dkms: list[dict[str, str]] = []
+    mod = workdir / MODULES_JSON
+    if mod.is_file():
+        try:
+            data = json.loads(mod.read_text())
+            modules, dkms = list(data.get("modules", [])), list(data.get("dkms", []))
+        except (ValueError, AttributeError) as exc:
+            log.warning("%s: unreadable (%s): no NVIDIA module in the SBOM", mod, exc)
+    return packages, licenses, modules, dkms
+
+
+# ------------------------------------------------------------------------------------------------ .deb digests
+
+
+def _decompress(data: bytes, path: str) -> bytes:
+    if path.endswith(".xz"):
+        return lzma.decompress(data)
+    if path.endswith(".gz"):
+        return gzip.decompress(data)
+    return data
+
+
+@dataclass
+class Digests:
+    """The .deb digests found, and the indexes (as provenance resources) they came from."""
+
+    debs: dict[tuple[str, str, str], sbom.DebDigest] = field(default_factory=dict)
+    indexes: list[dict[str, Any]] = field(default_factory=list)
+
+
+def package_digests(gateway: Gateway | None, cache: ContentCache, wanted: Iterable[tuple[str, str, str]], *,
+                    components: Sequence[str], arch: str, fetch: bool = True) -> Digests:
+    """The sha256 of every wanted (name, version, arch) that a Packages index of a Release the gateway verified
+    lists. Indexes come from the content cache (stored there by their hash); with ``fetch`` one not cached is
+    fetched through the gateway, which checks it against its Release. An index that cannot be had is skipped."""
+    out = Digests()
+    todo = set(wanted)
+    if gateway is None:
+        return out
+    for (prefix, suite), rel in sorted(gateway.verified_releases().items()):
+        dirs: dict[str, list[tuple[int, FileEntry]]] = {}
+        for path, ent in rel.files.items():
+            m = _INDEX_RE.fullmatch(path)
+            if m and m["comp"] in components and m["arch"] == arch:
+                dirs.setdefault(m["dir"], []).append((_EXT_ORDER[m["ext"]], ent))
+        for _, variants in sorted(dirs.items()):
+            if not todo:
+                return out
+            ents = [e for _, e in sorted(variants, key=lambda v: v[0])]  # .xz, .gz, plain
+            hit = next(((e, p) for e in ents if (p := cache.get(e.sha256, e.size)) is not None), None)
+            if hit is None and fetch and not gateway.offline:
+                ent = ents[0]
+                try:
+                    gateway.resolve(f"/{prefix}/dists/{suite}/{ent.path}")
+                except BuilderError as exc:
+                    log.warning("the SBOM's .deb digests: %s/dists/%s/%s not fetched: %s", prefix, suite, ent.path,
+                                exc)
+                blob = cache.get(ent.sha256, ent.size)
+                hit = (ent, blob) if blob is not None else None
+            if hit is None:
+                continue
+            ent, blob_path = hit
+            name = f"{prefix}/dists/{suite}/{ent.path}"
+            try:
+                data = _decompress(blob_path.read_bytes(), ent.path)
+            except (OSError, lzma.LZMAError, gzip.BadGzipFile, EOFError) as exc:
+                log.warning("the SBOM's .deb digests: %s unreadable: %s", name, exc)
+                continue
+            found = sbom.index_digests(data, todo, index_name=name)
+            out.debs.update(found)
+            todo -= found.keys()
+            out.indexes.append(sbom.resource(name, ent.sha256, uri=gateway.upstream_url(name), kind="packages-index",
+                                             packages=len(found)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+def _display(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def file_resource(path: Path, kind: str, root: Path, **annotations: Any) -> dict[str, Any]:
+    return sbom.resource(_display(path, root), sha256_file(path), uri=path.resolve().as_uri(), kind=kind,
+                         **annotations)
+
+
+def tree_files(root: Path) -> list[Path]:
+    """Every regular file under ``root`` (no caches, no VCS), sorted."""
+    return sorted(p for p in root.rglob("*")
+                  if p.is_file() and not _SKIP_DIRS.intersection(p.relative_to(root).parts[:-1]))
+
+
+def lock_files(cfg: ImageConfig) -> list[Path]:
+    """The installer lock and any other lock of the image definition (``<stem>.*lock*`` beside it)."""
+    found = [cfg.lock_path] if cfg.lock_path.is_file() else []
+    if cfg.source is not None:
+        found += sorted(cfg.source.parent.glob(f"{cfg.source.stem}.*lock*"))
+    return [p for p in dict.fromkeys(p.resolve() for p in found) if p.is_file()]
+
+
+def definition_resources(cfg: ImageConfig) -> list[dict[str, Any]]:
+    """The image definition's own files: definition, locks, playbooks, roles, preseed templates, keyring."""
+    from .installer.preseed import default_template_dir
+
+    root = cfg.base_dir.parent
+    out = []
+    if cfg.source is not None and cfg.source.is_file():
+        out.append(file_resource(cfg.source, "image-definition", root))
+    out += [file_resource(p, "lock", root) for p in lock_files(cfg)]
+    playbooks = ([cfg.playbook] if cfg.provision.enabled else []) + [cfg.finalize_playbook]
+    out += [file_resource(p, "playbook", root) for p in playbooks if p.is_file()]
+    for rdir in cfg.roles_dirs:
+        out += [file_resource(p, "role", root, role=p.relative_to(rdir).parts[0])
+                for p in tree_files(rdir) if len(p.relative_to(rdir).parts) > 1]
+    try:
+        tdir = default_template_dir()
+    except BuilderError:
+        tdir = None
+    if tdir is not None:
+        out += [file_resource(p, "preseed-template", root) for p in sorted(tdir.glob("*.j2"))]
+    if cfg.debian.keyring.is_file():
+        out.append(file_resource(cfg.debian.keyring, "keyring", root))
+    return out
+
+
+def installer_resources(cfg: ImageConfig, inputs: InstallerInputs | None,
+                        manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """What ``fetch`` pinned and verified: netboot (.deb, kernel, initrd), boot loader packages, the udeb index,
+    the overriding udebs, the suite's InRelease. Without ``inputs``, what the manifest recorded of them."""
+    mirror = cfg.debian.mirror
+    if inputs is None:
+        inst = manifest.get("installer", {})
+        out = []
+        if inst.get("netboot_sha256"):
+            out.append(sbom.resource(f"netboot {inst.get('netboot', '')}".strip(), inst["netboot_sha256"],
+                                     kind="netboot"))
+        if inst.get("udeb_index_sha256"):
+            out.append(sbom.resource("udeb index", inst["udeb_index_sha256"], kind="udeb-index"))
+        if manifest.get("inrelease_sha256"):
+            out.append(sbom.resource(f"debian/dists/{cfg.debian.suite}/InRelease", manifest["inrelease_sha256"],
+                                     kind="inrelease", verified=True))
+        return out
+    lock = inputs.lock
+    nb = lock.netboot
+    out = [sbom.resource(f"{nb.package}_{nb.version}", nb.sha256, uri=f"{mirror}/{nb.filename}", kind="netboot",
+                         trust=nb.trust)]
+    out += [sbom.resource(f"netboot {nb.version}: {role}", sha256_file(p), kind=f"netboot-{role}",
+                          kernel_abi=lock.kernel_abi if role == "kernel" else "")
+            for role, p in (("kernel", inputs.kernel), ("initrd", inputs.initrd))]
+    out += [sbom.resource(f"{b.package}_{b.version}", b.sha256, uri=f"{mirror}/{b.filename}",
+                          kind="boot-loader-package", trust=b.trust) for b in lock.boot]
+    ix = lock.udeb_index
+    out.append(sbom.resource(f"debian/dists/{ix.release_suite}/{ix.path}", ix.sha256,
+                             uri=f"{mirror}/dists/{ix.release_suite}/{ix.path}", kind="udeb-index",
+                             release_date=ix.release_date))
+    out += [sbom.resource(f"{o.package}_{o.version}", o.sha256, uri=f"{mirror}/{o.filename}", kind="udeb-override",
+                          replaces=o.index_version) for o in lock.overrides]
+    out.append(sbom.resource(f"debian/dists/{cfg.debian.suite}/InRelease", hashlib.sha256(inputs.inrelease).hexdigest(),
+                             uri=f"{mirror}/dists/{cfg.debian.suite}/InRelease", kind="inrelease", verified=True))
+    return out
+
+
+def gateway_release_resources(gateway: Gateway | None) -> list[dict[str, Any]]:
+    """Every InRelease the gateway passed on to the build VMs, and whether it verified."""
+    if gateway is None:
+        return []
+    verified = gateway.verified_releases()
+    out = []
+    for path, data in sorted(gateway.release_files().items()):
+        parts = path.split("/")
+        if parts[-1] != "InRelease" or len(parts) < 4:
+            continue
+        ok = (parts[0], parts[2]) in verified
+        out.append(sbom.resource(path, hashlib.sha256(data).hexdigest(), uri=gateway.upstream_url(path),
+                                 kind="inrelease", verified=ok))
+    return out
+
+
+def _dedupe(resources: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for r in resources:
+        key = (r["name"], r["digest"]["sha256"])
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ documents
+
+
+def write_documents(ctx: BuildContext, staging: Path, image_file: str, image_sha256: str,
+                    inputs: InstallerInputs | None = None, *, finished: float | None = None) -> tuple[Path, Path]:
+    """``<name>.cdx.json`` and ``<name>.provenance.json`` in ``staging``; returns their paths."""
+    cfg = ctx.config
+    finished = time.time() if finished is None else finished
+    started = finished - (time.monotonic() - ctx.started)
+    gateway = ctx.services.gateway if ctx.services is not None else None
+    packages, licenses, modules, dkms = read_guest(ctx.workdir)
+    digests = package_digests(gateway, ctx.cache, [p.key for p in packages if p.installed],
+                              components=cfg.debian.components, arch=cfg.debian.arch)
+    facts = ctx.manifest.get("provision", {}).get("facts", [])
+    bom = sbom.cyclonedx(
+        image_name=cfg.name, image_file=image_file, image_sha256=image_sha256, packages=packages,
+        licenses=licenses, digests=digests.debs, modules=modules, dkms=dkms, builder_version=__version__,
+        timestamp=rfc3339(finished), description=cfg.description, distro=f"debian-{cfg.debian.release}",
+        properties={"debian__suite": cfg.debian.suite, "debian__release": cfg.debian.release,
+                    "debian__version": facts[0] if facts else "",
+                    "installer__kernel_abi": inputs.lock.kernel_abi if inputs is not None else ""})
+    sbom_path = staging / sbom_name(cfg.name)
+    sbom_path.write_text(json.dumps(bom, indent=2) + "\n")
+    deps = _dedupe([*definition_resources(cfg), *installer_resources(cfg, inputs, ctx.manifest),
+                    *gateway_release_resources(gateway), *digests.indexes])
+    opts = ctx.options
+    byproducts = [sbom.resource(sbom_path.name, sha256_file(sbom_path), media_type="application/vnd.cyclonedx+json")]
+    if (ctx.workdir / "packages.txt").is_file():
+        byproducts.append(sbom.resource("packages.txt", sha256_file(ctx.workdir / "packages.txt")))
+    statement = sbom.provenance(
+        subject_name=image_file, subject_sha256=image_sha256, dependencies=deps,
+        external_parameters={"imageDefinition": str(cfg.source) if cfg.source else "",
+                             "config": cfg.model_dump(mode="json"), "output": str(opts.output)},
+        internal_parameters={"options": {"force": opts.force, "useCache": opts.use_cache, "verify": opts.verify,
+                                         "keepWorkdir": opts.keep_workdir, "onError": opts.on_error},
+                             "accel": ctx.accel, "buildFirmware": cfg.build_firmware,
+                             "buildHost": {"machine": platform.machine(), "system": platform.system()}},
+        builder_version={"builder": __version__, "python": platform.python_version()},
+        started=rfc3339(started), finished=rfc3339(finished), invocation_id=ctx.workdir.name,
+        byproducts=byproducts)
+    prov_path = staging / provenance_name(cfg.name)
+    prov_path.write_text(json.dumps(statement, indent=2) + "\n")
+    return sbom_path, prov_path
