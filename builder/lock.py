@@ -109,16 +109,7 @@ class Lock:
     def from_json(cls, text: str | bytes, *, source: str = "lock") -> Lock:
         """Parse and schema-check a lock; MalformedLockError (exit 2) names every bad field."""
         hint = "regenerate it with: python -m builder lock IMAGE.yaml"
-        try:
-            data = json.loads(text)
-        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, too deep
-            raise MalformedLockError(f"{source}: malformed lock file: not JSON: {exc}", hint=hint) from exc
-        if not isinstance(data, dict):
-            raise MalformedLockError(f"{source}: malformed lock file: expected a JSON object, got {_show(data)}",
-                                     hint=hint)
-        if data.get("lock_version") != LOCK_VERSION:
-            raise MalformedLockError(f"{source}: unsupported lock version {_show(data.get('lock_version'))} "
-                                     f"(expected {LOCK_VERSION})", hint=hint)
+        data = json_document(text, source=source, what="lock", version_field="lock_version", version=LOCK_VERSION)
         problems: list[tuple[str, str]] = []
         top = _check_object(data, _LOCK_SCHEMA, "", problems)
         if problems:
@@ -142,6 +133,22 @@ class Lock:
                 f["Depends"] = o.depends
             out[o.package] = f
         return out
+
+
+def json_document(text: str | bytes, *, source: str, what: str, version_field: str, version: int) -> dict[str, Any]:
+    """A lock file's JSON object, of the version this builder writes; MalformedLockError (exit 2) otherwise."""
+    hint = "regenerate it with: python -m builder lock IMAGE.yaml"
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, too deep
+        raise MalformedLockError(f"{source}: malformed {what} file: not JSON: {exc}", hint=hint) from exc
+    if not isinstance(data, dict):
+        raise MalformedLockError(f"{source}: malformed {what} file: expected a JSON object, got {_show(data)}",
+                                 hint=hint)
+    if data.get(version_field) != version:
+        raise MalformedLockError(f"{source}: unsupported {what} version {_show(data.get(version_field))} "
+                                 f"(expected {version})", hint=hint)
+    return data
 
 
 def read_lock(path: Path) -> Lock:
@@ -232,8 +239,10 @@ _LOCK_SCHEMA: Schema = {"lock_version": lambda v: None, "suite": _token, "codena
 _OPTIONAL = {"trust", "overrides", "removed", "boot", "notes"}  # the fields with defaults
 
 
-def _check_object(data: object, schema: Schema, where: str, problems: list[tuple[str, str]]) -> dict[str, Any]:
-    """``data`` checked against ``schema``; every problem is appended as (field path, message)."""
+def _check_object(data: object, schema: Schema, where: str, problems: list[tuple[str, str]], *,
+                  optional: set[str] = _OPTIONAL) -> dict[str, Any]:
+    """``data`` checked against ``schema``; every problem is appended as (field path, message). Fields named in
+    ``optional`` may be left out."""
     if not isinstance(data, dict):
         problems.append((where or "(top)", f"expected an object, got {_show(data)}"))
         return {}
@@ -244,21 +253,22 @@ def _check_object(data: object, schema: Schema, where: str, problems: list[tuple
     for key, rule in schema.items():
         name = f"{where}.{key}".lstrip(".")
         if key not in data:
-            if key not in _OPTIONAL:
+            if key not in optional:
                 problems.append((name, "missing"))
             continue
-        out[key] = _check_value(data[key], rule, name, problems)
+        out[key] = _check_value(data[key], rule, name, problems, optional)
     return out
 
 
-def _check_value(value: object, rule: Any, name: str, problems: list[tuple[str, str]]) -> Any:
+def _check_value(value: object, rule: Any, name: str, problems: list[tuple[str, str]],
+                 optional: set[str] = _OPTIONAL) -> Any:
     if isinstance(rule, dict):
-        return _check_object(value, rule, name, problems)
+        return _check_object(value, rule, name, problems, optional=optional)
     if isinstance(rule, list):
         if not isinstance(value, list):
             problems.append((name, f"expected a list, got {_show(value)}"))
             return []
-        return [_check_value(item, rule[0], f"{name}[{i}]", problems) for i, item in enumerate(value)]
+        return [_check_value(item, rule[0], f"{name}[{i}]", problems, optional) for i, item in enumerate(value)]
     bad = rule(value)
     if bad is not None:
         problems.append((name, bad))

@@ -41,16 +41,18 @@ PID_RE = re.compile(r"-pid(\d+)-")
 
 def build(cfg: ImageConfig, *, on_event: Callable[[Event], None] | Emitter | None = None, output: Path | None = None,
           force: bool = False, keep_workdir: bool = False, use_cache: bool = True,
-          on_error: OnError = "cleanup", verify: bool = True) -> BuildResult:
+          on_error: OnError = "cleanup", verify: bool = True, offline: bool = False) -> BuildResult:
     """Build the image described by ``cfg``; return where it is. Raises BuilderError subclasses.
 
     ``on_error="abort"`` keeps the work directory (disks, logs) of a failed build and says how to boot its
     disk by hand; ``"cleanup"`` (the default) removes it. Either way a failure after a VM started leaves a
     diagnostics bundle beside the output directory, and the error names it. ``verify`` boots the finished
-    image under every firmware its disk promises and checks it before anything is published.
+    image under every firmware its disk promises and checks it before anything is published. ``offline`` never
+    contacts the mirrors: what the caches lack is named in one error before any VM starts.
     """
     emitter = on_event if isinstance(on_event, Emitter) else Emitter(on_event)
-    options = BuildOptions((output or cfg.output_dir).resolve(), force, keep_workdir, use_cache, on_error, verify)
+    options = BuildOptions((output or cfg.output_dir).resolve(), force, keep_workdir, use_cache, on_error, verify,
+                           offline)
     preflight.check(cfg, options)
     with ExitStack() as stack:
         workdir = stack.enter_context(_WorkDir(cfg, options, emitter))

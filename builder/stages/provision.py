@@ -9,6 +9,7 @@ or Ansible failure.
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from ..config import ImageConfig
 from ..context import BuildContext
 from ..errors import ProvisionError, SshError, VmError
 from ..events import Emitter
+from ..gateway.target import KEY_FILE
 from ..installcache import DirectBoot
 from ..provision import AnsibleRunner, Provisioner, Target
 from ..ssh import known_hosts_line, run_command, wait_for_ssh
@@ -105,6 +107,13 @@ def run_playbook_on(guest: Guest, provisioner: Provisioner, playbook: Path, *, r
     return {"seconds": round(time.monotonic() - t0, 1), "changed": res.changed, "status": res.status}
 
 
+def trust_build_key(client: paramiko.SSHClient, public_key: bytes) -> None:
+    """apt in the guest trusts this build's key, which signs the package lock's view of the archive (a cached
+    installed disk holds the key of the build that made it; roles/finalize removes it from the image)."""
+    b64 = base64.b64encode(public_key).decode()
+    run_command(client, f"echo {b64} | base64 -d | sudo -n install -D -m 0644 /dev/stdin {KEY_FILE}", check=True)
+
+
 def run(ctx: BuildContext, base: InstalledBase, *, provisioner: Provisioner | None = None) -> Guest:
     """The stage: a booted, provisioned guest (still running, for ``finalize``)."""
     cfg, emitter, wd = ctx.config, ctx.emitter, ctx.workdir
@@ -137,6 +146,8 @@ def run(ctx: BuildContext, base: InstalledBase, *, provisioner: Provisioner | No
         _, out, _ = run_command(client, FACTS, check=False)
         facts["facts"] = out.strip().splitlines()
         emitter.info(f"SSH up after {facts['ssh_seconds']} s: " + " | ".join(facts["facts"]))
+        if ctx.services is not None and ctx.services.package_lock is not None:
+            trust_build_key(client, ctx.services.signing_key.public_key())
         if cfg.provision.enabled:
             facts["ansible"] = run_playbook_on(
                 guest, provisioner, cfg.playbook,
