@@ -245,6 +245,8 @@ class Archive:
                 self.stats.add(cache_hits=1)
                 log.debug("%s: cache hit (%s)", entry.path, entry.sha256[:12])
                 return VerifiedIndex(path, entry, rel, self.suite, blob, dec)
+        if self.offline:
+            return None
         for entry, dec in variants:
             urls = [f"dists/{self.suite}/{entry.path}"]
             if rel.acquire_by_hash:
