@@ -115,10 +115,21 @@ def _inputs_and_reuse(cfg: ImageConfig, result: Inspection) -> None:
         f"{len(lock.overrides)} overridden udebs, {len(lock.removed)} removed, boot loaders: "
         + ", ".join(f"{b.package} {b.version}" for b in lock.boot),
     ]
+    from .pkgfetch import package_lock_in_force
     from .stages.media import disk_key, preseed_context
 
+    try:
+        plock = package_lock_in_force(cfg)
+    except BuilderError as exc:
+        result.inputs.append(f"no usable package lock: {exc.message}")
+        plock = None
+    if plock is not None:
+        result.inputs.append(f"{cfg.package_lock_path.name} ({plock.method}, made {plock.created}): "
+                             f"{len(plock.packages)} packages; the target sees only these")
+    elif cfg.debian.package_lock != "required":
+        result.inputs.append("no package lock in force: the target installs the newest packages of the archive")
     client, host = generate_keypair("inspect"), generate_keypair("inspect-host")
-    key = disk_key(cfg, lock, render_preseed(preseed_context(cfg, client, host)), client, host)
+    key = disk_key(cfg, lock, render_preseed(preseed_context(cfg, client, host)), client, host, package_lock=plock)
     cached = InstalledDiskCache().lookup(key)
     if cached is not None:
         result.reuse.append(f"reuse the installed disk made {cached.created} (key {key}): no install")
