@@ -41,6 +41,18 @@ def mask_secrets(text: str, secrets: Iterable[str]) -> str:
     return text
 
 
+_NOT_FED = ("witness", "witnessed", "inrelease_sha256")  # where a pin is vouched for: not what the installer gets
+
+
+def _fed(data: Any) -> Any:
+    """The lock's JSON without the fields that record which signed index vouched for a pin."""
+    if isinstance(data, dict):
+        return {k: _fed(v) for k, v in data.items() if k not in _NOT_FED}
+    if isinstance(data, list):
+        return [_fed(v) for v in data]
+    return data
+
+
 def install_key(*, preseed: str, cmdline: str, lock: Lock, secrets: Iterable[str] = (),
                 settings: Mapping[str, Any] | None = None) -> str:
     """The installed-disk cache key: a hash of what the installer is fed (see the module docstring)."""
@@ -48,7 +60,7 @@ def install_key(*, preseed: str, cmdline: str, lock: Lock, secrets: Iterable[str
         "format": KEY_FORMAT,
         "preseed": hashlib.sha256(mask_secrets(preseed, secrets).encode()).hexdigest(),
         "cmdline": re.sub(r"\blog_port=\d+", "log_port=*", cmdline),
-        "lock": json.loads(lock.to_json()) | {"created": None},
+        "lock": _fed(json.loads(lock.to_json())) | {"created": None},
         "settings": dict(settings or {}),
     }
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:32]

@@ -21,6 +21,7 @@ from .events import Emitter
 from .lock import lock_differences, read_lock, resolve_lock, write_lock
 from .pkglock import PackageLock, differences, keep_unchanged, read_package_lock, summary, write_package_lock
 from .pkgresolve import load_universe, lock_from_build, moved, resolve_package_lock
+from .witness import find_witnesses, lock_dir, store_files, unwitnessed
 
 
 @dataclass
@@ -40,12 +41,21 @@ def write_locks(cfg: ImageConfig, *, cache: ContentCache, stats: FetchStats, emi
     """``lock`` / ``lock --update`` / ``lock --from-build DIR``."""
     out = LockReport()
     if from_build is None:
-        lock = resolve_lock(cfg, _make_archive(cfg, cache, stats, emitter), report=emitter.info)
-        diffs = lock_differences(read_lock(cfg.lock_path), lock) if cfg.lock_path.is_file() else ["new"]
-        if diffs:
+        main = _make_archive(cfg, cache, stats, emitter)
+        lock = resolve_lock(cfg, main, report=emitter.info)
+        old_lock = read_lock(cfg.lock_path) if cfg.lock_path.is_file() else None
+        diffs = lock_differences(old_lock, lock) if old_lock is not None else ["new"]
+        if diffs or old_lock is None or not old_lock.witnessed:
             out.lines += [f"installer: {d}" for d in diffs if d != "new"]
+            lock, files = find_witnesses(cfg, main, lock, report=emitter.info)
+            stored = store_files(cfg.lock_path, files)
             write_lock(lock, cfg.lock_path)
-            out.lines.append(f"wrote {cfg.lock_path}")
+            out.lines.append(f"wrote {cfg.lock_path}" + (f" and {len(stored)} signed indexes in "
+                                                        f"{lock_dir(cfg.lock_path).name}/" if stored else ""))
+            alone = unwitnessed(lock)
+            if alone:
+                out.lines.append(f"no signed index lists {len(alone)} of its pins (their sha256 in the lock is the "
+                                 f"root of trust): {', '.join(alone)}")
         else:
             out.lines.append(f"{cfg.lock_path.name}: unchanged")
     if cfg.debian.package_lock == "off" and from_build is None:

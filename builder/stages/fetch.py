@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .. import witness
 from ..archive.cache import ContentCache, atomic_write
 from ..archive.client import Archive
 from ..archive.deb import deb_extract
@@ -123,6 +124,12 @@ def udeb_index(cfg: ImageConfig, lock: Lock, cache: ContentCache, main: Archive)
         raise LockError(f"the lock's udeb_index.size is {pin.size}, but {pin.path} with its sha256 {pin.sha256} "
                         f"has {actual} bytes", hint="run: python -m builder lock IMAGE.yaml")
     blob = cache.read(pin.sha256, pin.size)
+    if blob is None and pin.inrelease_sha256:  # the copy kept with the lock (witness.verify_lock checks its InRelease)
+        stored = witness.lock_dir(cfg.lock_path) / f"{pin.sha256}.{pin.path.rsplit('/', 1)[-1]}"
+        data = stored.read_bytes() if stored.is_file() else b""
+        if hashlib.sha256(data).hexdigest() == pin.sha256 and len(data) == pin.size:
+            blob = data
+            cache.put(data, pin.sha256)
     if blob is None:
         alias = main if pin.release_suite == main.suite else Archive(
             main.mirror, pin.release_suite, keyring=main.keyring, fingerprints=main.fingerprints, cache=cache,
@@ -156,11 +163,15 @@ def fetch_inputs(cfg: ImageConfig, cache: ContentCache, stats: FetchStats, emitt
     plock = package_lock_in_force(cfg, emitter) if packages else None
     if offline:
         missing = offline_missing(cfg, lock, plock, cache, all_udebs=all_udebs or packages)
+        missing += witness.offline_missing(cfg, lock, cache) if cfg.lock_path.is_file() else []
         if missing:
             raise OfflineError(f"offline: {len(missing)} inputs are not in the cache: " + "; ".join(missing[:6])
                                + (f"; … ({len(missing) - 6} more)" if len(missing) > 6 else ""),
                                missing=missing, log_tail=missing)
     main.release()
+    if cfg.lock_path.is_file():  # every pin checked against the signed index that listed it
+        for warning in witness.verify_lock(cfg, lock, cache, main):
+            emitter.warning(warning)
     kernel, initrd = _netboot_images(cfg, lock, main, cache)
     abi = netboot.kernel_release(kernel.read_bytes())
     if abi != lock.kernel_abi:
@@ -218,7 +229,9 @@ def offline_missing(cfg: ImageConfig, lock: Lock, plock: PackageLock | None, cac
     pins: list[FilePin | UdebOverride] = [] if have_netboot else [lock.netboot]
     pins += [*lock.boot, *lock.overrides]
     out += [f"{p.package} {p.version} ({p.filename})" for p in pins if cache.get(p.sha256, p.size) is None]
-    index = cache.read(lock.udeb_index.sha256, lock.udeb_index.size)
+    ui = lock.udeb_index
+    kept = witness.lock_dir(cfg.lock_path) / f"{ui.sha256}.{ui.path.rsplit('/', 1)[-1]}"
+    index = cache.read(ui.sha256, ui.size) or (kept.read_bytes() if ui.inrelease_sha256 and kept.is_file() else None)
     if index is None:
         out.append(f"the udeb index {lock.udeb_index.path} of dists/{lock.udeb_index.release_suite} "
                    f"(sha256 {lock.udeb_index.sha256[:16]}…)")

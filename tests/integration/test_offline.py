@@ -43,6 +43,8 @@ def image_copy(repo: Path, tmp_path: Path, *, extra_pin: dict[str, object] | Non
     img = d / "cloud-gpu-worker.yaml"
     img.write_text(yaml.safe_dump(data))
     shutil.copyfile(repo / "images/cloud-gpu-worker.lock.json", d / "cloud-gpu-worker.lock.json")
+    if (repo / "images/cloud-gpu-worker.lock.d").is_dir():  # the signed indexes of the pins
+        shutil.copytree(repo / "images/cloud-gpu-worker.lock.d", d / "cloud-gpu-worker.lock.d")
     plock = json.loads((repo / "images/cloud-gpu-worker.packages.lock").read_text())
     if extra_pin is not None:
         plock["packages"].append(extra_pin)

@@ -9,11 +9,10 @@ import lzma
 import shutil
 import time
 import types
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from archive_testlib import SUITE, ArchiveServer, FakeArchive, GpgKey, gpg_key, make_archive, serve, sha256
+from archive_testlib import SUITE, ArchiveServer, FakeArchive, GpgKey, sha256
 
 from builder.archive import Archive, ContentCache, FetchStats
 from builder.archive.cache import PathMap
@@ -22,23 +21,6 @@ from builder.errors import FetchError, OfflineError, VerificationError
 
 DI = "main/debian-installer/binary-amd64/Packages"
 MAIN = "main/binary-amd64/Packages"
-
-
-@pytest.fixture(scope="module")
-def key() -> Iterator[GpgKey]:
-    with gpg_key("builder test archive key") as k:
-        yield k
-
-
-@pytest.fixture
-def fake(tmp_path: Path, key: GpgKey) -> FakeArchive:
-    return make_archive(tmp_path / "mirror", key)
-
-
-@pytest.fixture
-def server(fake: FakeArchive) -> Iterator[ArchiveServer]:
-    with serve(fake.root) as srv:
-        yield srv
 
 
 def archive(server: ArchiveServer, key: GpgKey, cache: ContentCache, **kw: object) -> Archive:
