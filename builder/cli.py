@@ -109,6 +109,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("image", nargs="?", type=Path,
                     help="only this image definition's work directories and installed disks")
     sp.add_argument("--all", action="store_true", help="also the content cache of downloads (not with IMAGE)")
+    sp.add_argument("--older-than", metavar="AGE", help="only the cached installed disks made longer ago than AGE "
+                                                        "(e.g. 7d, 12h), none that a running build uses")
     return p
 
 
@@ -273,7 +275,7 @@ def _interrupted(console: Any) -> None:
 
 
 def _dispatch(args: argparse.Namespace, console: Any) -> int:
-    from .config import dump_config, load_config
+    from .config import dump_config, load_config, parse_duration
 
     if args.verb == "completion":
         from .completion import bash_script, zsh_script
@@ -286,7 +288,15 @@ def _dispatch(args: argparse.Namespace, console: Any) -> int:
         name = load_config(args.image).name if args.image else None
         if name and args.all:
             raise ConfigError("clean IMAGE --all: the download cache is shared by every image; drop IMAGE or --all")
-        for line in clean(all_downloads=args.all, image=name):
+        extra: dict[str, Any] = {}
+        if args.older_than is not None:
+            if args.all:
+                raise ConfigError("clean --older-than expires installed disks only; drop --all or --older-than")
+            try:
+                extra["older_than"] = parse_duration(args.older_than)
+            except ValueError as exc:
+                raise ConfigError(f"clean --older-than: {exc}") from exc
+        for line in clean(all_downloads=args.all, image=name, **extra):
             _say(console, line)
         return EXIT_OK
     cfg = load_config(args.image, args.var, var_files=args.var_file)

@@ -14,7 +14,7 @@ from typing import Any
 
 from . import hostapt
 from .archive.cache import ContentCache
-from .config import ImageConfig, format_size, load_config, parse_overrides, read_yaml_mapping
+from .config import ImageConfig, format_duration, format_size, load_config, parse_overrides, read_yaml_mapping
 from .errors import BuilderError
 from .installcache import InstalledDiskCache
 from .installer.preseed import render_preseed
@@ -130,9 +130,15 @@ def _inputs_and_reuse(cfg: ImageConfig, result: Inspection) -> None:
         result.inputs.append("no package lock in force: the target installs the newest packages of the archive")
     client, host = generate_keypair("inspect"), generate_keypair("inspect-host")
     key = disk_key(cfg, lock, render_preseed(preseed_context(cfg, client, host)), client, host, package_lock=plock)
-    cached = InstalledDiskCache().lookup(key)
+    disks = InstalledDiskCache()
+    cached = disks.lookup(key, max_age=cfg.installer.max_base_age)
+    stale = disks.stale(key, max_age=cfg.installer.max_base_age)
     if cached is not None:
-        result.reuse.append(f"reuse the installed disk made {cached.created} (key {key}): no install")
+        result.reuse.append(f"reuse the installed disk made {cached.created}, {format_duration(cached.age())} old "
+                            f"(key {key}): no install")
+    elif stale is not None:
+        result.reuse.append(f"run the install: the installed disk for key {key} is {format_duration(stale.age())} "
+                            f"old, more than installer.max_base_age")
     else:
         result.reuse.append(f"run the install (no installed disk for key {key} yet)")
     cache = ContentCache()

@@ -19,13 +19,13 @@ from types import TracebackType
 
 from . import preflight, services
 from .archive.cache import cache_base
-from .config import ImageConfig
+from .config import ImageConfig, format_duration
 from .context import BuildContext, BuildOptions, OnError
 from .diagnostics import Diagnostics, bundle_path
 from .errors import BuilderError
 from .events import Emitter, Event
 from .gateway.signing import sweep_stale_homes
-from .installcache import InstalledDiskCache
+from .installcache import InstalledDiskCache, bases_in_use
 from .run import pid_alive
 from .stages import fetch, finalize, install, media, provision, publish
 from .stages import verify as verify_stage
@@ -171,9 +171,12 @@ def live_builds(base: Path | None = None) -> list[Path]:
     return [d for d in base.glob("*-pid*-*") if d.is_dir() and _owner_alive(d)] if base.is_dir() else []
 
 
-def clean(*, all_downloads: bool = False, image: str | None = None) -> list[str]:
+def clean(*, all_downloads: bool = False, image: str | None = None, older_than: int | None = None) -> list[str]:
     """Remove work directories and cached installed disks (and with ``all_downloads`` the content cache), but
-    nothing a live build uses; with ``image`` only that image's. Returns what was done, one line each."""
+    nothing a live build uses; with ``image`` only that image's. With ``older_than`` (seconds) only the installed
+    disks made longer ago than that. Returns what was done, one line each."""
+    if older_than is not None:
+        return expire_bases(older_than, image=image)
     base = cache_base()
     live = live_builds(base / "work")
     if image is not None:
@@ -211,3 +214,24 @@ def clean(*, all_downloads: bool = False, image: str | None = None) -> list[str]
                     shutil.rmtree(base / sub, ignore_errors=True)
                     lines.append(f"removed {base / sub}")
     return lines or ["nothing to clean"]
+
+
+def expire_bases(older_than: int, *, image: str | None = None) -> list[str]:
+    """Remove the cached installed disks made more than ``older_than`` seconds ago that no live build uses."""
+    root = cache_base() / "installed"
+    in_use = bases_in_use(cache_base() / "work")
+    lines = []
+    for d in sorted(root.iterdir()) if root.is_dir() else ():
+        if image is not None and InstalledDiskCache.image_of(d) != image:
+            continue
+        disk = InstalledDiskCache.read(d)
+        age = disk.age() if disk is not None else float("inf")
+        if age <= older_than:
+            continue
+        shown = "unreadable" if disk is None else f"{format_duration(age)} old"
+        if d in in_use:
+            lines.append(f"skipped {d} ({shown}: the base disk of a running build)")
+        else:
+            shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink(missing_ok=True)
+            lines.append(f"removed {d} ({shown})")
+    return lines or [f"no installed disk older than {format_duration(older_than)}"]

@@ -56,6 +56,7 @@ class InstallerInputs:
     udebs_verified: int = 0        # how many of udeb_pins were fetched and checked now (the rest: when served)
     efi: tuple[bytes, bytes] | None = None  # signed shim and CD GRUB (None: a lock made before UEFI support)
     target: TargetInputs | None = None  # the package lock in force and the target's view (None: no lock)
+    security_release: str = ""  # the Date of the security suite's Release the target gets ("" not known)
 
     @property
     def kernel_abi(self) -> str:
@@ -200,8 +201,24 @@ def fetch_inputs(cfg: ImageConfig, cache: ContentCache, stats: FetchStats, emitt
     n_verified = sum(1 for p in pins if p.removeprefix("debian/") in verified)
     emitter.info(inputs_summary(lock, abi, len(pins), n_verified))
     target = target_inputs(cfg, plock, cache, stats, emitter, offline=offline) if plock is not None else None
+    security = security_release(cfg, main, plock, offline=offline) if packages else ""
     return InstallerInputs(lock, kernel, initrd, boot[ISOLINUX_BIN], boot[LDLINUX_C32], udebs, pins,
-                           main.inrelease_raw, n_verified, efi_pair, target)
+                           main.inrelease_raw, n_verified, efi_pair, target, security)
+
+
+def security_release(cfg: ImageConfig, main: Archive, plock: PackageLock | None, *, offline: bool) -> str:
+    """The Date of the security Release the target's packages come from: the package lock's, else the live one."""
+    codename = main.release().codename
+    if plock is not None:
+        idx = plock.index("debian-security", f"{codename}-security")
+        return idx.date if idx else ""
+    sec = Archive(cfg.debian.security_mirror, f"{codename}-security", keyring=cfg.debian.keyring,
+                  fingerprints=cfg.debian.security_fingerprints, cache=main.cache, stats=main.stats, offline=offline)
+    try:
+        return sec.release().date
+    except (FetchError, VerificationError) as exc:
+        log.info("the security suite's Release is unknown: %s", exc)
+        return ""
 
 
 def suite_udebs(lock: Lock, index: bytes) -> dict[str, dict[str, str]]:

@@ -126,7 +126,8 @@ def run(ctx: BuildContext, inputs: InstallerInputs) -> Media:
     media = render(ctx.config, inputs, log_port=ctx.services.syslog.port)
     (ctx.workdir / "preseed.cfg").write_text(media.preseed)
     ctx.manifest["install_key"] = media.install_key
-    if ctx.options.use_cache and ctx.disks.lookup(media.install_key) is not None:
+    if ctx.options.use_cache and ctx.disks.lookup(media.install_key,
+                                                  max_age=ctx.config.installer.max_base_age) is not None:
         ctx.emitter.info("no installer ISO needed: the installed disk for this preseed is cached")
         return media
     iso = make_iso(ctx.config, inputs, media, ctx.services.signing_key, ctx.workdir / "installer.iso")
