@@ -25,7 +25,7 @@ from builder.gateway.signing import EphemeralKey
 from builder.gateway.target import KEY_FILE
 from builder.pkgfetch import target_inputs
 from builder.pkglock import PackageLock, read_package_lock, write_package_lock
-from builder.pkgresolve import Universe, load_universe, resolve, resolve_package_lock
+from builder.pkgresolve import Universe, load_universe, moved, resolve, resolve_package_lock
 from builder.services import sign
 
 try:
@@ -72,7 +72,7 @@ def test_package_lock_round_trip_on_the_real_archive(default_config, universe, t
 
 def _older_version_case(uni: Universe, installed: set[str]) -> tuple[str, str, str]:
     """A small package the tree lacks, listed at two versions, whose older one resolves adding at most three
-    packages: (name, older, newer)."""
+    packages of 2 MiB in all: (name, older, newer)."""
     cases = []
     for name, vs in uni.versions.items():
         newer = uni.candidates[name].version
@@ -81,7 +81,8 @@ def _older_version_case(uni: Universe, installed: set[str]) -> tuple[str, str, s
             cases.append((int(olders[0].stanza["Size"]), name, olders[0].version, newer))
     for _size, name, older, newer in sorted(cases):
         res = resolve(uni, [f"{name}={older}"], priorities=())
-        if not res.problems and len([n for n in res.selected if n not in installed]) <= 3:
+        new = [n for n in res.selected if n not in installed]
+        if not res.problems and len(new) <= 3 and sum(int(res.selected[n].stanza["Size"]) for n in new) < 2 << 20:
             return name, older, newer
     raise AssertionError("no small package listed at two versions")
 
@@ -114,6 +115,9 @@ def test_a_real_apt_sees_only_the_locked_versions(default_config, universe, tmp_
     pins = tuple(sorted((c.pin() for c in res.selected.values()), key=lambda p: p.name))
     lock = PackageLock(cfg.debian.suite, universe.indexes[0].codename, cfg.debian.arch, "2026-01-01T00:00:00Z",
                        "resolve", tuple(universe.indexes), pins)
+    # what `lock --check` reports: the package pinned below its candidate has moved upstream
+    ahead = {m.name: m for m in moved(lock, universe)}
+    assert ahead[name].now == newer and ahead[name].security == universe.candidates[name].suite.endswith("-security")
     t0 = time.monotonic()
     stats = FetchStats()
     target = target_inputs(cfg, lock, ContentCache(), stats, Emitter())
