@@ -170,10 +170,11 @@ def tree_files(root: Path) -> list[Path]:
 
 
 def lock_files(cfg: ImageConfig) -> list[Path]:
-    """The installer lock and any other lock of the image definition (``<stem>.*lock*`` beside it)."""
-    found = [cfg.lock_path] if cfg.lock_path.is_file() else []
-    if cfg.source is not None:
-        found += sorted(cfg.source.parent.glob(f"{cfg.source.stem}.*lock*"))
+    """The locks the build reads: the installer lock, and the package lock unless ``debian.package_lock`` is
+    off."""
+    found = [cfg.lock_path]
+    if cfg.debian.package_lock != "off":
+        found.append(cfg.package_lock_path)
     return [p for p in dict.fromkeys(p.resolve() for p in found) if p.is_file()]
 
 

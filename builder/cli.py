@@ -6,7 +6,6 @@ Exit codes (only here): 0 ok, 1 build failed, 2 bad input or usage, 130 interrup
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
 import sys
@@ -55,10 +54,24 @@ def _parser() -> argparse.ArgumentParser:
     image_cmd("show-config", "print the effective configuration (defaults and overrides applied)")
     image_cmd("inspect", "what a build would do: variables and their sources, stages, roles, pinned inputs, and "
                          "what it would reuse from the caches (no network)")
-    sp = image_cmd("lock", "resolve and pin every installer input into IMAGE.lock.json")
-    sp.add_argument("--check", action="store_true", help="only report whether the existing lock still resolves")
+    sp = image_cmd("lock", "resolve and pin every installer input into IMAGE.lock.json and every package of the "
+                           "image into IMAGE.packages.lock")
+    how = sp.add_mutually_exclusive_group()
+    how.add_argument("--check", action="store_true",
+                     help="report what upstream has moved since the locks were made (security updates by package); "
+                          "exit 1 if anything did")
+    how.add_argument("--update", action="store_true",
+                     help="refresh both locks: the package lock keeps its package set, at the current versions")
+    how.add_argument("--from-build", type=Path, metavar="OUTPUT_DIR",
+                     help="pin exactly the packages a finished build installed (its packages.txt)")
     sp = image_cmd("fetch", "download and verify every installer input into the cache")
     sp.add_argument("--all-udebs", action="store_true", help="also cache every udeb of the installer suite")
+    sp.add_argument("--all", action="store_true",
+                    help="everything an offline build needs: the installer inputs, every udeb of the installer suite "
+                         "and every file of the package lock")
+    sp.add_argument("--offline", action="store_true",
+                    help="do not contact the mirror: check that the cache holds everything an offline build needs "
+                         "(named in one error otherwise); 0 bytes fetched")
     sp = image_cmd("iso", "write only the installer ISO (preseed inside)")
     sp.add_argument("--output", "-o", type=Path, help="ISO path (default: OUTPUT_DIR/installer.iso)")
     sp = image_cmd("build", "build the image")
@@ -75,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-verify", action="store_true",
                     help="publish without booting the image under each firmware its disk promises (BIOS and UEFI "
                          "for disk.boot hybrid) and checking it first")
+    sp.add_argument("--offline", action="store_true",
+                    help="never contact the mirrors: every input from the caches (fill them with fetch --all); what "
+                         "is missing is named in one error before any VM starts. Needs a package lock")
     sp.add_argument("--on-error", choices=("cleanup", "abort"), default="cleanup",
                     help="after a failure: remove the work directory (cleanup, the default) or keep it with its "
                          "disks and say how to boot them (abort); a diagnostics bundle is left either way")
@@ -110,6 +126,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="only this image definition's work directories and installed disks")
     sp.add_argument("--all", action="store_true",
                     help="also the content cache of downloads and the host-built kernel modules (not with IMAGE)")
+    sp.add_argument("--older-than", metavar="AGE", help="only the cached installed disks made longer ago than AGE "
+                                                        "(e.g. 7d, 12h), none that a running build uses")
     return p
 
 
@@ -289,7 +307,7 @@ def _interrupted(console: Any) -> None:
 
 
 def _dispatch(args: argparse.Namespace, console: Any) -> int:
-    from .config import dump_config, load_config
+    from .config import dump_config, load_config, parse_duration
 
     if args.verb == "completion":
         from .completion import bash_script, zsh_script
@@ -304,7 +322,15 @@ def _dispatch(args: argparse.Namespace, console: Any) -> int:
         name = load_config(args.image).name if args.image else None
         if name and args.all:
             raise ConfigError("clean IMAGE --all: the download cache is shared by every image; drop IMAGE or --all")
-        for line in clean(all_downloads=args.all, image=name):
+        extra: dict[str, Any] = {}
+        if args.older_than is not None:
+            if args.all:
+                raise ConfigError("clean --older-than expires installed disks only; drop --all or --older-than")
+            try:
+                extra["older_than"] = parse_duration(args.older_than)
+            except ValueError as exc:
+                raise ConfigError(f"clean --older-than: {exc}") from exc
+        for line in clean(all_downloads=args.all, image=name, **extra):
             _say(console, line)
         return EXIT_OK
     cfg = load_config(args.image, args.var, var_files=args.var_file)
@@ -330,30 +356,32 @@ def _dispatch(args: argparse.Namespace, console: Any) -> int:
         emitter = Emitter(progress)
         t0 = time.monotonic()
         if args.verb == "lock":
-            from .lock import lock_summary, resolve_lock, write_lock
-            from .stages.fetch import make_archive
+            from .locking import check_locks, write_locks
 
-            lock = resolve_lock(cfg, make_archive(cfg, ContentCache(), stats, emitter), report=emitter.info)
             if args.check:
-                from .lock import lock_differences, read_lock
-
-                diffs = lock_differences(read_lock(cfg.lock_path), lock)
-                for line in diffs:
-                    _say(console, f"  {line}")
-                _say(console, f"{cfg.lock_path.name}: " + ("differs from the archive" if diffs else "up to date"))
-                return EXIT_FAILED if diffs else EXIT_OK
-            write_lock(lock, cfg.lock_path)
-            _say(console, f"wrote {cfg.lock_path}")
-            console.print_json(json.dumps(lock_summary(lock)))
+                locks = check_locks(cfg, cache=ContentCache(), stats=stats, emitter=emitter)
+            else:
+                locks = write_locks(cfg, cache=ContentCache(), stats=stats, emitter=emitter,
+                                    from_build=args.from_build, update=args.update)
+            for line in locks.lines:
+                _say(console, line)
+            if locks.changed:
+                return EXIT_FAILED
         elif args.verb == "fetch":
             from .stages.fetch import fetch_inputs
 
+            everything = args.all or args.offline
             with emitter.stage("fetch"):
-                inputs = fetch_inputs(cfg, ContentCache(), stats, emitter, all_udebs=args.all_udebs)
-            _say(console, f"verified and cached: netboot {inputs.lock.netboot.version} (kernel "
-                          f"{inputs.kernel_abi}), {inputs.udebs_verified} of the {len(inputs.udeb_pins)} udebs "
-                          "in the installer suite (the rest are checked when served); "
-                          f"{stats.bytes_fetched} bytes fetched upstream in {time.monotonic() - t0:.1f} s")
+                inputs = fetch_inputs(cfg, ContentCache(), stats, emitter, all_udebs=args.all_udebs or everything,
+                                      packages=everything, offline=args.offline)
+            target = inputs.target
+            _say(console, f"verified {'in the cache' if args.offline else 'and cached'}: netboot "
+                          f"{inputs.lock.netboot.version} (kernel {inputs.kernel_abi}), {inputs.udebs_verified} of "
+                          f"the {len(inputs.udeb_pins)} udebs in the installer suite"
+                          + ("" if everything else " (the rest are checked when served)")
+                          + (f", the {len(target.lock.packages)} packages of {cfg.package_lock_path.name}"
+                             if target else "")
+                          + f"; {stats.bytes_fetched} bytes fetched upstream in {time.monotonic() - t0:.1f} s")
         elif args.verb == "iso":
             from .pipeline import write_iso
 
@@ -364,7 +392,7 @@ def _dispatch(args: argparse.Namespace, console: Any) -> int:
 
             common = {"on_event": emitter, "output": args.output, "force": args.force,
                       "keep_workdir": args.keep_workdir, "use_cache": not args.no_cache, "on_error": args.on_error,
-                      "verify": not args.no_verify}
+                      "verify": not args.no_verify, "offline": args.offline}
             names = cfg.select_variants(tuple(args.only or ()), tuple(args.skip or ()))
             if not cfg.variants:
                 result = build(cfg, **common)  # type: ignore[arg-type]

@@ -85,6 +85,36 @@ def parse_size(value: str | int) -> int:
     return n
 
 
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$", re.IGNORECASE)
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(value: str | int) -> int:
+    """'7d', '12h', '30m', '90s', '2w', 3600 → seconds (0 allowed)."""
+    if isinstance(value, bool):
+        raise ValueError("a duration must be a number of seconds or a string like '7d'")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a duration must not be negative")
+        return value
+    m = _DURATION_RE.match(str(value))
+    if not m:
+        raise ValueError(f"not a duration: {value!r} (use e.g. '7d', '12h', '30m')")
+    return int(float(m.group(1)) * _DURATION_UNITS[m.group(2).lower()])
+
+
+def format_duration(seconds: float) -> str:
+    """3 d 4 h style, for messages."""
+    s = int(seconds)
+    if s < 120:
+        return f"{s} s"
+    if s < 7200:
+        return f"{s // 60} min"
+    if s < 2 * 86400:
+        return f"{s // 3600} h {s % 3600 // 60} min"
+    return f"{s // 86400} d {s % 86400 // 3600} h"
+
+
 def format_size(n: int) -> str:
     for unit in ("T", "G", "M", "K"):
         if n % _UNITS[unit] == 0:
@@ -137,6 +167,10 @@ class DebianConfig(_Model):
         if v and not re.match(r"^https?://[^/\s]+", v):
             raise ValueError(f"not an http(s) URL: {v!r}")
         return v.rstrip("/")
+
+    # The package lock (images/NAME.packages.lock): auto uses it when it exists, required fails without it,
+    # off builds from the archive as it is (the target then gets whatever is newest).
+    package_lock: Literal["auto", "required", "off"] = "auto"
 
     # Primary-key fingerprints accepted on the security archive's InRelease (trixie and bookworm security
     # automatic keys).
@@ -252,6 +286,14 @@ class InstallerConfig(_Model):
     kernel_cmdline: tuple[str, ...] = ("console=tty0", "console=ttyS0,115200")
     timeout: Annotated[int, Field(ge=60, description="seconds for the whole install")] = 5400
     stall_timeout: Annotated[int, Field(ge=30, description="seconds without d-i log progress")] = 900
+    # A cached installed disk older than this is not reused (a fresh install replaces it): '7d', '12h', 0 = never
+    # reuse one.
+    max_base_age: Annotated[int, Field(description="seconds, or a duration like '7d'")] = 7 * 86400
+
+    @field_validator("max_base_age", mode="before")
+    @classmethod
+    def _age(cls, v: Any) -> int:
+        return parse_duration(v)
 
     @field_validator("hostname")
     @classmethod
@@ -499,6 +541,13 @@ class ImageConfig(_Model):
         if self.source is None:
             return Path.cwd() / f"{self.name}.lock.json"
         return self.source.with_suffix(".lock.json")
+
+    @property
+    def package_lock_path(self) -> Path:
+        """``images/NAME.packages.lock``: every package the image ends up with (builder/pkglock.py)."""
+        if self.source is None:
+            return Path.cwd() / f"{self.name}.packages.lock"
+        return self.source.with_suffix(".packages.lock")
 
     @property
     def output_dir(self) -> Path:

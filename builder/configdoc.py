@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from .config import ImageConfig, format_size
 
 SIZES = {"disk.size", "vm.memory", "provision.memory"}
+DURATIONS = {"installer.max_base_age"}
 
 MEANING: dict[str, str] = {
     "name": "Image name: the qcow2 is `NAME.qcow2`; letters, digits, `.`, `_`, `-`.",
@@ -28,6 +29,10 @@ MEANING: dict[str, str] = {
     "debian.keyring": "OpenPGP keyring that `InRelease` files are verified against.",
     "debian.trusted_fingerprints": "Primary-key fingerprints accepted on the archive's `InRelease`.",
     "debian.security_fingerprints": "Primary-key fingerprints accepted on the security archive's `InRelease`.",
+    "debian.package_lock": "The package lock `NAME.packages.lock` next to the image file (every package of the "
+                           "image, pinned; `python -m builder lock` writes it): `auto` uses it when it exists, "
+                           "`required` fails the build without it, `off` ignores it (the target installs the newest "
+                           "packages). With a lock the target sees only the locked versions (docs/package-lock.md).",
     "disk.size": "Virtual size of the image's disk (cloud-init grows the root file system to the real disk).",
     "disk.compression": "qcow2 compression of the published image: zlib (portable), zstd (QEMU >= 5.1), none.",
     "vm.backend": "How build VMs run: `qemu` (a child process) or `libvirt` (transient domains).",
@@ -62,6 +67,8 @@ MEANING: dict[str, str] = {
                 "IMAGE-NAME.qcow2: a mapping of overrides merged over the image definition, limited to what does "
                 "not change the install (`provision`, `disk.compression`, `secure_boot`, `description`). "
                 "`--only`/`--except` pick some, `--parallel N` provisions N at once.",
+    "installer.max_base_age": "A cached installed disk older than this (seconds, or `7d`, `12h`, …) is not reused: "
+                              "the build installs afresh into a new cache entry; `0` never reuses one.",
     "provision.enabled": "Run `provision.playbook` (the finalize role runs either way).",
     "provision.playbook": "The image's playbook. Default: builder's `playbooks/cloud-gpu-worker.yml`.",
     "provision.finalize_playbook": "Run after the playbook: makes the machine an image. Default: builder's "
@@ -109,6 +116,8 @@ def _type_name(tp: Any) -> str:
 def _default(path: str, value: Any) -> str:
     if path in SIZES:
         return f"`{format_size(value)}`"
+    if path in DURATIONS and isinstance(value, int) and value % 86400 == 0 and value:
+        return f"`{value // 86400}d`"
     if value is None:
         return "(see meaning)"
     if value == "" or value == () or value == {}:

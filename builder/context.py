@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .gateway.server import Gateway
     from .gateway.signing import EphemeralKey
     from .installer.progress import InstallTracker, SyslogListener
+    from .pkglock import PackageLock
     from .vm import Machine
     from .vm.firmware import Firmware
     from .vm.spec import VmSpec
@@ -44,6 +45,7 @@ class BuildOptions:
     use_cache: bool = True
     on_error: OnError = "cleanup"
     verify: bool = True
+    offline: bool = False  # never contact the mirrors: everything comes from the caches (named when missing)
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class Services:
     signing_key: EphemeralKey
     syslog: SyslogListener
     tracker: InstallTracker
+    package_lock: PackageLock | None = None  # in force: the target sees only its packages, signed by signing_key
 
 
 @dataclass(frozen=True)

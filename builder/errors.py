@@ -10,6 +10,7 @@ Tree::
     ├── ToolError                a required host tool failed (command, returncode, stderr tail)
     │   └── MissingToolError     a required host tool is not installed (tool, Debian package)
     ├── FetchError               mirror unreachable, HTTP error, short read
+    │   └── OfflineError         offline (--offline), and what is needed is not in the cache
     ├── VerificationError        signature or checksum does not match (never retried silently)
     ├── LockError                lock file missing, stale or inconsistent
     │   └── MalformedLockError   not JSON, or breaks the lock schema (field named)        (exit 2)
@@ -111,6 +112,15 @@ class MissingToolError(ToolError):
 
 class FetchError(BuilderError):
     """Downloading from the mirror failed."""
+
+
+class OfflineError(FetchError):
+    """Offline (``--offline``), and something the build needs is not in the cache. ``missing`` names each."""
+
+    def __init__(self, message: str, *, missing: Sequence[str] = (), **kw: object) -> None:
+        self.missing = list(missing)
+        kw.setdefault("hint", "fill the cache first, online: python -m builder fetch IMAGE.yaml --all")
+        super().__init__(message, **kw)  # type: ignore[arg-type]
 
 
 class VerificationError(BuilderError):

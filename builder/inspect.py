@@ -14,7 +14,7 @@ from typing import Any
 
 from . import hostapt
 from .archive.cache import ContentCache
-from .config import ImageConfig, format_size, load_config, parse_overrides, read_yaml_mapping
+from .config import ImageConfig, format_duration, format_size, load_config, parse_overrides, read_yaml_mapping
 from .errors import BuilderError
 from .installcache import InstalledDiskCache
 from .installer.preseed import render_preseed
@@ -127,13 +127,30 @@ def _inputs_and_reuse(cfg: ImageConfig, result: Inspection) -> None:
         f"{len(lock.overrides)} overridden udebs, {len(lock.removed)} removed, boot loaders: "
         + ", ".join(f"{b.package} {b.version}" for b in lock.boot),
     ]
+    from .pkgfetch import package_lock_in_force
     from .stages.media import disk_key, preseed_context
 
+    try:
+        plock = package_lock_in_force(cfg)
+    except BuilderError as exc:
+        result.inputs.append(f"no usable package lock: {exc.message}")
+        plock = None
+    if plock is not None:
+        result.inputs.append(f"{cfg.package_lock_path.name} ({plock.method}, made {plock.created}): "
+                             f"{len(plock.packages)} packages; the target sees only these")
+    elif cfg.debian.package_lock != "required":
+        result.inputs.append("no package lock in force: the target installs the newest packages of the archive")
     client, host = generate_keypair("inspect"), generate_keypair("inspect-host")
-    key = disk_key(cfg, lock, render_preseed(preseed_context(cfg, client, host)), client, host)
-    cached = InstalledDiskCache().lookup(key)
+    key = disk_key(cfg, lock, render_preseed(preseed_context(cfg, client, host)), client, host, package_lock=plock)
+    disks = InstalledDiskCache()
+    cached = disks.lookup(key, max_age=cfg.installer.max_base_age)
+    stale = disks.stale(key, max_age=cfg.installer.max_base_age)
     if cached is not None:
-        result.reuse.append(f"reuse the installed disk made {cached.created} (key {key}): no install")
+        result.reuse.append(f"reuse the installed disk made {cached.created}, {format_duration(cached.age())} old "
+                            f"(key {key}): no install")
+    elif stale is not None:
+        result.reuse.append(f"run the install: the installed disk for key {key} is {format_duration(stale.age())} "
+                            f"old, more than installer.max_base_age")
     else:
         result.reuse.append(f"run the install (no installed disk for key {key} yet)")
     cache = ContentCache()

@@ -23,7 +23,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,22 @@ BOOT_PACKAGES = ("isolinux", "syslinux-common", "shim-signed", "grub-efi-amd64-s
 
 
 @dataclass(frozen=True)
+class Witness:
+    """The signed index that listed a pinned file when the lock was made: ``dists/<suite>/InRelease`` (stored
+    next to the lock as ``NAME.lock.d/<inrelease_sha256>.InRelease``) and the index it signs (``index``, stored
+    there too when small, else in the content cache by its sha256). ``fetch`` checks the pin against them with
+    gpgv (builder/witness.py)."""
+
+    suite: str
+    release_date: str
+    inrelease_sha256: str
+    index: str  # path under dists/<suite>/, as that Release lists it (e.g. main/binary-amd64/Packages.xz)
+    index_sha256: str
+    index_size: int
+    index_stored: str  # "lock.d" or "cache"
+
+
+@dataclass(frozen=True)
 class FilePin:
     package: str
     version: str
@@ -50,6 +66,7 @@ class FilePin:
     sha256: str
     size: int
     trust: str = "index"  # "index:<suite>" = listed in a verified Release chain; "lock" = pinned here
+    witness: Witness | None = None  # the signed index that listed it (None: none did, or the lock predates them)
 
     @classmethod
     def from_stanza(cls, stanza: Mapping[str, str], trust: str) -> FilePin:
@@ -64,6 +81,7 @@ class IndexPin:
     path: str
     sha256: str
     size: int
+    inrelease_sha256: str = ""  # the InRelease that listed it, stored in NAME.lock.d ("": not stored)
 
 
 @dataclass(frozen=True)
@@ -77,6 +95,7 @@ class UdebOverride:
     md5sum: str
     depends: str
     reason: str
+    witness: Witness | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +118,12 @@ class Lock:
     removed: tuple[UdebRemoval, ...] = ()
     boot: tuple[FilePin, ...] = ()
     notes: tuple[str, ...] = field(default=())
+    witnessed: bool = False  # the lock looked for a signed index of every pin (a pin's witness None: none listed it)
+
+    def pins(self) -> list[tuple[str, FilePin | UdebOverride]]:
+        """Every pinned file with its field name (netboot, boot[i], overrides[i])."""
+        return ([("netboot", self.netboot)] + [(f"boot[{i}]", b) for i, b in enumerate(self.boot)]
+                + [(f"overrides[{i}]", o) for i, o in enumerate(self.overrides)])
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -109,27 +134,19 @@ class Lock:
     def from_json(cls, text: str | bytes, *, source: str = "lock") -> Lock:
         """Parse and schema-check a lock; MalformedLockError (exit 2) names every bad field."""
         hint = "regenerate it with: python -m builder lock IMAGE.yaml"
-        try:
-            data = json.loads(text)
-        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, too deep
-            raise MalformedLockError(f"{source}: malformed lock file: not JSON: {exc}", hint=hint) from exc
-        if not isinstance(data, dict):
-            raise MalformedLockError(f"{source}: malformed lock file: expected a JSON object, got {_show(data)}",
-                                     hint=hint)
-        if data.get("lock_version") != LOCK_VERSION:
-            raise MalformedLockError(f"{source}: unsupported lock version {_show(data.get('lock_version'))} "
-                                     f"(expected {LOCK_VERSION})", hint=hint)
+        data = json_document(text, source=source, what="lock", version_field="lock_version", version=LOCK_VERSION)
         problems: list[tuple[str, str]] = []
         top = _check_object(data, _LOCK_SCHEMA, "", problems)
         if problems:
             raise MalformedLockError(f"{source}: malformed lock file", problems=problems, hint=hint)
         return cls(
             suite=top["suite"], codename=top["codename"], arch=top["arch"], created=top["created"],
-            netboot=FilePin(**top["netboot"]), kernel_abi=top["kernel_abi"], udeb_index=IndexPin(**top["udeb_index"]),
-            overrides=tuple(UdebOverride(**o) for o in top.get("overrides", ())),
+            netboot=FilePin(**_witnessed(top["netboot"])), kernel_abi=top["kernel_abi"],
+            udeb_index=IndexPin(**top["udeb_index"]),
+            overrides=tuple(UdebOverride(**_witnessed(o)) for o in top.get("overrides", ())),
             removed=tuple(UdebRemoval(**r) for r in top.get("removed", ())),
-            boot=tuple(FilePin(**b) for b in top.get("boot", ())),
-            notes=tuple(top.get("notes", ())),
+            boot=tuple(FilePin(**_witnessed(b)) for b in top.get("boot", ())),
+            notes=tuple(top.get("notes", ())), witnessed=bool(top.get("witnessed", False)),
         )
 
     def override_fields(self) -> dict[str, dict[str, str]]:
@@ -142,6 +159,27 @@ class Lock:
                 f["Depends"] = o.depends
             out[o.package] = f
         return out
+
+
+def _witnessed(d: dict[str, Any]) -> dict[str, Any]:
+    w = d.get("witness")
+    return {**d, "witness": Witness(**w) if isinstance(w, dict) else None}
+
+
+def json_document(text: str | bytes, *, source: str, what: str, version_field: str, version: int) -> dict[str, Any]:
+    """A lock file's JSON object, of the version this builder writes; MalformedLockError (exit 2) otherwise."""
+    hint = "regenerate it with: python -m builder lock IMAGE.yaml"
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, too deep
+        raise MalformedLockError(f"{source}: malformed {what} file: not JSON: {exc}", hint=hint) from exc
+    if not isinstance(data, dict):
+        raise MalformedLockError(f"{source}: malformed {what} file: expected a JSON object, got {_show(data)}",
+                                 hint=hint)
+    if data.get(version_field) != version:
+        raise MalformedLockError(f"{source}: unsupported {what} version {_show(data.get(version_field))} "
+                                 f"(expected {version})", hint=hint)
+    return data
 
 
 def read_lock(path: Path) -> Lock:
@@ -219,21 +257,49 @@ def _trust(v: object) -> str | None:
 
 _SHA256, _MD5 = _hex(64), _hex(32)
 Schema = dict[str, Any]  # field -> Check | Schema (an object) | [Check | Schema] (a list of those)
+
+
+def _witness(v: object) -> str | None:
+    """null, or a Witness object (every field checked; the first problem reported)."""
+    if v is None:
+        return None
+    problems: list[tuple[str, str]] = []
+    _check_object(v, _WITNESS, "", problems, optional=set())
+    if isinstance(v, dict) and v.get("index_stored") not in ("lock.d", "cache"):
+        problems.append(("index_stored", f"expected 'lock.d' or 'cache', got {_show(v.get('index_stored'))}"))
+    return None if not problems else "; ".join(f"{f}: {m}" for f, m in problems)
+
+
+def _bool(v: object) -> str | None:
+    return None if isinstance(v, bool) else f"expected true or false, got {_show(v)}"
+
+
+def _sha_or_empty(v: object) -> str | None:
+    return None if v == "" else _SHA256(v)
+
+
+_WITNESS: Schema = {"suite": _token, "release_date": _text, "inrelease_sha256": _SHA256, "index": _relpath,
+                    "index_sha256": _SHA256, "index_size": _size, "index_stored": _token}
 _FILE_PIN: Schema = {"package": _token, "version": _token, "filename": _pool, "sha256": _SHA256, "size": _size,
-                     "trust": _trust}
+                     "trust": _trust, "witness": _witness}
 _INDEX_PIN: Schema = {"release_suite": _token, "release_date": _text, "path": _relpath, "sha256": _SHA256,
-                      "size": _size}
+                      "size": _size, "inrelease_sha256": _sha_or_empty}
 _OVERRIDE: Schema = {"package": _token, "index_version": _token, "version": _token, "filename": _pool,
-                     "sha256": _SHA256, "size": _size, "md5sum": _MD5, "depends": _text, "reason": _text}
+                     "sha256": _SHA256, "size": _size, "md5sum": _MD5, "depends": _text, "reason": _text,
+                     "witness": _witness}
 _REMOVAL: Schema = {"package": _token, "index_version": _token, "reason": _text}
 _LOCK_SCHEMA: Schema = {"lock_version": lambda v: None, "suite": _token, "codename": _token, "arch": _token,
                         "created": _text, "netboot": _FILE_PIN, "kernel_abi": _token, "udeb_index": _INDEX_PIN,
-                        "overrides": [_OVERRIDE], "removed": [_REMOVAL], "boot": [_FILE_PIN], "notes": [_text]}
-_OPTIONAL = {"trust", "overrides", "removed", "boot", "notes"}  # the fields with defaults
+                        "overrides": [_OVERRIDE], "removed": [_REMOVAL], "boot": [_FILE_PIN], "notes": [_text],
+                        "witnessed": _bool}
+# the fields with defaults
+_OPTIONAL = {"trust", "overrides", "removed", "boot", "notes", "witness", "witnessed", "inrelease_sha256"}
 
 
-def _check_object(data: object, schema: Schema, where: str, problems: list[tuple[str, str]]) -> dict[str, Any]:
-    """``data`` checked against ``schema``; every problem is appended as (field path, message)."""
+def _check_object(data: object, schema: Schema, where: str, problems: list[tuple[str, str]], *,
+                  optional: set[str] = _OPTIONAL) -> dict[str, Any]:
+    """``data`` checked against ``schema``; every problem is appended as (field path, message). Fields named in
+    ``optional`` may be left out."""
     if not isinstance(data, dict):
         problems.append((where or "(top)", f"expected an object, got {_show(data)}"))
         return {}
@@ -244,21 +310,22 @@ def _check_object(data: object, schema: Schema, where: str, problems: list[tuple
     for key, rule in schema.items():
         name = f"{where}.{key}".lstrip(".")
         if key not in data:
-            if key not in _OPTIONAL:
+            if key not in optional:
                 problems.append((name, "missing"))
             continue
-        out[key] = _check_value(data[key], rule, name, problems)
+        out[key] = _check_value(data[key], rule, name, problems, optional)
     return out
 
 
-def _check_value(value: object, rule: Any, name: str, problems: list[tuple[str, str]]) -> Any:
+def _check_value(value: object, rule: Any, name: str, problems: list[tuple[str, str]],
+                 optional: set[str] = _OPTIONAL) -> Any:
     if isinstance(rule, dict):
-        return _check_object(value, rule, name, problems)
+        return _check_object(value, rule, name, problems, optional=optional)
     if isinstance(rule, list):
         if not isinstance(value, list):
             problems.append((name, f"expected a list, got {_show(value)}"))
             return []
-        return [_check_value(item, rule[0], f"{name}[{i}]", problems) for i, item in enumerate(value)]
+        return [_check_value(item, rule[0], f"{name}[{i}]", problems, optional) for i, item in enumerate(value)]
     bad = rule(value)
     if bad is not None:
         problems.append((name, bad))
@@ -454,8 +521,19 @@ def lock_summary(lock: Lock) -> dict[str, Any]:
     }
 
 
+def without_witnesses(lock: Lock) -> Lock:
+    """The lock's pins without the signed indexes that listed them (what the installer is fed)."""
+    def bare(p: Any) -> Any:
+        return replace(p, witness=None)
+
+    return replace(lock, netboot=bare(lock.netboot), boot=tuple(bare(b) for b in lock.boot),
+                   overrides=tuple(bare(o) for o in lock.overrides),
+                   udeb_index=replace(lock.udeb_index, inrelease_sha256=""), witnessed=False)
+
+
 def lock_differences(old: Lock, new: Lock) -> list[str]:
-    """What changed between two locks (ignoring when they were made)."""
+    """What changed between two locks (ignoring when they were made and the signed indexes that listed a pin)."""
+    old, new = without_witnesses(old), without_witnesses(new)
     out = []
     for name in ("suite", "codename", "arch", "netboot", "kernel_abi", "udeb_index", "boot"):
         if getattr(old, name) != getattr(new, name):

@@ -22,13 +22,13 @@ from types import TracebackType
 
 from . import preflight, services
 from .archive.cache import cache_base
-from .config import ImageConfig
+from .config import ImageConfig, format_duration
 from .context import BuildContext, BuildOptions, OnError
 from .diagnostics import Diagnostics, bundle_path
 from .errors import BuilderError
 from .events import Emitter, Event
 from .gateway.signing import sweep_stale_homes
-from .installcache import InstalledDiskCache
+from .installcache import InstalledDiskCache, bases_in_use
 from .run import pid_alive
 from .stages import fetch, finalize, install, media, module, provision, publish
 from .stages import verify as verify_stage
@@ -44,17 +44,19 @@ PID_RE = re.compile(r"-pid(\d+)-")
 
 def build(cfg: ImageConfig, *, on_event: Callable[[Event], None] | Emitter | None = None, output: Path | None = None,
           force: bool = False, keep_workdir: bool = False, use_cache: bool = True,
-          on_error: OnError = "cleanup", verify: bool = True) -> BuildResult:
+          on_error: OnError = "cleanup", verify: bool = True, offline: bool = False) -> BuildResult:
     """Build the image described by ``cfg`` (its variants aside: :func:`build_variants`); return where it is.
     Raises BuilderError subclasses.
 
     ``on_error="abort"`` keeps the work directory (disks, logs) of a failed build and says how to boot its
     disk by hand; ``"cleanup"`` (the default) removes it. Either way a failure after a VM started leaves a
     diagnostics bundle beside the output directory, and the error names it. ``verify`` boots the finished
-    image under every firmware its disk promises and checks it before anything is published.
+    image under every firmware its disk promises and checks it before anything is published. ``offline`` never
+    contacts the mirrors: what the caches lack is named in one error before any VM starts.
     """
     emitter = on_event if isinstance(on_event, Emitter) else Emitter(on_event)
-    options = BuildOptions((output or cfg.output_dir).resolve(), force, keep_workdir, use_cache, on_error, verify)
+    options = BuildOptions((output or cfg.output_dir).resolve(), force, keep_workdir, use_cache, on_error, verify,
+                           offline)
     preflight.check(cfg, options)
     with ExitStack() as stack:
         ctx, _workdir, base, jobs, inputs = _base(cfg, options, emitter, stack, {"": cfg})
@@ -88,13 +90,13 @@ def default_parallel(cfg: ImageConfig) -> int:
 def build_variants(cfg: ImageConfig, *, names: list[str], on_event: Callable[[Event], None] | Emitter | None = None,
                    output: Path | None = None, force: bool = False, keep_workdir: bool = False,
                    use_cache: bool = True, on_error: OnError = "cleanup", verify: bool = True,
-                   parallel: int | None = None) -> VariantsResult:
+                   offline: bool = False, parallel: int | None = None) -> VariantsResult:
     """Build the variants ``names`` of ``cfg`` from one installed disk: fetch, media and install once, then
     provision, finalize, verify and publish per variant (``parallel`` at once), each into ``OUTPUT/NAME/``.
     A variant that fails leaves a diagnostics bundle and its error in the result; the others go on."""
     emitter = on_event if isinstance(on_event, Emitter) else Emitter(on_event)
     root = (output or cfg.output_dir).resolve()
-    options = BuildOptions(root, force, keep_workdir, use_cache, on_error, verify)
+    options = BuildOptions(root, force, keep_workdir, use_cache, on_error, verify, offline)
     variants = {n: cfg.variant(n) for n in names}
     for n, vcfg in variants.items():
         preflight.check(vcfg, replace(options, output=root / n))
@@ -264,10 +266,12 @@ def live_builds(base: Path | None = None) -> list[Path]:
     return [d for d in base.glob("*-pid*-*") if d.is_dir() and _owner_alive(d)] if base.is_dir() else []
 
 
-def clean(*, all_downloads: bool = False, image: str | None = None) -> list[str]:
+def clean(*, all_downloads: bool = False, image: str | None = None, older_than: int | None = None) -> list[str]:
     """Remove work directories and cached installed disks (and with ``all_downloads`` the content cache and the
-    host-built modules), but nothing a live build uses; with ``image`` only that image's. Returns what was done,
-    one line each."""
+    host-built modules), but nothing a live build uses; with ``image`` only that image's. With ``older_than``
+    (seconds) only the installed disks made longer ago than that. Returns what was done, one line each."""
+    if older_than is not None:
+        return expire_bases(older_than, image=image)
     base = cache_base()
     live = live_builds(base / "work")
     if image is not None:
@@ -305,3 +309,24 @@ def clean(*, all_downloads: bool = False, image: str | None = None) -> list[str]
                     shutil.rmtree(base / sub, ignore_errors=True)
                     lines.append(f"removed {base / sub}")
     return lines or ["nothing to clean"]
+
+
+def expire_bases(older_than: int, *, image: str | None = None) -> list[str]:
+    """Remove the cached installed disks made more than ``older_than`` seconds ago that no live build uses."""
+    root = cache_base() / "installed"
+    in_use = bases_in_use(cache_base() / "work")
+    lines = []
+    for d in sorted(root.iterdir()) if root.is_dir() else ():
+        if image is not None and InstalledDiskCache.image_of(d) != image:
+            continue
+        disk = InstalledDiskCache.read(d)
+        age = disk.age() if disk is not None else float("inf")
+        if age <= older_than:
+            continue
+        shown = "unreadable" if disk is None else f"{format_duration(age)} old"
+        if d in in_use:
+            lines.append(f"skipped {d} ({shown}: the base disk of a running build)")
+        else:
+            shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink(missing_ok=True)
+            lines.append(f"removed {d} ({shown})")
+    return lines or [f"no installed disk older than {format_duration(older_than)}"]

@@ -21,22 +21,42 @@ from .vm.accel import pick_accel
 UDEB_SUITE = "builder-installer"
 
 
+def sign(files: dict[str, bytes], key: EphemeralKey, where: str) -> dict[str, bytes]:
+    """A generated suite's files with ``Release.gpg`` and ``InRelease`` added, keyed by gateway path
+    (``where``: e.g. ``debian/dists/<suite>``)."""
+    files = dict(files)
+    files["Release.gpg"] = key.detach_sign(files["Release"])
+    files["InRelease"] = key.clearsign(files["Release"])
+    return {f"{where}/{k}": v for k, v in files.items()}
+
+
 def signed_suite(inputs: InstallerInputs, key: EphemeralKey) -> dict[str, bytes]:
     """The generated installer suite, signed, keyed by gateway path."""
     files = udeb_suite.suite_files(inputs.udeb_packages, suite=UDEB_SUITE, codename=UDEB_SUITE)
-    files["Release.gpg"] = key.detach_sign(files["Release"])
-    files["InRelease"] = key.clearsign(files["Release"])
-    return {f"debian/dists/{UDEB_SUITE}/{k}": v for k, v in files.items()}
+    return sign(files, key, f"debian/dists/{UDEB_SUITE}")
+
+
+def signed_target_views(inputs: InstallerInputs, key: EphemeralKey) -> dict[str, bytes]:
+    """With a package lock: the target's suites (only the locked packages), signed, keyed by gateway path."""
+    out: dict[str, bytes] = {}
+    for view in inputs.target.views if inputs.target else ():
+        out.update(sign(view.files, key, f"{view.prefix}/dists/{view.suite}"))
+    return out
 
 
 def gateway_for(ctx: BuildContext, inputs: InstallerInputs, key: EphemeralKey) -> Gateway:
-    """The archive gateway of this build (not started)."""
+    """The archive gateway of this build (not started). With a package lock it serves the target only the
+    locked packages; offline it never contacts the mirrors."""
     cfg = ctx.config
+    pins = dict(inputs.udeb_pins)
+    if inputs.target is not None:
+        pins.update(inputs.target.pins)
     return Gateway(
         upstreams={"debian": cfg.debian.mirror, "debian-security": cfg.debian.security_mirror},
         cache=ctx.cache, keyring=cfg.debian.keyring,
         fingerprints={"debian": cfg.debian.trusted_fingerprints, "debian-security": cfg.debian.security_fingerprints},
-        generated=signed_suite(inputs, key), pins=inputs.udeb_pins,
+        generated={**signed_suite(inputs, key), **signed_target_views(inputs, key)}, pins=pins,
+        pinned_pool_only=inputs.target is not None, offline=ctx.options.offline,
     )
 
 
@@ -53,4 +73,5 @@ def start(ctx: BuildContext, inputs: InstallerInputs) -> BuildContext:
     accel = pick_accel(vm.accel, inputs.kernel, emitter,
                        libvirt_uri=vm.libvirt_host(ctx.name) if vm.backend == "libvirt" else None)
     ctx.manifest["accel"] = accel
-    return ctx.with_(services=Services(gateway, key, syslog, tracker), accel=accel)
+    plock = inputs.target.lock if inputs.target is not None else None
+    return ctx.with_(services=Services(gateway, key, syslog, tracker, plock), accel=accel)

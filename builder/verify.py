@@ -24,6 +24,7 @@ from . import image
 from .config import ImageConfig, seed_packages
 from .errors import BuilderError, VerifyError
 from .events import Emitter
+from .gateway.target import KEY_FILE
 from .ssh import KeyPair, generate_keypair, run_command, wait_for_ssh
 from .vm import guestnet, open_machine
 from .vm.accel import pick_accel
@@ -141,6 +142,7 @@ def checks_for(cfg: ImageConfig) -> list[tuple[str, str, str]]:
         ("NetworkManager", "systemctl is-active NetworkManager", "active"),
         ("no build user", f"! getent passwd {shlex.quote(cfg.installer.build_user)}", "removed"),
         ("apt sources", f"! grep -rsF {build_hosts} /etc/apt/", "no build gateway left"),
+        ("no build apt key", f"test ! -e {KEY_FILE}", "apt trusts no key of the build (the package lock's view)"),
         ("machine-id fresh", "test -s /etc/machine-id", "generated at first boot"),
         ("no failed unit", "s=$(systemctl is-system-running --wait); echo \"$s\"; "
          "systemctl --failed --no-legend --plain | awk '{print $1}'; [ \"$s\" = running ]",

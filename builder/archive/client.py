@@ -4,6 +4,11 @@ Trust chain: ``dists/<suite>/InRelease`` is verified with gpgv against the archi
 primary fingerprints; indexes are checked against the SHA256 entries of that verified text (and fetched
 by-hash when the Release offers it); pool files against the SHA256 of their index stanza. Verified blobs
 live in a :class:`ContentCache`, so a second run fetches nothing but InRelease.
+
+Every verified InRelease is kept in the cache too (its bytes by sha256, and which one a URL served last).
+``offline=True`` never contacts the mirror: InRelease comes from the cache and is verified with gpgv from those
+bytes (an expired one is accepted with a warning: what it vouches for is pinned), indexes and pool files come
+from the cache, and anything absent is an :class:`~builder.errors.OfflineError` naming it.
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import FetchError, VerificationError
-from .cache import ContentCache
+from ..errors import FetchError, OfflineError, VerificationError
+from .cache import ContentCache, PathMap
 from .http import FetchStats, HttpClient, Limits, NotFound, TooLarge
 from .packages import parse_packages
 from .release import FileEntry, Release, parse_release
@@ -83,8 +88,10 @@ class Archive:
         backoff: float = 0.3,
         fallback_suites: Iterable[str] = (),
         limits: Limits | None = None,
+        offline: bool = False,
     ) -> None:
         self.mirror = mirror.rstrip("/")
+        self.offline = offline
         self.suite = suite
         self.keyring = Path(keyring)
         self.fingerprints = tuple(fingerprints)
@@ -95,6 +102,7 @@ class Archive:
         self._lock = threading.RLock()
         self._release: Release | None = None
         self._inrelease_raw: bytes | None = None
+        self._inreleases = PathMap(cache.root.parent / "archive" / "inrelease")  # URL -> sha256 of the last one
         self.fallback_suites = tuple(fallback_suites)
         self._fallbacks: dict[str, Archive] = {}
         self._index_memo: dict[str, VerifiedIndex] = {}
@@ -116,7 +124,7 @@ class Archive:
             path = f"dists/{self.suite}/InRelease"
             url = self.url(path)
             started = time.monotonic()
-            raw = self.get_url(path)
+            raw = self._cached_inrelease(url) if self.offline else self.get_url(path)
             text = verify_inrelease(raw, self.keyring, self.fingerprints, name=url)
             rel = parse_release(text)
             if not rel.matches_suite(self.suite):
@@ -124,11 +132,19 @@ class Archive:
                     f"{url} is signed but describes suite {rel.suite!r} / codename {rel.codename!r}, "
                     f"not {self.suite!r}; refusing it (mirror misconfigured or replaying another suite)"
                 )
-            if rel.is_expired():
+            if rel.is_expired() and self.offline:
+                log.warning("offline: the cached %s expired on %s; using it for what the lock pins", url,
+                            rel.valid_until)
+            elif rel.is_expired():
                 raise VerificationError(
                     f"{url} expired on {rel.valid_until}; the mirror is stale",
                     hint="use an up-to-date mirror (debian.mirror)",
                 )
+            if not self.offline:
+                sha = hashlib.sha256(raw).hexdigest()
+                self.cache.put(raw, sha)
+                self._inreleases.put(url, sha)
+                self._inreleases.put(self._suite_key, sha)
             log.info(
                 "verified %s: %s %s (%s), %d files, %.2f s",
                 url,
@@ -141,6 +157,24 @@ class Archive:
             self._inrelease_raw = raw
             self._release = rel
             return rel
+
+    @property
+    def _suite_key(self) -> str:
+        return f"suite:{self.suite}:{','.join(sorted(self.fingerprints))}"
+
+    def _cached_inrelease(self, url: str) -> bytes:
+        """The InRelease this URL served last; else the last one of this suite and signers from any mirror (it is
+        verified with gpgv all the same, and offline the mirror is not there to tell them apart)."""
+        for key in (url, self._suite_key):
+            sha = self._inreleases.get(key)
+            raw = self.cache.read(sha) if sha else None
+            if raw is not None:
+                return raw
+        raise OfflineError(f"offline: {url} is not in the cache", missing=[url])
+
+    @property
+    def inrelease_sha256(self) -> str:
+        return hashlib.sha256(self.inrelease_raw).hexdigest()
 
     @property
     def inrelease_raw(self) -> bytes:
@@ -185,6 +219,9 @@ class Archive:
             raise self._not_listed(rel, path)
         failures: list[str] = []
         found = self._try_variants(path, rel, variants, failures)
+        if found is None and self.offline:
+            raise OfflineError(f"offline: {path} of dists/{self.suite} ({rel.date}) is not in the cache",
+                               missing=[f"dists/{self.suite}/{variants[0][0].path}"])
         if found is None:
             found = self._try_fallbacks(path, rel, failures)
         if found is None:
@@ -208,6 +245,8 @@ class Archive:
                 self.stats.add(cache_hits=1)
                 log.debug("%s: cache hit (%s)", entry.path, entry.sha256[:12])
                 return VerifiedIndex(path, entry, rel, self.suite, blob, dec)
+        if self.offline:
+            return None
         for entry, dec in variants:
             urls = [f"dists/{self.suite}/{entry.path}"]
             if rel.acquire_by_hash:
@@ -264,7 +303,7 @@ class Archive:
             if alt is None:
                 alt = Archive(
                     self.mirror, suite, keyring=self.keyring, fingerprints=self.fingerprints, cache=self.cache,
-                    stats=self.stats, on_progress=self.on_progress,
+                    stats=self.stats, on_progress=self.on_progress, offline=self.offline,
                 )  # fmt: skip
                 alt.http = self.http
                 self._fallbacks[suite] = alt
@@ -326,6 +365,8 @@ class Archive:
 
     def _download(self, filename: str, sha256: str, size: int) -> Path:
         url = self.url(filename)
+        if self.offline:
+            raise OfflineError(f"offline: {filename} (sha256 {sha256[:16]}…) is not in the cache", missing=[filename])
         name = posixpath.basename(filename)
         with self.cache.staging(prefix=f"{name[:40]}-") as (tmp, f):
             h = hashlib.sha256()
@@ -378,11 +419,17 @@ class Archive:
 
     def exists(self, filename: str) -> bool:
         """Whether the mirror serves ``filename`` (HEAD: 200 → True, 404 → False, else FetchError)."""
+        self._online(filename)
         return self.http.head(self.url(filename))
+
+    def _online(self, what: str) -> None:
+        if self.offline:
+            raise OfflineError(f"offline: would have to ask the mirror for {what}", missing=[what])
 
     def fetch_unpinned(self, filename: str) -> Path:
         """A pool file no signed index lists, streamed to disk (within ``limits.max_file_size``) and stored in
         the cache under the sha256 it has now: the caller pins that hash. Unverified: use it only to pin."""
+        self._online(filename)
         url = self.url(filename)
         name = posixpath.basename(filename)
         with self.cache.staging(prefix=f"{name[:40]}-") as (tmp, f):
@@ -409,6 +456,7 @@ class Archive:
         """Raw GET of ``<mirror>/<url_path>`` (unverified: the caller verifies). Counted in stats.
 
         ``max_size``: the known size (a larger body is a :class:`~.http.TooLarge` error); else the index cap."""
+        self._online(url_path)
         name = label or posixpath.basename(url_path)
         cb = None
         if self.on_progress is not None:

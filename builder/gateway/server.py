@@ -8,9 +8,10 @@ prefix (``/debian`` → the Debian mirror, ``/debian-security`` → the security
   and kept for offline rebuilds); an ``InRelease`` that verifies against the archive keyring is remembered,
   and every index it lists is then served by its SHA256 (by-hash upstream, checked, content-cached) — so a
   stale plain path on the mirror cannot reach the installer;
-* ``pool/…`` files with a known hash (udebs of the installer suite, lock pins) are served from the content
-  cache, fetched and checked on first use; other pool files are fetched once, stored by their SHA256 and
-  served from the cache afterwards (apt in the target verifies them against the signed indexes).
+* ``pool/…`` files with a known hash (udebs of the installer suite, lock pins, the package lock's files) are
+  served from the content cache, fetched and checked on first use; other pool files are fetched once, stored by
+  their SHA256 and served from the cache afterwards (apt in the target verifies them against the signed
+  indexes) — unless ``pinned_pool_only`` (a package lock is in force): then they are a 404.
 
 Request paths are decoded once and normalised before anything else: a path with control characters, spaces,
 backslashes or non-ASCII (raw or percent-encoded) is a 400; one with a ``.`` or ``..`` segment (however it is
@@ -94,6 +95,7 @@ class GatewayStats:
 class Pin:
     sha256: str
     size: int
+    source: str = ""  # "<prefix>/<path>" to fetch it from when that is not the request path (else "")
 
 
 class Gateway:
@@ -117,7 +119,9 @@ class Gateway:
         retries: int = 3,
         backoff: float = 0.3,
         limits: Limits | None = None,
+        pinned_pool_only: bool = False,
     ) -> None:
+        self.pinned_pool_only = pinned_pool_only  # a package lock is in force: no other pool file is served
         self.upstreams = {k.strip("/"): v.rstrip("/") for k, v in upstreams.items()}
         self.cache = cache
         self.keyring = keyring
@@ -223,7 +227,8 @@ class Gateway:
             return self.generated[path]
         if key in self.pins or path in self.pins:
             pin = self.pins.get(key) or self.pins[path]
-            return self._blob(prefix, path, pin.sha256, pin.size)
+            src_prefix, _, src_path = pin.source.partition("/") if pin.source else (prefix, "/", path)
+            return self._blob(src_prefix, src_path, pin.sha256, pin.size)
         parts = path.split("/")
         if len(parts) >= 3 and parts[0] == "dists":
             suite, sub = parts[1], "/".join(parts[2:])
@@ -242,6 +247,9 @@ class Gateway:
                     return self._blob(prefix, path, sha, ent2.size)
             return self._passthrough(prefix, path)
         if parts[0] == "pool":
+            if self.pinned_pool_only:
+                log.info("gateway: 404 %s: not pinned by the package lock", key)
+                return None
             return self._pool(prefix, path)
         return None
 

@@ -1,5 +1,6 @@
 """The archive gateway on its own (``python -m builder gateway IMAGE.yaml``): the verified, caching gateway a build
-starts, with the same installer suite signed by a fresh ephemeral key, served until stopped.
+starts, with the same installer suite signed by a fresh ephemeral key (and with a package lock, the same view of
+the archive restricted to it), served until stopped.
 
 It listens on 127.0.0.1 unless told otherwise. It has no authentication, so any other address needs
 ``allow_remote`` (``--allow-remote``) and is reported as a warning.
@@ -18,7 +19,7 @@ from ..archive.http import FetchStats
 from ..config import ImageConfig
 from ..errors import ConfigError
 from ..events import Emitter
-from ..services import UDEB_SUITE
+from ..services import UDEB_SUITE, signed_target_views
 from ..services import signed_suite as build_suite
 from ..stages.fetch import InstallerInputs, fetch_inputs
 from .server import Gateway, GatewayStats
@@ -109,7 +110,7 @@ def serve(
     cache = cache if cache is not None else ContentCache()
     if inputs is None:
         with emitter.stage("fetch"):
-            inputs = fetch_inputs(cfg, cache, FetchStats(), emitter)
+            inputs = fetch_inputs(cfg, cache, FetchStats(), emitter, packages=True)
     stop = stop if stop is not None else threading.Event()
     with ExitStack() as stack:
         key = stack.enter_context(EphemeralKey(f"builder {cfg.name} installer suite"))
@@ -118,7 +119,9 @@ def serve(
             cache=cache, keyring=cfg.debian.keyring,
             fingerprints={"debian": cfg.debian.trusted_fingerprints,
                           "debian-security": cfg.debian.security_fingerprints},
-            generated=signed_suite(inputs, key), pins=inputs.udeb_pins, bind=host, port=listen[1],
+            generated={**signed_suite(inputs, key), **signed_target_views(inputs, key)},
+            pins={**inputs.udeb_pins, **(inputs.target.pins if inputs.target else {})},
+            pinned_pool_only=inputs.target is not None, bind=host, port=listen[1],
         ))
         urls = gateway_urls(gw, host)
         emitter.info(f"gateway ready: {', '.join(urls)}; installer suite {UDEB_SUITE} signed by {key.fingerprint} "

@@ -65,6 +65,20 @@ def rewrite_index(
     return ("\n\n".join(out) + "\n").encode("utf-8")
 
 
+def index_variants(path: str, data: bytes) -> dict[str, bytes]:
+    """An index (``…/Packages``) with its .gz and .xz variants, as a suite serves them."""
+    return {path: data, f"{path}.gz": gzip.compress(data, 9, mtime=0), f"{path}.xz": lzma.compress(data, preset=6)}
+
+
+def release_file(fields: Iterable[tuple[str, str]], files: Mapping[str, bytes]) -> bytes:
+    """A ``Release``: the header ``fields`` in order, then the SHA256 of every file (paths under dists/<suite>/)."""
+    lines = [f"{k}: {v}" for k, v in fields]
+    lines.append("SHA256:")
+    for path, data in files.items():
+        lines.append(f" {hashlib.sha256(data).hexdigest()} {len(data):>16} {path}")
+    return ("\n".join(lines) + "\n").encode()
+
+
 def suite_files(
     packages: bytes,
     *,
@@ -75,24 +89,9 @@ def suite_files(
     description: str = "builder-generated installer suite",
 ) -> dict[str, bytes]:
     """Files of the generated suite, keyed by path under ``dists/<suite>/`` (Release last, unsigned)."""
-    d = INDEX_DIR.format(arch=arch)
-    files = {
-        f"{d}/Packages": packages,
-        f"{d}/Packages.gz": gzip.compress(packages, 9, mtime=0),
-        f"{d}/Packages.xz": lzma.compress(packages, preset=6),
-    }
-    lines = [
-        "Origin: builder",
-        "Label: builder installer suite",
-        f"Suite: {suite}",
-        f"Codename: {codename}",
-        f"Date: {formatdate(date, usegmt=True)}",
-        f"Architectures: {arch}",
-        "Components: main",
-        f"Description: {description}",
-        "SHA256:",
-    ]
-    for path, data in files.items():
-        lines.append(f" {hashlib.sha256(data).hexdigest()} {len(data):>16} {path}")
-    files["Release"] = ("\n".join(lines) + "\n").encode()
+    files = index_variants(f"{INDEX_DIR.format(arch=arch)}/Packages", packages)
+    files["Release"] = release_file([
+        ("Origin", "builder"), ("Label", "builder installer suite"), ("Suite", suite), ("Codename", codename),
+        ("Date", formatdate(date, usegmt=True)), ("Architectures", arch), ("Components", "main"),
+        ("Description", description)], files)
     return files

@@ -15,18 +15,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .. import witness
 from ..archive.cache import ContentCache, atomic_write
 from ..archive.client import Archive
 from ..archive.deb import deb_extract
 from ..archive.http import FetchStats
 from ..archive.packages import parse_packages
 from ..config import ImageConfig
-from ..errors import FetchError, LockError, VerificationError
+from ..errors import FetchError, LockError, OfflineError, VerificationError
 from ..events import Emitter
 from ..gateway import udeb as udeb_suite
 from ..gateway.server import Pin
 from ..installer import efi, netboot
 from ..lock import UDEB_INDEX, FilePin, Lock, UdebOverride, read_lock, resolve_lock
+from ..pkgfetch import TargetInputs, package_lock_in_force, target_inputs
+from ..pkglock import PackageLock
 
 if TYPE_CHECKING:
     from ..context import BuildContext
@@ -52,6 +55,8 @@ class InstallerInputs:
     inrelease: bytes               # the suite's InRelease as served (verified)
     udebs_verified: int = 0        # how many of udeb_pins were fetched and checked now (the rest: when served)
     efi: tuple[bytes, bytes] | None = None  # signed shim and CD GRUB (None: a lock made before UEFI support)
+    target: TargetInputs | None = None  # the package lock in force and the target's view (None: no lock)
+    security_release: str = ""  # the Date of the security suite's Release the target gets ("" not known)
 
     @property
     def kernel_abi(self) -> str:
@@ -59,13 +64,14 @@ class InstallerInputs:
 
 
 def make_archive(cfg: ImageConfig, cache: ContentCache, stats: FetchStats, emitter: Emitter | None = None,
-                 suite: str | None = None) -> Archive:
+                 suite: str | None = None, *, offline: bool = False) -> Archive:
     def progress(label: str, done: int, total: int | None) -> None:
         if emitter is not None:
             emitter.progress(label, done, total, unit="bytes")
 
     return Archive(cfg.debian.mirror, suite or cfg.debian.suite, keyring=cfg.debian.keyring,
-                   fingerprints=cfg.debian.trusted_fingerprints, cache=cache, stats=stats, on_progress=progress)
+                   fingerprints=cfg.debian.trusted_fingerprints, cache=cache, stats=stats, on_progress=progress,
+                   offline=offline)
 
 
 def load_or_resolve_lock(cfg: ImageConfig, main: Archive, emitter: Emitter) -> Lock:
@@ -76,6 +82,9 @@ def load_or_resolve_lock(cfg: ImageConfig, main: Archive, emitter: Emitter) -> L
                             f"{cfg.debian.suite}/{cfg.debian.arch}", hint="run: python -m builder lock IMAGE.yaml")
         emitter.info(f"using lock {cfg.lock_path.name} (netboot {lock.netboot.version}, kernel {lock.kernel_abi})")
         return lock
+    if main.offline:
+        raise LockError(f"offline, and there is no lock file {cfg.lock_path.name}: the installer cannot be resolved "
+                        "without the mirror", hint="online, run: python -m builder lock IMAGE.yaml")
     emitter.warning(f"no lock file {cfg.lock_path.name}: resolving the installer from the live archive "
                     "(run `python -m builder lock` to pin it)")
     return resolve_lock(cfg, main, report=emitter.info)
@@ -116,10 +125,16 @@ def udeb_index(cfg: ImageConfig, lock: Lock, cache: ContentCache, main: Archive)
         raise LockError(f"the lock's udeb_index.size is {pin.size}, but {pin.path} with its sha256 {pin.sha256} "
                         f"has {actual} bytes", hint="run: python -m builder lock IMAGE.yaml")
     blob = cache.read(pin.sha256, pin.size)
+    if blob is None and pin.inrelease_sha256:  # the copy kept with the lock (witness.verify_lock checks its InRelease)
+        stored = witness.lock_dir(cfg.lock_path) / f"{pin.sha256}.{pin.path.rsplit('/', 1)[-1]}"
+        data = stored.read_bytes() if stored.is_file() else b""
+        if hashlib.sha256(data).hexdigest() == pin.sha256 and len(data) == pin.size:
+            blob = data
+            cache.put(data, pin.sha256)
     if blob is None:
         alias = main if pin.release_suite == main.suite else Archive(
             main.mirror, pin.release_suite, keyring=main.keyring, fingerprints=main.fingerprints, cache=cache,
-            stats=main.stats, on_progress=main.on_progress)
+            stats=main.stats, on_progress=main.on_progress, offline=main.offline)
         rel = alias.release()
         ent = rel.files.get(pin.path)
         if ent is None or ent.sha256 != pin.sha256 or ent.size != pin.size:
@@ -140,11 +155,24 @@ def udeb_index(cfg: ImageConfig, lock: Lock, cache: ContentCache, main: Archive)
 
 
 def fetch_inputs(cfg: ImageConfig, cache: ContentCache, stats: FetchStats, emitter: Emitter, *,
-                 all_udebs: bool = False) -> InstallerInputs:
-    """Verify and cache everything the installer will read (``all_udebs``: every udeb of the suite too)."""
-    main = make_archive(cfg, cache, stats, emitter)
+                 all_udebs: bool = False, packages: bool = False, offline: bool = False) -> InstallerInputs:
+    """Verify and cache everything the installer will read (``all_udebs``: every udeb of the suite too;
+    ``packages``: every file of the package lock in force, and the target's view of the archive made from them).
+    ``offline``: nothing is fetched; everything missing from the cache is named in one OfflineError first."""
+    main = make_archive(cfg, cache, stats, emitter, offline=offline)
     lock = load_or_resolve_lock(cfg, main, emitter)  # a malformed lock fails here, before any download
+    plock = package_lock_in_force(cfg, emitter) if packages else None
+    if offline:
+        missing = offline_missing(cfg, lock, plock, cache, all_udebs=all_udebs or packages)
+        missing += witness.offline_missing(cfg, lock, cache) if cfg.lock_path.is_file() else []
+        if missing:
+            raise OfflineError(f"offline: {len(missing)} inputs are not in the cache: " + "; ".join(missing[:6])
+                               + (f"; … ({len(missing) - 6} more)" if len(missing) > 6 else ""),
+                               missing=missing, log_tail=missing)
     main.release()
+    if cfg.lock_path.is_file():  # every pin checked against the signed index that listed it
+        for warning in witness.verify_lock(cfg, lock, cache, main):
+            emitter.warning(warning)
     kernel, initrd = _netboot_images(cfg, lock, main, cache)
     abi = netboot.kernel_release(kernel.read_bytes())
     if abi != lock.kernel_abi:
@@ -159,9 +187,9 @@ def fetch_inputs(cfg: ImageConfig, cache: ContentCache, stats: FetchStats, emitt
     index = udeb_index(cfg, lock, cache, main)
     verified = {o.filename for o in lock.overrides}
     fetch_overrides(main, lock)
-    packages = udeb_suite.rewrite_index(index, lock.override_fields(), [r.package for r in lock.removed])
+    udebs = udeb_suite.rewrite_index(index, lock.override_fields(), [r.package for r in lock.removed])
     pins = {}
-    for name, st in parse_packages(packages, source="installer suite").items():
+    for name, st in parse_packages(udebs, source="installer suite").items():
         pins[f"debian/{st['Filename']}"] = Pin(st["SHA256"], int(st["Size"]))
         mod_abi = netboot.abi_of_module_udeb(name)
         if all_udebs and (mod_abi is None or mod_abi == abi) and st["Filename"] not in verified:
@@ -172,8 +200,69 @@ def fetch_inputs(cfg: ImageConfig, cache: ContentCache, stats: FetchStats, emitt
                 emitter.warning(f"udeb {name} not fetched: {exc}")
     n_verified = sum(1 for p in pins if p.removeprefix("debian/") in verified)
     emitter.info(inputs_summary(lock, abi, len(pins), n_verified))
-    return InstallerInputs(lock, kernel, initrd, boot[ISOLINUX_BIN], boot[LDLINUX_C32], packages, pins,
-                           main.inrelease_raw, n_verified, efi_pair)
+    target = target_inputs(cfg, plock, cache, stats, emitter, offline=offline) if plock is not None else None
+    security = security_release(cfg, main, plock, offline=offline) if packages else ""
+    return InstallerInputs(lock, kernel, initrd, boot[ISOLINUX_BIN], boot[LDLINUX_C32], udebs, pins,
+                           main.inrelease_raw, n_verified, efi_pair, target, security)
+
+
+def security_release(cfg: ImageConfig, main: Archive, plock: PackageLock | None, *, offline: bool) -> str:
+    """The Date of the security Release the target's packages come from: the package lock's, else the live one."""
+    codename = main.release().codename
+    if plock is not None:
+        idx = plock.index("debian-security", f"{codename}-security")
+        return idx.date if idx else ""
+    sec = Archive(cfg.debian.security_mirror, f"{codename}-security", keyring=cfg.debian.keyring,
+                  fingerprints=cfg.debian.security_fingerprints, cache=main.cache, stats=main.stats, offline=offline)
+    try:
+        return sec.release().date
+    except (FetchError, VerificationError) as exc:
+        log.info("the security suite's Release is unknown: %s", exc)
+        return ""
+
+
+def suite_udebs(lock: Lock, index: bytes) -> dict[str, dict[str, str]]:
+    """The installer suite's udebs (the pinned index with the lock's decisions), by name."""
+    rewritten = udeb_suite.rewrite_index(index, lock.override_fields(), [r.package for r in lock.removed])
+    return parse_packages(rewritten, source="installer suite")
+
+
+def offline_missing(cfg: ImageConfig, lock: Lock, plock: PackageLock | None, cache: ContentCache, *,
+                    all_udebs: bool) -> list[str]:
+    """Every input an offline build needs that the cache does not hold, one line each (checked from the cache
+    alone: nothing is fetched)."""
+    out: list[str] = []
+    main = make_archive(cfg, cache, FetchStats(), offline=True)
+    try:
+        main.release()
+    except OfflineError as exc:
+        out += exc.missing
+    extracted = cache.root.parent / "extracted" / f"{lock.netboot.sha256}.json"
+    try:
+        known = json.loads(extracted.read_text())
+        have_netboot = cache.get(known["kernel"]) is not None and cache.get(known["initrd"]) is not None
+    except (OSError, ValueError, KeyError, TypeError):
+        have_netboot = False
+    pins: list[FilePin | UdebOverride] = [] if have_netboot else [lock.netboot]
+    pins += [*lock.boot, *lock.overrides]
+    out += [f"{p.package} {p.version} ({p.filename})" for p in pins if cache.get(p.sha256, p.size) is None]
+    ui = lock.udeb_index
+    kept = witness.lock_dir(cfg.lock_path) / f"{ui.sha256}.{ui.path.rsplit('/', 1)[-1]}"
+    index = cache.read(ui.sha256, ui.size) or (kept.read_bytes() if ui.inrelease_sha256 and kept.is_file() else None)
+    if index is None:
+        out.append(f"the udeb index {lock.udeb_index.path} of dists/{lock.udeb_index.release_suite} "
+                   f"(sha256 {lock.udeb_index.sha256[:16]}…)")
+    elif all_udebs:
+        data = lzma.decompress(index) if lock.udeb_index.path.endswith(".xz") else (
+            gzip.decompress(index) if lock.udeb_index.path.endswith(".gz") else index)
+        for name, st in suite_udebs(lock, data).items():
+            mod_abi = netboot.abi_of_module_udeb(name)
+            if (mod_abi is None or mod_abi == lock.kernel_abi) and cache.get(st["SHA256"], int(st["Size"])) is None:
+                out.append(f"udeb {name} {st['Version']} ({st['Filename']})")
+    if plock is not None:
+        out += [f"{p.name} {p.version} ({p.filename})" for p in plock.packages
+                if cache.get(p.sha256, p.size) is None]
+    return out
 
 
 def _netboot_images(cfg: ImageConfig, lock: Lock, main: Archive, cache: ContentCache) -> tuple[Path, Path]:
@@ -203,7 +292,19 @@ __all__ = ["UDEB_INDEX", "InstallerInputs", "fetch_inputs"]
 
 def run(ctx: BuildContext) -> InstallerInputs:
     """The stage: the verified installer inputs of ``ctx.config`` (from the cache when it has them)."""
-    inputs = fetch_inputs(ctx.config, ctx.cache, ctx.stats, ctx.emitter)
+    cfg = ctx.config
+    if ctx.options.offline and package_lock_in_force(cfg) is None:
+        raise LockError("an offline build needs a package lock: without one, what the target installs is not known "
+                        f"in advance, and the mirror is not there to ask ({cfg.package_lock_path.name})",
+                        hint="online, run: python -m builder lock IMAGE.yaml, then: python -m builder fetch "
+                             "IMAGE.yaml --all")
+    inputs = fetch_inputs(cfg, ctx.cache, ctx.stats, ctx.emitter, packages=True, offline=ctx.options.offline)
+    if inputs.target is not None:
+        t = inputs.target.lock
+        ctx.manifest["package_lock"] = {"file": ctx.config.package_lock_path.name, "method": t.method,
+                                        "created": t.created, "packages": len(t.packages), "digest": t.digest(),
+                                        "indexes": {f"{i.archive}/{i.suite}": i.date for i in t.indexes}}
+    ctx.manifest["offline"] = ctx.options.offline
     ctx.manifest["installer"] = {
         "netboot": inputs.lock.netboot.version, "netboot_sha256": inputs.lock.netboot.sha256,
         "kernel_abi": inputs.lock.kernel_abi, "udeb_index_sha256": inputs.lock.udeb_index.sha256,

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from .. import image
+from ..config import format_duration
 from ..context import BuildContext
 from ..errors import InstallError
 from ..events import Emitter
-from ..installcache import DirectBoot
+from ..installcache import DirectBoot, bases_in_use
 from ..installer.progress import InstallTracker, SyslogListener, console_question
 from ..ssh import KeyPair
 from ..vm import Machine
@@ -125,12 +126,21 @@ def run_install(spec: VmSpec, vm: Machine, *, tracker: InstallTracker, listener:
 def run(ctx: BuildContext, media: Media, inputs: InstallerInputs) -> InstalledBase:
     """The stage: the cached installed disk for ``media.install_key``, or a fresh install (then cached)."""
     cfg, emitter = ctx.config, ctx.emitter
-    cached = ctx.disks.lookup(media.install_key) if ctx.options.use_cache else None
+    max_age = cfg.installer.max_base_age
+    cached = ctx.disks.lookup(media.install_key, max_age=max_age) if ctx.options.use_cache else None
     if cached is not None:
-        emitter.info(f"reusing the installed disk from {cached.created} (key {media.install_key}), unchanged")
-        facts = {"cached": True, "created": cached.created, "key": media.install_key}
-        ctx.manifest["install"] = facts
-        return InstalledBase(cached.disk, cached.client_key, cached.host_key, True, facts, cached.direct_boot)
+        (ctx.workdir / "BASE").write_text(f"{cached.disk}\n")  # from now on no `clean` or prune removes it
+        age = cached.age()
+        emitter.info(f"reusing the installed disk from {cached.created} ({format_duration(age)} old; "
+                     f"installer.max_base_age {format_duration(max_age)}), key {media.install_key}, unchanged")
+        reused = {"cached": True, "created": cached.created, "age_seconds": round(age), "age": format_duration(age),
+                  "security_release": cached.security_release, "key": media.install_key}
+        ctx.manifest["install"] = reused
+        return InstalledBase(cached.disk, cached.client_key, cached.host_key, True, reused, cached.direct_boot)
+    stale = ctx.disks.stale(media.install_key, max_age=max_age) if ctx.options.use_cache else None
+    if stale is not None:
+        emitter.info(f"the cached installed disk from {stale.created} is {format_duration(stale.age())} old (more "
+                     f"than installer.max_base_age {format_duration(max_age)}): installing afresh")
     assert ctx.services is not None
     # no ISO yet when the media stage found the disk cached and it went away since (``clean``, another build)
     iso = media.iso or make_iso(cfg, inputs, media, ctx.services.signing_key, ctx.workdir / "installer.iso")
@@ -143,8 +153,17 @@ def run(ctx: BuildContext, media: Media, inputs: InstallerInputs) -> InstalledBa
     with ctx.machine(spec) as vm:
         res = run_install(spec, vm, tracker=services.tracker, listener=services.syslog, emitter=emitter,
                           timeout=cfg.installer.timeout, stall_timeout=cfg.installer.stall_timeout)
-    facts = {"cached": False, "key": media.install_key, "seconds": round(res.seconds, 1), "udebs": res.udebs,
-             "packages": res.packages, "milestones": list(res.milestones), "gateway": services.gateway.stats.as_dict()}
+    facts: dict[str, Any] = {
+        "cached": False, "key": media.install_key, "age_seconds": 0, "age": format_duration(0),
+        "security_release": inputs.security_release, "seconds": round(res.seconds, 1), "udebs": res.udebs,
+        "packages": res.packages, "milestones": list(res.milestones), "gateway": services.gateway.stats.as_dict()}
+    if stale is not None:
+        facts["replaced_stale_base"] = {"created": stale.created, "age": format_duration(stale.age())}
     ctx.manifest["install"] = facts
-    base = ctx.disks.store(media.install_key, disk, media.client_key, media.host_key, image=cfg.name)
+    plock = inputs.target.lock.digest() if inputs.target is not None else ""
+    base = ctx.disks.store(media.install_key, disk, media.client_key, media.host_key, image=cfg.name,
+                           security_release=inputs.security_release, package_lock=plock)
+    (ctx.workdir / "BASE").write_text(f"{base}\n")
+    for gone in ctx.disks.prune(media.install_key, max_age=max_age, in_use=bases_in_use()):
+        emitter.info(f"removed the stale installed disk {gone} (no running build uses it)")
     return InstalledBase(base, media.client_key, media.host_key, False, facts)

@@ -8,6 +8,7 @@ netboot initrd), and the installed-disk cache key computed from exactly what the
 from __future__ import annotations
 
 import os
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,11 +18,13 @@ from ..context import BuildContext
 from ..errors import LockError
 from ..events import Emitter
 from ..gateway.signing import EphemeralKey, combined_keyring
+from ..gateway.target import KEY_FILE
 from ..installcache import install_key
-from ..installer.cpio import append_to_initrd
+from ..installer.cpio import DirSpec, FileSpec, append_to_initrd
 from ..installer.iso import build_iso
 from ..installer.preseed import PreseedContext, check_preseed_syntax, installer_cmdline, render_preseed
 from ..lock import Lock
+from ..pkglock import PackageLock
 from ..services import UDEB_SUITE
 from ..ssh import KeyPair, generate_keypair
 from ..vm import guestnet
@@ -50,15 +53,33 @@ def preseed_context(cfg: ImageConfig, client: KeyPair, host: KeyPair) -> Preseed
     )
 
 
-def disk_key(cfg: ImageConfig, lock: Lock, preseed: str, client: KeyPair, host: KeyPair) -> str:
+def disk_key(cfg: ImageConfig, lock: Lock, preseed: str, client: KeyPair, host: KeyPair, *,
+             package_lock: PackageLock | None = None) -> str:
     """The installed-disk cache key: the rendered preseed and command line (keys and syslog port masked), the
-    lock, and the settings that shape the disk outside the preseed."""
+    lock, the package lock in force (what it pins), and the settings that shape the disk outside the preseed."""
     cmdline = installer_cmdline(cfg, log_port=1, extra=INSTALLER_EXTRA_ARGS)
+    settings: dict[str, object] = {"disk_size": cfg.disk.size, "firmware": cfg.build_firmware,
+                                   "machine": INSTALL_MACHINE}
+    if package_lock is not None:
+        settings["package_lock"] = package_lock.digest()
     return install_key(preseed=preseed, cmdline=cmdline, lock=lock,
                        secrets=(client.private_openssh, client.public_openssh, host.private_openssh,
                                 host.public_openssh),
-                       settings={"disk_size": cfg.disk.size, "firmware": cfg.build_firmware,
-                                 "machine": INSTALL_MACHINE})
+                       settings=settings)
+
+
+# With a package lock the target's suites are signed by the build's key: debian-installer runs the scripts in
+# /usr/lib/base-installer.d after debootstrap and before it points apt at the mirror, and this one makes apt in
+# /target trust that key (roles/finalize removes it from the image).
+KEY_IN_INITRD = "usr/share/keyrings/builder-build.gpg"
+TRUST_HOOK = "usr/lib/base-installer.d/05builder-build-key"
+TRUST_HOOK_SCRIPT = f"""#!/bin/sh
+# builder: apt in /target trusts the build's key, which signs the package lock's view of the archive
+set -e
+mkdir -p /target{posixpath.dirname(KEY_FILE)}
+cp /{KEY_IN_INITRD} /target{KEY_FILE}
+chmod 0644 /target{KEY_FILE}
+"""
 
 
 def render(cfg: ImageConfig, inputs: InstallerInputs, *, log_port: int) -> Media:
@@ -68,7 +89,22 @@ def render(cfg: ImageConfig, inputs: InstallerInputs, *, log_port: int) -> Media
     preseed = render_preseed(preseed_context(cfg, client, host))
     check_preseed_syntax(preseed)
     cmdline = installer_cmdline(cfg, log_port=log_port, extra=INSTALLER_EXTRA_ARGS)
-    return Media(preseed, cmdline, disk_key(cfg, inputs.lock, preseed, client, host), client, host)
+    key = disk_key(cfg, inputs.lock, preseed, client, host,
+                   package_lock=inputs.target.lock if inputs.target is not None else None)
+    return Media(preseed, cmdline, key, client, host)
+
+
+def installer_initrd(cfg: ImageConfig, inputs: InstallerInputs, preseed: str, public_key: bytes) -> bytes:
+    """The netboot initrd with the preseed and the keyring that trusts the build's key appended (and with a package
+    lock, the key and the hook that make apt in /target trust it)."""
+    keyring = combined_keyring(cfg.debian.keyring, public_key)
+    files: dict[str, FileSpec] = {"preseed.cfg": preseed.encode(), "usr/share/keyrings/archive.gpg": keyring}
+    dirs: list[DirSpec] = []
+    if inputs.target is not None:
+        files[KEY_IN_INITRD] = public_key
+        files[TRUST_HOOK] = (TRUST_HOOK_SCRIPT.encode(), 0o755)
+        dirs.append((posixpath.dirname(TRUST_HOOK), 0o755))
+    return append_to_initrd(inputs.initrd.read_bytes(), files, dirs)
 
 
 def make_iso(cfg: ImageConfig, inputs: InstallerInputs, media: Media, key: EphemeralKey, target: Path) -> Path:
@@ -77,11 +113,7 @@ def make_iso(cfg: ImageConfig, inputs: InstallerInputs, media: Media, key: Ephem
     if inputs.efi is None and cfg.build_firmware == "uefi":
         raise LockError(f"the lock {cfg.lock_path.name} pins no shim-signed / grub-efi-amd64-signed: the installer "
                         "ISO cannot boot under UEFI (vm.firmware)", hint="run: python -m builder lock IMAGE.yaml")
-    keyring = combined_keyring(cfg.debian.keyring, key.public_key())
-    initrd = append_to_initrd(inputs.initrd.read_bytes(), {
-        "preseed.cfg": media.preseed.encode(),
-        "usr/share/keyrings/archive.gpg": keyring,
-    })
+    initrd = installer_initrd(cfg, inputs, media.preseed, key.public_key())
     iso = build_iso(target, kernel=inputs.kernel, initrd=initrd, isolinux_bin=inputs.isolinux_bin,
                     ldlinux_c32=inputs.ldlinux_c32, append=media.cmdline,
                     extra_files={"preseed.cfg": media.preseed.encode()}, efi=inputs.efi)
@@ -94,7 +126,8 @@ def run(ctx: BuildContext, inputs: InstallerInputs) -> Media:
     media = render(ctx.config, inputs, log_port=ctx.services.syslog.port)
     (ctx.workdir / "preseed.cfg").write_text(media.preseed)
     ctx.manifest["install_key"] = media.install_key
-    if ctx.options.use_cache and ctx.disks.lookup(media.install_key) is not None:
+    if ctx.options.use_cache and ctx.disks.lookup(media.install_key,
+                                                  max_age=ctx.config.installer.max_base_age) is not None:
         ctx.emitter.info("no installer ISO needed: the installed disk for this preseed is cached")
         return media
     iso = make_iso(ctx.config, inputs, media, ctx.services.signing_key, ctx.workdir / "installer.iso")

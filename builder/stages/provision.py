@@ -11,6 +11,7 @@ or Ansible failure.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import shlex
@@ -27,6 +28,7 @@ from ..config import ImageConfig
 from ..context import BuildContext
 from ..errors import ConfigError, ProvisionError, SshError, VmError
 from ..events import Emitter
+from ..gateway.target import KEY_FILE
 from ..hostmodule import HostModule
 from ..installcache import DirectBoot
 from ..provision import TASK_COUNT_EVENT, AnsibleRunner, Provisioner, Target
@@ -168,6 +170,13 @@ def module_record(client: paramiko.SSHClient, cfg: ImageConfig) -> dict[str, Any
     return record if isinstance(record, dict) else None
 
 
+def trust_build_key(client: paramiko.SSHClient, public_key: bytes) -> None:
+    """apt in the guest trusts this build's key, which signs the package lock's view of the archive (a cached
+    installed disk holds the key of the build that made it; roles/finalize removes it from the image)."""
+    b64 = base64.b64encode(public_key).decode()
+    run_command(client, f"echo {b64} | base64 -d | sudo -n install -D -m 0644 /dev/stdin {KEY_FILE}", check=True)
+
+
 def run(ctx: BuildContext, base: InstalledBase, *, provisioner: Provisioner | None = None,
         prebuilt: HostModule | None = None) -> Guest:
     """The stage: a booted, provisioned guest (still running, for ``finalize``). ``prebuilt``: the NVIDIA
@@ -202,6 +211,8 @@ def run(ctx: BuildContext, base: InstalledBase, *, provisioner: Provisioner | No
         _, out, _ = run_command(client, FACTS, check=False)
         facts["facts"] = out.strip().splitlines()
         emitter.info(f"SSH up after {facts['ssh_seconds']} s: " + " | ".join(facts["facts"]))
+        if ctx.services is not None and ctx.services.package_lock is not None:
+            trust_build_key(client, ctx.services.signing_key.public_key())
         if cfg.provision.enabled:
             if cfg.signing_paths is None:
                 emitter.warning(NO_SIGNING_WARNING)

@@ -1,0 +1,119 @@
+"""The ``lock`` verb: write, refresh and check both locks of an image.
+
+* ``IMAGE.lock.json`` (:mod:`builder.lock`): the installer's inputs;
+* ``IMAGE.packages.lock`` (:mod:`builder.pkglock`): every package the image ends up with (not with
+  ``debian.package_lock: off``).
+
+``lock`` resolves both from the verified archive; ``lock --from-build DIR`` pins the packages a finished build
+installed (exact); ``lock --update`` refreshes the package lock keeping its package set (new versions, new
+dependencies); ``lock --check`` reports what upstream has moved and is false when anything did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .archive.cache import ContentCache
+from .archive.http import FetchStats
+from .config import ImageConfig
+from .events import Emitter
+from .lock import lock_differences, read_lock, resolve_lock, write_lock
+from .pkglock import PackageLock, differences, keep_unchanged, read_package_lock, summary, write_package_lock
+from .pkgresolve import load_universe, lock_from_build, moved, resolve_package_lock
+from .witness import find_witnesses, lock_dir, store_files, unwitnessed
+
+
+@dataclass
+class LockReport:
+    lines: list[str] = field(default_factory=list)
+    changed: bool = False  # --check: something moved
+
+
+def _make_archive(cfg: ImageConfig, cache: ContentCache, stats: FetchStats, emitter: Emitter):  # type: ignore[no-untyped-def]
+    from .stages.fetch import make_archive
+
+    return make_archive(cfg, cache, stats, emitter)
+
+
+def write_locks(cfg: ImageConfig, *, cache: ContentCache, stats: FetchStats, emitter: Emitter,
+                from_build: Path | None = None, update: bool = False) -> LockReport:
+    """``lock`` / ``lock --update`` / ``lock --from-build DIR``."""
+    out = LockReport()
+    if from_build is None:
+        main = _make_archive(cfg, cache, stats, emitter)
+        lock = resolve_lock(cfg, main, report=emitter.info)
+        old_lock = read_lock(cfg.lock_path) if cfg.lock_path.is_file() else None
+        diffs = lock_differences(old_lock, lock) if old_lock is not None else ["new"]
+        if diffs or old_lock is None or not old_lock.witnessed:
+            out.lines += [f"installer: {d}" for d in diffs if d != "new"]
+            lock, files = find_witnesses(cfg, main, lock, report=emitter.info)
+            stored = store_files(cfg.lock_path, files)
+            write_lock(lock, cfg.lock_path)
+            out.lines.append(f"wrote {cfg.lock_path}" + (f" and {len(stored)} signed indexes in "
+                                                        f"{lock_dir(cfg.lock_path).name}/" if stored else ""))
+            alone = unwitnessed(lock)
+            if alone:
+                out.lines.append(f"no signed index lists {len(alone)} of its pins (their sha256 in the lock is the "
+                                 f"root of trust): {', '.join(alone)}")
+        else:
+            out.lines.append(f"{cfg.lock_path.name}: unchanged")
+    if cfg.debian.package_lock == "off" and from_build is None:
+        out.lines.append("debian.package_lock is off: no package lock written")
+        return out
+    old = read_package_lock(cfg.package_lock_path) if cfg.package_lock_path.is_file() else None
+    uni = load_universe(cfg, cache, stats, report=emitter.info)
+    if from_build is not None:
+        plock = lock_from_build(cfg, uni, from_build, report=emitter.info)
+    else:
+        keep = old.packages if old is not None and update else ()
+        plock = resolve_package_lock(cfg, uni, extra_seeds=[p.name for p in keep], report=emitter.info)
+        if old is not None and update:
+            plock = _keep_method(plock, old)
+    if old is not None:
+        out.lines += [f"packages: {d}" for d in differences(old, plock)]
+        plock = keep_unchanged(old, plock)
+        if plock is old:
+            out.lines.append(f"{cfg.package_lock_path.name}: unchanged ({len(old.packages)} packages)")
+            return out
+    write_package_lock(plock, cfg.package_lock_path)
+    s = summary(plock)
+    out.lines.append(f"wrote {cfg.package_lock_path} ({s['packages']} packages, {s['bytes'] >> 20} MiB, "
+                     + ", ".join(f"{n} from {suite}" for suite, n in sorted(s["per_suite"].items())) + ")")
+    return out
+
+
+def _keep_method(new: PackageLock, old: PackageLock) -> PackageLock:
+    """A refreshed from-build lock keeps saying where its package set came from."""
+    if old.method != "build":
+        return new
+    from dataclasses import replace
+
+    return replace(new, method="build", seeds=old.seeds,
+                   notes=(*new.notes, "refreshed by `lock --update`: the build's package set, current versions"))
+
+
+def check_locks(cfg: ImageConfig, *, cache: ContentCache, stats: FetchStats, emitter: Emitter) -> LockReport:
+    """``lock --check``: what upstream moved since the locks were made (``changed`` when anything did)."""
+    out = LockReport()
+    lock = resolve_lock(cfg, _make_archive(cfg, cache, stats, emitter), report=emitter.info)
+    diffs = lock_differences(read_lock(cfg.lock_path), lock)
+    out.lines += [f"  {d}" for d in diffs]
+    out.lines.append(f"{cfg.lock_path.name}: " + ("differs from the archive" if diffs else "up to date"))
+    out.changed = bool(diffs)
+    if cfg.debian.package_lock == "off" or not cfg.package_lock_path.is_file():
+        if cfg.debian.package_lock != "off":
+            out.lines.append(f"{cfg.package_lock_path.name}: none (create it with: python -m builder lock IMAGE.yaml)")
+        return out
+    plock = read_package_lock(cfg.package_lock_path)
+    uni = load_universe(cfg, cache, stats, report=emitter.info)
+    found = moved(plock, uni)
+    security = [m for m in found if m.security]
+    for m in sorted(found, key=lambda m: (not m.security, m.name)):
+        out.lines.append(f"  {m.line()}")
+    out.lines.append(f"{cfg.package_lock_path.name}: " + (
+        f"{len(found)} of {len(plock.packages)} packages moved upstream ({len(security)} security updates); "
+        "refresh with: python -m builder lock IMAGE.yaml --update" if found else
+        f"up to date ({len(plock.packages)} packages)"))
+    out.changed = out.changed or bool(found)
+    return out

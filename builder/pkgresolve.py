@@ -1,0 +1,445 @@
+"""The package closure of an image, resolved from the verified indexes the way apt would.
+
+The universe is the signed indexes of the suite, ``<codename>-updates`` and ``<codename>-security`` (every
+configured component, the image's architecture and ``all``); each name's candidate is its highest version
+in any of them (python-debian compares versions and parses relations); a dependency the candidate does not
+satisfy takes the highest listed version that does. The seeds are the base role's
+``base_packages`` and extras, ``installer.extra_packages``, the NVIDIA role's package set for the configured
+flavour, what debian-installer itself adds (kernel, boot loader, …: :data:`INSTALLER_PACKAGES`) and every
+package of priority required or important; the closure adds their Pre-Depends and Depends (and Recommends when
+the image installs them): for an alternative already satisfied, nothing; else the first alternative with a
+candidate that satisfies it, a real package before a virtual one, an already chosen provider before others.
+
+This is apt's choice for a fresh install in all but corner cases (Conflicts are not solved). The exact set is
+what a finished build installed: ``lock --from-build OUTPUT_DIR`` (:func:`lock_from_build`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from debian.deb822 import PkgRelation
+from debian.debian_support import version_compare
+
+from .archive.cache import ContentCache
+from .archive.client import Archive
+from .archive.http import FetchStats
+from .config import ImageConfig, install_packages
+from .errors import ConfigError, FetchError, LockError
+from .pkglock import ForeignPackage, PackageLock, PackagePin, SignedIndex, pin_from_stanza
+
+log = logging.getLogger(__name__)
+Report = Callable[[str], None]
+
+# What debian-installer installs on its own besides the seed list (seen in the installer's syslog of a trixie
+# netboot install with this preseed): the kernel, initramfs tools, the boot loaders of every disk.boot, the
+# network setup, hardware detection and the installer's own helpers. Names the indexes do not have are skipped.
+INSTALLER_PACKAGES = (
+    "linux-image-amd64", "initramfs-tools", "busybox", "zstd", "locales", "ifupdown", "dhcpcd-base", "eject",
+    "installation-report", "laptop-detect", "os-prober", "pciutils", "amd64-microcode", "intel-microcode",
+    "popularity-contest", "gdisk", "fdisk", "dosfstools", "efibootmgr", "mokutil", "grub-pc",
+    "grub-efi-amd64", "grub-efi-amd64-signed", "shim-signed", "grub-cloud-amd64", "console-setup",
+    "keyboard-configuration",
+)
+PRIORITIES = ("required", "important")
+_PRIORITY_RANK = {"required": 0, "important": 1, "standard": 2, "optional": 3, "extra": 4}
+NVIDIA_ROLE = "nvidia-gpu-drivers"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    stanza: Mapping[str, str]
+    archive: str
+    suite: str
+    date: str
+
+    @property
+    def version(self) -> str:
+        return self.stanza["Version"]
+
+    def pin(self) -> PackagePin:
+        return pin_from_stanza(self.stanza, archive=self.archive, suite=self.suite, date=self.date)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _cmp(a: str, b: str) -> int:
+    return version_compare(a, b)
+
+
+def _by_version(a: Candidate, b: Candidate) -> int:
+    return _cmp(a.version, b.version)
+
+
+def satisfies(version: str, rel: tuple[str, str] | None) -> bool:
+    """Whether ``version`` satisfies a relation's (operator, version); None: any version."""
+    if rel is None:
+        return True
+    op, want = rel
+    c = _cmp(version, want)
+    return {"<<": c < 0, "<=": c <= 0, "=": c == 0, ">=": c >= 0, ">>": c > 0, "<": c <= 0, ">": c >= 0}[op]
+
+
+def _parse(text: str) -> list[list[dict[str, Any]]]:
+    return PkgRelation.parse_relations(text.replace("\n", " ")) if text.strip() else []  # type: ignore[return-value]
+
+
+@dataclass
+class Universe:
+    """Every candidate of the signed indexes, and who provides what."""
+
+    arch: str
+    candidates: dict[str, Candidate] = field(default_factory=dict)  # name -> highest version
+    versions: dict[str, list[Candidate]] = field(default_factory=dict)  # name -> every listed version
+    provides: dict[str, list[tuple[str, str | None]]] = field(default_factory=dict)  # virtual -> (provider, ver)
+    indexes: list[SignedIndex] = field(default_factory=list)
+
+    def add(self, stanza: Mapping[str, str], archive: str, suite: str, date: str) -> None:
+        if stanza.get("Architecture") not in (self.arch, "all"):
+            return
+        name = stanza["Package"]
+        cand = Candidate(stanza, archive, suite, date)
+        self.versions.setdefault(name, []).append(cand)
+        old = self.candidates.get(name)
+        if old is None or _cmp(cand.version, old.version) > 0:
+            if old is not None:
+                self._drop_provides(old)
+            self.candidates[name] = cand
+            for group in _parse(stanza.get("Provides", "")):
+                for alt in group:
+                    rel = alt.get("version")
+                    ver = rel[1] if rel else None
+                    self.provides.setdefault(alt["name"], []).append((name, ver))
+
+    def _drop_provides(self, old: Candidate) -> None:
+        for group in _parse(old.stanza.get("Provides", "")):
+            for alt in group:
+                lst = self.provides.get(alt["name"], [])
+                self.provides[alt["name"]] = [p for p in lst if p[0] != old.stanza["Package"]]
+
+    def find(self, name: str, version: str) -> Candidate | None:
+        return next((c for c in self.versions.get(name, ()) if c.version == version), None)
+
+
+def load_universe(cfg: ImageConfig, cache: ContentCache, stats: FetchStats, *, report: Report | None = None,
+                  offline: bool = False) -> Universe:
+    """The verified indexes of ``<suite>``, ``<codename>-updates`` (Debian mirror) and ``<codename>-security``
+    (security mirror), every configured component."""
+    say = report or (lambda m: log.info("%s", m))
+    deb = cfg.debian
+    uni = Universe(deb.arch)
+    main = Archive(deb.mirror, deb.suite, keyring=deb.keyring, fingerprints=deb.trusted_fingerprints, cache=cache,
+                   stats=stats, offline=offline)
+    codename = main.release().codename
+    sources = [("debian", main),
+               ("debian", Archive(deb.mirror, f"{codename}-updates", keyring=deb.keyring,
+                                  fingerprints=deb.trusted_fingerprints, cache=cache, stats=stats, offline=offline)),
+               ("debian-security", Archive(deb.security_mirror, f"{codename}-security", keyring=deb.keyring,
+                                           fingerprints=deb.security_fingerprints, cache=cache, stats=stats,
+                                           offline=offline))]
+    for archive_name, arch in sources:
+        t0 = time.monotonic()
+        rel = arch.release()
+        uni.indexes.append(SignedIndex(archive_name, arch.suite, rel.codename, rel.date, arch.inrelease_sha256,
+                                       rel.origin, rel.label, rel.suite, rel.version))
+        n = 0
+        for comp in deb.components:
+            try:
+                pkgs = arch.packages(comp, arch=deb.arch)
+            except FetchError as exc:
+                if "is not listed in the" in str(exc):
+                    continue  # e.g. a component the -updates suite has no index for
+                raise
+            for stanza in pkgs.values():
+                uni.add(stanza, archive_name, arch.suite, rel.date)
+            n += len(pkgs)
+        say(f"{archive_name} dists/{arch.suite} ({rel.date}): {n} packages, {time.monotonic() - t0:.1f} s")
+    return uni
+
+
+# ---------------------------------------------------------------------------------------------- seeds
+
+
+def _role_vars(cfg: ImageConfig, role: str) -> dict[str, Any]:
+    """The role's defaults and vars (vars win, as in Ansible) with ``provision.extra_vars`` over both."""
+    merged: dict[str, Any] = {}
+    for rp in cfg.roles_dirs:
+        base = rp / role
+        if not base.is_dir():
+            continue
+        for sub in ("defaults", "vars"):
+            f = base / sub / "main.yml"
+            if f.is_file():
+                try:
+                    merged.update(yaml.safe_load(f.read_text()) or {})
+                except yaml.YAMLError as exc:
+                    raise ConfigError(f"cannot read {f}: {exc}") from exc
+        break
+    return {**merged, **cfg.provision.extra_vars}
+
+
+def nvidia_packages(cfg: ImageConfig) -> tuple[str, ...]:
+    """What the NVIDIA role installs from Debian for the configured source and flavour (none for NVIDIA's
+    repository, which is not a Debian archive and not locked)."""
+    v = _role_vars(cfg, NVIDIA_ROLE)
+    if not v or v.get("nvidia_driver_source", "debian") != "debian":
+        return ()
+    flavor = (v.get("nvidia_debian_flavors") or {}).get(v.get("nvidia_driver_flavor", "current"))
+    if not isinstance(flavor, dict):
+        return ()
+    out = ["dkms", flavor.get("dkms_package", ""), *flavor.get("packages", []), *v.get("nvidia_extra_packages", [])]
+    if v.get("nvidia_install_cuda"):
+        out += list(v.get("nvidia_debian_cuda_packages", []))
+    if v.get("nvidia_install_headers_metapackage", True):
+        out.append("linux-headers-amd64")
+    return tuple(dict.fromkeys(p for p in out if isinstance(p, str) and p))
+
+
+def seeds(cfg: ImageConfig) -> tuple[str, ...]:
+    """The seed list of the closure, in order (duplicates dropped)."""
+    pkgs = [*install_packages(cfg), *(nvidia_packages(cfg) if cfg.provision.enabled else ()), *INSTALLER_PACKAGES]
+    return tuple(dict.fromkeys(pkgs))
+
+
+# ---------------------------------------------------------------------------------------------- resolution
+
+
+@dataclass
+class Resolution:
+    selected: dict[str, Candidate] = field(default_factory=dict)
+    why: dict[str, str] = field(default_factory=dict)  # name -> what pulled it in
+    problems: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # optional seeds the indexes do not have
+
+
+def _relations(stanza: Mapping[str, str], recommends: bool) -> list[list[dict[str, Any]]]:
+    out: list[list[dict[str, Any]]] = []
+    for fname in ("Pre-Depends", "Depends", *(("Recommends",) if recommends else ())):
+        out += _parse(stanza.get(fname, ""))
+    return out
+
+
+class _Resolver:
+    def __init__(self, uni: Universe, recommends: bool) -> None:
+        self.uni = uni
+        self.recommends = recommends
+        self.res = Resolution()
+        self.queue: list[str] = []
+
+    def satisfied(self, alt: Mapping[str, Any]) -> bool:
+        name, rel = alt["name"], alt.get("version")
+        sel = self.res.selected.get(name)
+        if sel is not None and satisfies(sel.version, rel):
+            return True
+        for provider, pver in self.uni.provides.get(name, ()):
+            if provider in self.res.selected and (rel is None or (pver is not None and satisfies(pver, rel))):
+                return True
+        return False
+
+    def choose(self, alt: Mapping[str, Any]) -> Candidate | None:
+        name, rel = alt["name"], alt.get("version")
+        cand = self.uni.candidates.get(name)
+        if cand is not None and satisfies(cand.version, rel):
+            return cand
+        if name in self.res.selected:
+            return None  # chosen at another version already (a conflict apt would report too)
+        older = sorted((c for c in self.uni.versions.get(name, ()) if satisfies(c.version, rel)),
+                       key=functools.cmp_to_key(_by_version))
+        if older:  # e.g. an "=" dependency of a package locked below its candidate
+            return older[-1]
+        providers = [(p, v) for p, v in self.uni.provides.get(name, ())
+                     if rel is None or (v is not None and satisfies(v, rel))]
+        if not providers:
+            return None
+        chosen = [p for p, _ in providers if p in self.res.selected]
+        if chosen:
+            return self.res.selected[chosen[0]]
+        providers.sort(key=lambda pv: (_PRIORITY_RANK.get(self.uni.candidates[pv[0]].stanza.get("Priority", ""), 9),
+                                       pv[0]))
+        return self.uni.candidates[providers[0][0]]
+
+    def select(self, cand: Candidate, why: str) -> None:
+        name = cand.stanza["Package"]
+        if name not in self.res.selected:
+            self.res.selected[name] = cand
+            self.res.why[name] = why
+            self.queue.append(name)
+
+    def seed(self, spec: str, *, required: bool) -> None:
+        name, _, version = spec.partition("=")
+        if version:
+            cand = self.uni.find(name, version)
+            if cand is None:
+                self.res.problems.append(f"seed {spec}: no signed index lists {name} {version}")
+                return
+        else:
+            cand = self.choose({"name": name, "version": None})
+            if cand is None:
+                if required:
+                    self.res.problems.append(f"seed {name}: no signed index lists it")
+                else:
+                    self.res.skipped.append(name)
+                return
+        self.select(cand, "seed")
+
+    def close(self) -> None:
+        while self.queue:
+            name = self.queue.pop(0)
+            stanza = self.res.selected[name].stanza
+            for group in _relations(stanza, self.recommends):
+                if any(self.satisfied(alt) for alt in group):
+                    continue
+                for alt in group:
+                    cand = self.choose(alt)
+                    if cand is not None:
+                        self.select(cand, name)
+                        break
+                else:
+                    text = " | ".join(alt["name"] + (f" ({alt['version'][0]} {alt['version'][1]})"
+                                                     if alt.get("version") else "") for alt in group)
+                    self.res.problems.append(f"{name} {stanza['Version']} depends on {text}: nothing satisfies it")
+
+
+def resolve(uni: Universe, seed_list: Iterable[str], *, optional: Iterable[str] = (), recommends: bool = False,
+            priorities: Iterable[str] = PRIORITIES) -> Resolution:
+    """The closure of ``seed_list`` (each must exist), ``optional`` seeds (skipped when absent) and every
+    candidate of the given priorities."""
+    r = _Resolver(uni, recommends)
+    prio = set(priorities)
+    for name in sorted(uni.candidates):
+        if uni.candidates[name].stanza.get("Priority") in prio:
+            r.select(uni.candidates[name], "priority")
+    for spec in seed_list:
+        r.seed(spec, required=True)
+    for spec in optional:
+        r.seed(spec, required=False)
+    r.close()
+    return r.res
+
+
+def now_utc() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _lock_of(uni: Universe, pins: list[PackagePin], *, codename: str, cfg: ImageConfig, method: str,
+             seed_list: tuple[str, ...], foreign: tuple[ForeignPackage, ...] = (),
+             notes: tuple[str, ...] = ()) -> PackageLock:
+    return PackageLock(suite=cfg.debian.suite, codename=codename, arch=cfg.debian.arch, created=now_utc(),
+                       method=method, indexes=tuple(uni.indexes), packages=tuple(sorted(pins, key=lambda p: p.name)),
+                       seeds=seed_list, foreign=foreign, notes=notes)
+
+
+def resolve_package_lock(cfg: ImageConfig, uni: Universe, *, extra_seeds: Iterable[str] = (),
+                         report: Report | None = None) -> PackageLock:
+    """The package lock of ``cfg`` from the verified indexes: the closure of the seeds (and ``extra_seeds``,
+    e.g. the names of the lock being refreshed)."""
+    say = report or (lambda m: log.info("%s", m))
+    must = [*install_packages(cfg), *(nvidia_packages(cfg) if cfg.provision.enabled else ())]
+    optional = [*INSTALLER_PACKAGES, *extra_seeds]
+    t0 = time.monotonic()
+    res = resolve(uni, must, optional=optional, recommends=cfg.installer.install_recommends)
+    if res.problems:
+        raise LockError(f"cannot resolve the image's packages from the signed indexes ({len(res.problems)} "
+                        "problems)", log_tail=res.problems, hint="check the seed lists (base_packages, "
+                        "installer.extra_packages, the NVIDIA role's flavour) and the mirror")
+    say(f"resolved {len(res.selected)} packages in {time.monotonic() - t0:.1f} s"
+        + (f"; not in the indexes (skipped): {', '.join(res.skipped)}" if res.skipped else ""))
+    codename = uni.indexes[0].codename if uni.indexes else cfg.debian.suite
+    notes = ("resolved from the signed indexes like apt would; `lock --from-build OUTPUT_DIR` pins exactly what a "
+             "build installed",)
+    return _lock_of(uni, [c.pin() for c in res.selected.values()], codename=codename, cfg=cfg, method="resolve",
+                    seed_list=tuple(dict.fromkeys([*must, *optional])), notes=notes)
+
+
+def read_packages_txt(path: Path) -> list[tuple[str, str]]:
+    """(name, version) of each line of a build's packages.txt (``name version`` or ``name:arch version``)."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise LockError(f"cannot read {path}: {exc.strerror or exc}",
+                        hint="give the output directory of a finished build (it has packages.txt)") from exc
+    out = []
+    for no, line in enumerate(text.splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) < 2:
+            raise LockError(f"{path}:{no}: expected 'PACKAGE VERSION', got {line!r}")
+        out.append((parts[0].split(":", 1)[0], parts[1]))
+    return out
+
+
+def lock_from_build(cfg: ImageConfig, uni: Universe, output_dir: Path, *,
+                    report: Report | None = None) -> PackageLock:
+    """The package lock of exactly what the build in ``output_dir`` installed (its packages.txt)."""
+    say = report or (lambda m: log.info("%s", m))
+    installed = read_packages_txt(Path(output_dir) / "packages.txt")
+    pins, foreign, gone = [], [], []
+    for name, version in installed:
+        cand = uni.find(name, version)
+        if cand is not None:
+            pins.append(cand.pin())
+        elif name in uni.versions:
+            now = ", ".join(sorted({c.version for c in uni.versions[name]}))
+            gone.append(f"{name} {version} (the indexes list {now})")
+        else:
+            foreign.append(ForeignPackage(name, version))
+    if gone:
+        raise LockError(f"{len(gone)} packages of that build are no longer listed at that version in a signed index "
+                        "of the suite, its -updates or -security", log_tail=gone,
+                        hint="the archive moved on since that build: lock from the archive (python -m builder lock "
+                             "IMAGE.yaml) or rebuild first")
+    if foreign:
+        say(f"not from the Debian archive (not locked): {', '.join(f.name for f in foreign)}")
+    say(f"pinned the {len(pins)} packages of {output_dir}/packages.txt")
+    codename = uni.indexes[0].codename if uni.indexes else cfg.debian.suite
+    return _lock_of(uni, pins, codename=codename, cfg=cfg, method="build",
+                    seed_list=(f"packages.txt of a build ({len(installed)} packages)",), foreign=tuple(foreign))
+
+
+# ---------------------------------------------------------------------------------------------- check
+
+
+@dataclass(frozen=True)
+class Moved:
+    name: str
+    locked: str
+    now: str  # "" when no index lists the package any more
+    suite: str
+    security: bool
+    same_version_other_file: bool = False
+
+    def line(self) -> str:
+        if not self.now:
+            return f"{self.name} {self.locked}: no longer listed in any signed index"
+        if self.same_version_other_file:
+            return f"{self.name} {self.locked}: the index lists the same version with another sha256 (!)"
+        tag = "security update" if self.security else "update"
+        return f"{self.name}: {self.locked} -> {self.now} ({tag}, {self.suite})"
+
+
+def moved(lock: PackageLock, uni: Universe) -> list[Moved]:
+    """What upstream has moved since ``lock``: per package, a newer candidate (a security update when it comes
+    from the -security suite), the same version with another file, or none listed at all."""
+    out = []
+    for p in lock.packages:
+        cand = uni.candidates.get(p.name)
+        if cand is None:
+            out.append(Moved(p.name, p.version, "", "", False))
+            continue
+        c = _cmp(cand.version, p.version)
+        if c > 0:
+            out.append(Moved(p.name, p.version, cand.version, cand.suite, cand.suite.endswith("-security")))
+        elif c == 0 and cand.stanza.get("SHA256", "").lower() != p.sha256:
+            out.append(Moved(p.name, p.version, cand.version, cand.suite, False, same_version_other_file=True))
+    return out
+
+
+__all__ = ["INSTALLER_PACKAGES", "Moved", "Universe", "load_universe", "lock_from_build", "moved", "resolve",
+           "resolve_package_lock", "seeds"]
