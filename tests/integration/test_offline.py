@@ -40,6 +40,7 @@ def image_copy(repo: Path, tmp_path: Path, *, extra_pin: dict[str, object] | Non
     data["provision"]["playbook"] = str(repo / "playbooks/cloud-gpu-worker.yml")
     data["provision"]["roles_path"] = [str(repo / "roles")]
     data["output"] = {"dir": str(tmp_path / "out")}
+    data["debian"]["package_lock"] = "required"  # an offline build installs the locked packages only
     img = d / "cloud-gpu-worker.yaml"
     img.write_text(yaml.safe_dump(data))
     shutil.copyfile(repo / "images/cloud-gpu-worker.lock.json", d / "cloud-gpu-worker.lock.json")
