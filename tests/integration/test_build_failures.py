@@ -67,6 +67,8 @@ provision:
 output: {{dir: {work / 'out'}}}
 """)
     shutil.copyfile(REPO / "images/cloud-gpu-worker.lock.json", work / f"{NAME}.lock.json")  # the same installer
+    if (REPO / "images/cloud-gpu-worker.lock.d").is_dir():  # the signed indexes its pins are checked against
+        shutil.copytree(REPO / "images/cloud-gpu-worker.lock.d", work / f"{NAME}.lock.d")
     env = dict(os.environ, BUILDER_CACHE_DIR=str(cache), COLUMNS="400")
     old = os.environ.get("BUILDER_CACHE_DIR")
     os.environ["BUILDER_CACHE_DIR"] = str(cache)
@@ -183,6 +185,8 @@ variants:
 """
     image = _write(work / f"{NAME}-variants.yaml", small["image"].read_text().replace(f"name: {NAME}\n", variants, 1))
     shutil.copyfile(work / f"{NAME}.lock.json", work / f"{NAME}-variants.lock.json")
+    if (work / f"{NAME}.lock.d").is_dir():
+        shutil.copytree(work / f"{NAME}.lock.d", work / f"{NAME}-variants.lock.d", dirs_exist_ok=True)
     out_dir = work / "variants-out"
     # the base disk is the small disk (no boot loader: it boots by direct kernel), so no firmware verify
     proc = subprocess.run([sys.executable, "-m", "builder", "build", str(image), "--output", str(out_dir),
