@@ -109,18 +109,19 @@ def build_variants(cfg: ImageConfig, *, names: list[str], on_event: Callable[[Ev
             vwd = ctx.workdir / name
             vwd.mkdir()
             vemit = Emitter(emitter.emit, prefix=name)
-            with ExitStack() as vstack:
-                diagnostics = vstack.enter_context(Diagnostics(vwd))
-                vctx = ctx.with_(config=variants[name], options=replace(options, output=root / name), workdir=vwd,
-                                 emitter=vemit, stack=vstack, diagnostics=diagnostics,
-                                 manifest={**ctx.manifest, "variant": name})
-                vstack.push(_FailureHandler(vctx, workdir))
-                try:
+            try:
+                # the failure handler sees the error first (the variant's bundle, named in its hint)
+                with ExitStack() as vstack:
+                    diagnostics = vstack.enter_context(Diagnostics(vwd))
+                    vctx = ctx.with_(config=variants[name], options=replace(options, output=root / name),
+                                     workdir=vwd, emitter=vemit, stack=vstack, diagnostics=diagnostics,
+                                     manifest={**ctx.manifest, "variant": name})
+                    vstack.push(_FailureHandler(vctx, workdir))
                     res = _image(vctx, base, jobs[name], inputs)
-                except BuilderError as exc:
-                    with lock:
-                        result.failed[name] = exc
-                    return
+            except BuilderError as exc:
+                with lock:
+                    result.failed[name] = exc
+                return
             with lock:
                 result.results[name] = res
 
