@@ -569,6 +569,8 @@ def build_module(
         raise HostModuleError("mmdebstrap is not installed: cannot make the build root for the host-side module "
                               "build", missing_tool="mmdebstrap",
                               hint="apt-get install mmdebstrap (or set provision.host_module: off)")
+    if cancel is not None and cancel.is_set():  # the build ended while the indexes were read
+        raise HostModuleError("the host-side module build was cancelled")
     mode = mmdebstrap_mode()
     workdir = Path(workdir)
     _remove(workdir)

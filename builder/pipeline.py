@@ -152,6 +152,8 @@ def _base(cfg: ImageConfig, options: BuildOptions, emitter: Emitter, stack: Exit
         # the NVIDIA module, compiled on this host while the installer runs (one build root at a time)
         jobs = {name: module.start(ctx.with_(config=vcfg, manifest={}) if name else ctx, label=name)
                 for name, vcfg in images.items()}
+        # on the way out every job is told to stop at once (then each is joined), not one after the other
+        stack.callback(module.cancel_all, [job for job in jobs.values() if job is not None])
     with emitter.stage("media"):
         installer = media.run(ctx, inputs)
     with emitter.stage("install"):

@@ -110,14 +110,20 @@ class ModuleJob:
         ctx = self.ctx
         key, cert = ctx.config.signing_paths or (None, None)
         try:
-            with _ONE_AT_A_TIME:  # variants' builds queue up (the same module a second time is a cache hit)
+            # variants' builds queue up (the same module a second time is a cache hit); a cancel ends the wait
+            while not _ONE_AT_A_TIME.acquire(timeout=0.5):
                 if self.cancel.is_set():
-                    return
+                    raise HostModuleError("the host-side module build was cancelled")
+            try:
+                if self.cancel.is_set():
+                    raise HostModuleError("the host-side module build was cancelled")
                 self.result = build_module(
                     gateway_sources(ctx), self.package,
                     workdir=ctx.workdir / ("hostmodule-" + self.label if self.label else "hostmodule"),
                     cache=ctx.cache, niceness=NICENESS, cancel=self.cancel, report=ctx.emitter.info,
                     signing_key=key, signing_cert=cert)
+            finally:
+                _ONE_AT_A_TIME.release()
         except BaseException as exc:  # handed to the thread that joins
             self.error = exc
             if isinstance(exc, HostModuleError) and exc.missing_tool is not None:  # said now, not after the install
@@ -151,6 +157,12 @@ def start(ctx: BuildContext, *, label: str = "") -> ModuleJob | None:
     job = ModuleJob(ctx, package, label=label).start()
     ctx.stack.callback(job.stop)
     return job
+
+
+def cancel_all(jobs: list[ModuleJob]) -> None:
+    """Tell every job to stop (each is joined by its own stop, registered when it started)."""
+    for job in jobs:
+        job.cancel.set()
 
 
 def finish(ctx: BuildContext, job: ModuleJob | None) -> HostModule | None:
