@@ -203,7 +203,9 @@ def firmware_checks(firmware: FirmwareKind, signer: str | None) -> list[tuple[st
                     "echo \"SecureBoot=$v\"; cat /sys/kernel/security/lockdown 2>/dev/null; [ \"$v\" = 1 ]",
                     "the SecureBoot variable is 1 (lockdown follows)"))
     if signer is not None:
-        out.append(("nvidia module signer", "f=$(modinfo -n nvidia) && modinfo -F signer \"$f\" | "
+        # Debian's file is nvidia-current.ko (modprobe's alias maps "nvidia" to it; modinfo needs the file)
+        out.append(("nvidia module signer", "for f in $(find /lib/modules/$(uname -r) -name 'nvidia*.ko*'); do "
+                    "[ \"$(modinfo -F name $f)\" = nvidia ] && modinfo -F signer $f; done | "
                     f"grep -Fx {shlex.quote(signer)}", f"signed by {signer}"))
         if firmware == "uefi-secure":
             out.append(("nvidia signature accepted", "out=$(modprobe nvidia 2>&1); rc=$?; echo \"$out\"; "
