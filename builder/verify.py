@@ -114,6 +114,12 @@ _EFFECTIVE_CLOUD_CFG = (
 )
 
 
+# a loop over the running kernel's nvidia module files, down to the one named "nvidia" ($f), left open: Debian
+# names the file nvidia-current.ko (modprobe's alias maps "nvidia" to it; modinfo needs the file)
+_NVIDIA_KO = ("for f in $(find /lib/modules/$(uname -r) -name 'nvidia*.ko*'); do "
+              "[ \"$(modinfo -F name $f)\" = nvidia ] &&")
+
+
 def checks_for(cfg: ImageConfig) -> list[tuple[str, str, str]]:
     """(name, shell command, expectation) — the command must exit 0; the expectation is documentation."""
     size_gib = cfg.disk.size >> 30
@@ -151,9 +157,7 @@ def checks_for(cfg: ImageConfig) -> list[tuple[str, str, str]]:
     out += boot_checks(cfg.disk.boot)
     if cfg.provision.enabled:
         out += [
-            # Debian names the file nvidia-current.ko (modprobe maps "nvidia" to it); modinfo needs the file
-            ("nvidia module", "for f in $(find /lib/modules/$(uname -r) -name 'nvidia*.ko*'); do "
-             "[ \"$(modinfo -F name $f)\" = nvidia ] && modinfo -F version $f && echo $f; done | grep .",
+            ("nvidia module", f"{_NVIDIA_KO} modinfo -F version $f && echo $f; done | grep .",
              "the nvidia module built for the running kernel"),
             ("dkms status", "dkms status | grep -q 'installed'", "installed"),
             ("nvidia-smi", "test -x /usr/bin/nvidia-smi", "present"),
@@ -203,10 +207,8 @@ def firmware_checks(firmware: FirmwareKind, signer: str | None) -> list[tuple[st
                     "echo \"SecureBoot=$v\"; cat /sys/kernel/security/lockdown 2>/dev/null; [ \"$v\" = 1 ]",
                     "the SecureBoot variable is 1 (lockdown follows)"))
     if signer is not None:
-        # Debian's file is nvidia-current.ko (modprobe's alias maps "nvidia" to it; modinfo needs the file)
-        out.append(("nvidia module signer", "for f in $(find /lib/modules/$(uname -r) -name 'nvidia*.ko*'); do "
-                    "[ \"$(modinfo -F name $f)\" = nvidia ] && modinfo -F signer $f; done | "
-                    f"grep -Fx {shlex.quote(signer)}", f"signed by {signer}"))
+        out.append(("nvidia module signer", f"{_NVIDIA_KO} modinfo -F signer $f; done | grep -Fx {shlex.quote(signer)}",
+                    f"signed by {signer}"))
         if firmware == "uefi-secure":
             out.append(("nvidia signature accepted", "out=$(modprobe nvidia 2>&1); rc=$?; echo \"$out\"; "
                         "[ $rc -ne 0 ] && echo \"$out\" | grep -q 'No such device' && "
@@ -267,8 +269,8 @@ def published_cert(qcow2: Path, name: str) -> Path | None:
 
 
 def verify_image(cfg: ImageConfig, qcow2: Path, workdir: Path, *, emitter: Emitter | None = None,
-                 ssh_timeout: float = 900, firmware: FirmwareKind = "bios", mok_cert: Path | None = None
-                 ) -> VerifyReport:
+                 ssh_timeout: float = 900, firmware: FirmwareKind = "bios", mok_cert: Path | None = None,
+                 accel: Literal["kvm", "tcg"] | None = None) -> VerifyReport:
     """Boot ``qcow2`` (on an overlay) under ``firmware`` and run every check; reports go to ``workdir``.
     ``mok_cert`` (PEM): the build's module-signing certificate; under ``uefi-secure`` it is added to the
     firmware's MOK list, as an operator enrolls it, and the NVIDIA module's signer is checked against it."""
@@ -285,7 +287,7 @@ def verify_image(cfg: ImageConfig, qcow2: Path, workdir: Path, *, emitter: Emitt
     seed = nocloud_seed(workdir / "seed.iso", nocloud_user_data(TEST_USER, client, host, "verify-node"),
                         f"verify-{int(time.time())}", "verify-node")
     disk = image.overlay(qcow2, workdir / "verify.qcow2")
-    accel = _pick_accel(cfg, emitter)
+    accel = accel or _pick_accel(cfg, emitter)
     port = find_free_port()
     fw = prepare(firmware, workdir / "verify.vars.fd",
                  mok_certs=[mok_cert] if mok_cert is not None and firmware == "uefi-secure" else [])
@@ -335,12 +337,15 @@ def verify_image(cfg: ImageConfig, qcow2: Path, workdir: Path, *, emitter: Emitt
 
 
 def verify_all(cfg: ImageConfig, qcow2: Path, report_dir: Path, *, firmwares: tuple[FirmwareKind, ...] = (),
-               mok_cert: Path | None = None, emitter: Emitter | None = None) -> list[VerifyReport]:
+               mok_cert: Path | None = None, emitter: Emitter | None = None,
+               accel: Literal["kvm", "tcg"] | None = None) -> list[VerifyReport]:
     """``verify`` under each of ``firmwares`` (default: every firmware the disk boots under), one after the
-    other; reports in ``report_dir/<firmware>/`` and a summary ``report_dir/verify-summary.json``."""
+    other; reports in ``report_dir/<firmware>/`` and a summary ``report_dir/verify-summary.json``. ``accel``:
+    the accelerator already chosen (a build's), else probed once here."""
     firmwares = firmwares or default_firmwares(cfg)
     cert = mok_cert or published_cert(qcow2, cfg.name)
-    reports = [verify_image(cfg, qcow2, report_dir / fw, emitter=emitter, firmware=fw, mok_cert=cert)
+    accel = accel or _pick_accel(cfg, emitter or Emitter())  # probed once for every firmware
+    reports = [verify_image(cfg, qcow2, report_dir / fw, emitter=emitter, firmware=fw, mok_cert=cert, accel=accel)
                for fw in firmwares]
     (report_dir / "verify-summary.json").write_text(json.dumps(
         {"image": str(qcow2), "ok": all(r.ok for r in reports), "certificate": str(cert) if cert else None,

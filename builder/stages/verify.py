@@ -27,7 +27,7 @@ def run(ctx: BuildContext, final: FinalImage) -> None:
         mok_cert.write_bytes(pem_bytes(load_cert(der)))
         firmwares = (*firmwares, "uefi-secure")
     reports = verify_all(cfg, final.image, final.staging / "verify", firmwares=firmwares, mok_cert=mok_cert,
-                         emitter=ctx.emitter)
+                         emitter=ctx.emitter, accel=ctx.accel or None)  # type: ignore[arg-type]
     ctx.manifest["verify"] = {r.firmware: {"ok": r.ok, "ssh_seconds": round(r.boot_seconds, 1),
                                            "failed": [c.name for c in r.checks if not c.ok]} for r in reports}
     failed = [f"{r.firmware}: {c.name} ({c.detail})" for r in reports for c in r.checks if not c.ok]

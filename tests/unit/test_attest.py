@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import sbom_testdata as td
-from archive_testlib import SUITE, FakeArchive, GpgKey, gpg_key, serve
+from archive_testlib import SUITE, FakeArchive, GpgKey, serve
 
 from builder import attest, sbom
 from builder.archive.cache import ContentCache
@@ -18,12 +18,6 @@ from builder.gateway.server import Gateway
 
 WANTED = [p.key for p in sbom.parse_packages_tsv(td.PACKAGES_TSV) if p.installed]
 MAIN = "main/binary-amd64/Packages"
-
-
-@pytest.fixture(scope="module")
-def key() -> Iterator[GpgKey]:
-    with gpg_key("builder sbom test key") as k:
-        yield k
 
 
 @pytest.fixture
