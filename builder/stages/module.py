@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any
 
+from ..archive.cache import ContentCache
 from ..config import ImageConfig, read_role_yaml, role_file
 from ..errors import HostModuleError
 from ..hostmodule import HostModule, Sources, build_module
@@ -120,7 +121,7 @@ class ModuleJob:
                 self.result = build_module(
                     gateway_sources(ctx), self.package,
                     workdir=ctx.workdir / ("hostmodule-" + self.label if self.label else "hostmodule"),
-                    cache=ctx.cache, niceness=NICENESS, cancel=self.cancel, report=ctx.emitter.info,
+                    cache=gateway_client_cache(ctx), niceness=NICENESS, cancel=self.cancel, report=ctx.emitter.info,
                     signing_key=key, signing_cert=cert)
             finally:
                 _ONE_AT_A_TIME.release()
@@ -191,12 +192,21 @@ def for_kernel(ctx: BuildContext, built: HostModule, kver: str) -> HostModule | 
                      f"building {built.package} for {kver} on this host")
     try:
         again = build_module(gateway_sources(ctx), built.package, workdir=ctx.workdir / "hostmodule",
-                             cache=ctx.cache, kver=kver, niceness=None, report=ctx.emitter.info)
+                             cache=gateway_client_cache(ctx), kver=kver, niceness=None, report=ctx.emitter.info)
     except HostModuleError as exc:
         _fallback(ctx, exc, warn=True)
         return None
     ctx.manifest["host_module"] = {"status": "used", **again.manifest(), "rebuilt_for_the_guest_kernel": True}
     return again
+
+
+def gateway_client_cache(ctx: BuildContext) -> ContentCache:
+    """The blob cache of a client in this process that reads the archives through the build's own gateway: never
+    the gateway's cache. A client holds a key's cache lock while it fetches that file, and the gateway, serving the
+    request from a cold cache, waits for the same lock: one cache for both stalls the read until the client times
+    out (what a cold build did before). The indexes come from the gateway's local copy, so a second copy costs
+    little; it lives in the work directory and goes with it."""
+    return ContentCache(ctx.workdir / "gateway-client-blobs")
 
 
 def gateway_sources(ctx: BuildContext) -> Sources:

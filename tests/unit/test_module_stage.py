@@ -171,3 +171,31 @@ def test_a_guest_on_another_kernel_gets_a_module_built_for_it(ctx, monkeypatch):
     assert calls == [("nvidia-kernel-dkms", "6.12.117+deb13-amd64")]
     assert ctx.manifest["host_module"]["rebuilt_for_the_guest_kernel"] is True
     assert module.for_kernel(ctx, first, "6.12.99+deb13-amd64") is None  # no mmdebstrap: the guest compiles
+
+
+@pytest.mark.timeout(60)
+def test_a_client_in_the_build_reads_through_its_gateway_from_a_cold_cache(tmp_path, events, key, server):
+    """The host-side module build reads the indexes through the build's gateway, in the build's process. With the
+    gateway's own cache the client holds the index's cache lock while the gateway waits for it to fetch the same
+    file: each read stalled until the client's timeout (a cold build did that: four one-minute timeouts, then the
+    module build failed). A real gateway over a real signed archive on 127.0.0.1, both caches cold."""
+    from archive_testlib import SUITE
+
+    from builder.archive.cache import ContentCache
+    from builder.archive.client import Archive
+    from builder.gateway.server import Gateway
+
+    gw_cache = ContentCache(tmp_path / "gateway-blobs")
+    with ExitStack() as stack:
+        ctx = BuildContext(cfg(), BuildOptions(tmp_path / "out"), tmp_path / "work", Emitter(events.append), stack,
+                           None, cache=gw_cache)  # type: ignore[arg-type]
+        client_cache = module.gateway_client_cache(ctx)
+        assert client_cache.root != gw_cache.root and client_cache.root.is_relative_to(ctx.workdir)
+        with Gateway(upstreams={"debian": server.url}, cache=gw_cache, keyring=key.keyring,
+                     fingerprints=(key.fingerprint,), state_dir=tmp_path / "gw") as gw:
+            # a short client timeout: a stall shows as a failure in seconds, not minutes
+            archive = Archive(gw.url("debian"), SUITE, keyring=key.keyring, fingerprints=[key.fingerprint],
+                              cache=client_cache, timeout=5, retries=0)
+            archive.release()
+            index = archive.index("main/binary-amd64/Packages")
+    assert b"Package: hello" in index
