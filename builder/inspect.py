@@ -21,7 +21,9 @@ from .installer.preseed import render_preseed
 from .lock import read_lock
 from .ssh import generate_keypair
 
-STAGES = ("fetch", "prepare", "media", "install", "provision", "finalize", "publish")
+BASE_STAGES = ("fetch", "prepare", "media", "install")
+IMAGE_STAGES = ("provision", "finalize", "verify", "publish")  # once per variant when the image has variants
+STAGES = BASE_STAGES + IMAGE_STAGES
 SIZES = {"disk.size", "vm.memory", "provision.memory"}
 
 
@@ -33,12 +35,15 @@ class Inspection:
     playbooks: list[tuple[str, str]] = field(default_factory=list)
     inputs: list[str] = field(default_factory=list)
     reuse: list[str] = field(default_factory=list)
+    variants: bool = False
 
     def text(self) -> str:
         width = max((len(k) for k, _, _ in self.variables), default=10)
         out = [f"image definition: {self.image}", "", "variables (value  ← where it comes from):"]
         out += [f"  {k:<{width}}  {v}  ← {s}" for k, v, s in self.variables]
-        out += ["", "stages: " + " → ".join(STAGES), "", "playbooks:"]
+        stages = (" → ".join(BASE_STAGES) + " → for each variant: " + " → ".join(IMAGE_STAGES) if self.variants
+                  else " → ".join(STAGES))
+        out += ["", "stages: " + stages, "", "playbooks:"]
         out += [f"  {name}: {path}" for name, path in self.playbooks]
         out += ["roles:"] + [f"  {name}: {path}" for name, path in self.roles]
         out += ["", "installer inputs (the lock):"] + [f"  {line}" for line in self.inputs]
@@ -104,12 +109,25 @@ def inspect(path: Path, overrides: list[str] | tuple[str, ...] = (), *,
     result.reuse.append(f"install a disk.boot {cfg.disk.boot} disk with {cfg.build_firmware} build VMs and verify "
                         f"the image under {', '.join(fws)} before publishing")
     base_vars = cfg.provision.extra_vars
+    result.variants = bool(cfg.variants)
+    if not cfg.variants:
+        result.reuse.append(_module_plan(cfg))
     for name in cfg.variants:
         v = cfg.variant(name)
         diff = {k: val for k, val in v.provision.extra_vars.items() if base_vars.get(k) != val}
         result.reuse.append(f"variant {name}: {v.name}.qcow2 from the same installed disk"
-                            + (", " + ", ".join(f"{k}={val}" for k, val in diff.items()) if diff else ""))
+                            + (", " + ", ".join(f"{k}={val}" for k, val in diff.items()) if diff else "")
+                            + "; " + _module_plan(v))
     return result
+
+
+def _module_plan(cfg: ImageConfig) -> str:
+    from .stages.module import dkms_package
+
+    package, why = dkms_package(cfg)
+    return (f"compile {package} on this host while the installer runs ({why}; provision.host_module), "
+            "or take it from the module cache" if package else
+            f"leave the NVIDIA module to DKMS in the guest ({why})")
 
 
 def _inputs_and_reuse(cfg: ImageConfig, result: Inspection) -> None:
@@ -158,12 +176,6 @@ def _inputs_and_reuse(cfg: ImageConfig, result: Inspection) -> None:
     have = sum(1 for p in pins if cache.path(p.sha256).is_file())
     result.reuse.append(f"find {have} of {len(pins)} pinned installer packages in the download cache "
                         f"({cache.root}); udebs and target packages are fetched through the gateway as needed")
-    from .stages.module import dkms_package
-
-    package, why = dkms_package(cfg)
-    result.reuse.append(f"compile {package} on this host while the installer runs ({why}; provision.host_module), "
-                        "or take it from the module cache" if package else
-                        f"leave the NVIDIA module to DKMS in the guest ({why})")
     mirror, _ = hostapt.debian_mirrors()
     if mirror and cfg.debian.mirror == mirror.rstrip("/"):
         result.reuse.append("use the Debian mirror of this host's apt sources")

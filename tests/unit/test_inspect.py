@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from builder.inspect import STAGES, inspect
+from builder.inspect import BASE_STAGES, IMAGE_STAGES, STAGES, inspect
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = REPO / "images" / "cloud-gpu-worker.yaml"
@@ -28,7 +28,13 @@ def test_inspect_default_image(tmp_path, monkeypatch):
     assert src["provision.extra_vars.nvidia_driver_flavor"] == "image file cloud-gpu-worker.yaml"
     assert {"base", "nvidia-gpu-drivers", "finalize"} <= dict(res.roles).keys()
     text = res.text()
-    assert "stages: " + " → ".join(STAGES) in text
+    # the default image has variants: one install, then each variant's own provision … verify … publish
+    assert "stages: " + " → ".join(BASE_STAGES) + " → for each variant: " + " → ".join(IMAGE_STAGES) in text
+    assert "verify" in IMAGE_STAGES
+    for flavour, package in (("current", "nvidia-kernel-dkms"), ("open", "nvidia-open-kernel-dkms"),
+                             ("tesla-535", "nvidia-tesla-535-kernel-dkms")):
+        line = next(ln for ln in text.splitlines() if ln.startswith(f"  variant {flavour}:"))
+        assert f"compile {package} on this host" in line, line
     assert "netboot 20250803+deb13u6" in text and "29 overridden udebs" in text
     assert "run the install (no installed disk for key" in text  # the cache is empty
     assert "find 0 of 5 pinned installer packages" in text
@@ -39,3 +45,13 @@ def test_inspect_verb_exits_0_and_prints(tmp_path):
                        timeout=60, env={"BUILDER_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert p.returncode == 0, p.stderr
     assert "variables (value  ← where it comes from):" in p.stdout and "a build now would:" in p.stdout
+
+
+def test_inspect_without_variants_lists_every_stage_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("BUILDER_CACHE_DIR", str(tmp_path / "cache"))
+    image = tmp_path / "one.yaml"
+    text = IMAGE.read_text().split("\nvariants:")[0]
+    image.write_text(text.replace("../playbooks", str(REPO / "playbooks")).replace("../roles", str(REPO / "roles")))
+    out = inspect(image, []).text()
+    assert "stages: " + " → ".join(STAGES) + "\n" in out
+    assert "variant " not in out and "compile nvidia-kernel-dkms on this host" in out
