@@ -116,7 +116,8 @@ def _parser() -> argparse.ArgumentParser:
                                     "DIR/mok.pem, DIR/mok.der")
     sp.add_argument("--out", required=True, type=Path, metavar="DIR", help="directory to write the pair into")
     sp.add_argument("--name", default="builder", metavar="CN",
-                    help="the certificate's common name is 'CN module signing' (default: builder)")
+                    help="the certificate's common name is 'CN module signing' (default: builder; "
+                         "a name ending in 'module signing' is kept as is)")
     sp.add_argument("--days", type=int, default=3650, metavar="N", help="days the certificate is valid (3650)")
     sp.add_argument("--force", action="store_true", help="replace an existing DIR/mok.key")
     sp = sub.add_parser("completion", help="print a shell completion script (bash or zsh)")

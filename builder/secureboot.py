@@ -94,7 +94,10 @@ def generate_pair(name: str, days: int = DEFAULT_DAYS) -> tuple[bytes, x509.Cert
     if days < 1:
         raise SigningError(f"the certificate must be valid for at least one day, not {days}")
     key = rsa.generate_private_key(public_exponent=65537, key_size=KEY_BITS)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name.strip()} module signing")])
+    common = name.strip()
+    if not common.lower().endswith("module signing"):  # --name "fleet module signing" stays as given
+        common += " module signing"
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
     now = _dt.datetime.now(_dt.UTC).replace(microsecond=0)
     cert = (
         x509.CertificateBuilder()

@@ -19,7 +19,16 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from builder.config import load_config
 from builder.errors import ConfigError
-from builder.secureboot import SigningError, der_bytes, fingerprint, load_cert, load_pair, serial_hex, write_pair
+from builder.secureboot import (
+    SigningError,
+    der_bytes,
+    fingerprint,
+    generate_pair,
+    load_cert,
+    load_pair,
+    serial_hex,
+    write_pair,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -256,3 +265,8 @@ def test_nvidia_role_removes_the_key_in_always():
     copy = next(t for t in yaml.safe_load((ROOT / "roles/nvidia-gpu-drivers/tasks/signing.yml").read_text())
                 if t.get("ansible.builtin.copy", {}).get("src") == "{{ nvidia_module_signing_key }}")
     assert copy["ansible.builtin.copy"]["mode"] == "0600" and copy["diff"] is False
+
+
+def test_a_name_that_already_says_module_signing_is_not_doubled():
+    _, cert = generate_pair("fleet A module signing", days=30)
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "fleet A module signing"
