@@ -71,6 +71,16 @@ def test_pick_uri_is_stable_and_spreads() -> None:
         pick_uri([], "x")
 
 
+def test_vm_names_are_the_images_and_fit_a_spec() -> None:
+    from builder.vm.spec import vm_name
+
+    assert vm_name("cloud-gpu-worker-open", "verify") == "cloud-gpu-worker-open-verify"
+    image = "w" * 60
+    long_a, long_b = vm_name(f"{image}-a", "provision"), vm_name(f"{image}-b", "provision")
+    assert len(long_a) == 63 and long_a != long_b and long_a.startswith("www") and long_a.endswith("-provision")
+    VmSpec(name=long_a, memory_mib=512, cpus=1, accel="tcg")  # valid
+
+
 def test_volume_names() -> None:
     prefix = volume_prefix("cgw-install", "ab12cd", pid=4242, tag="0123abcd")
     assert prefix == "builder-0123abcd-4242-ab12cd-cgw-install"
