@@ -157,7 +157,8 @@ def run(ctx: BuildContext, media: Media, inputs: InstallerInputs) -> InstalledBa
     facts: dict[str, Any] = {
         "cached": False, "key": media.install_key, "age_seconds": 0, "age": format_duration(0),
         "security_release": inputs.security_release, "seconds": round(res.seconds, 1), "udebs": res.udebs,
-        "packages": res.packages, "milestones": list(res.milestones), "gateway": services.gateway.stats.as_dict()}
+        "packages": res.packages, "milestones": list(res.milestones), "gateway": services.gateway.stats.as_dict(),
+        "vm": {**cfg.vm.host_record(cfg.name), "accel": ctx.accel}}  # a variant's VMs may run elsewhere
     if stale is not None:
         facts["replaced_stale_base"] = {"created": stale.created, "age": format_duration(stale.age())}
     ctx.manifest["install"] = facts
