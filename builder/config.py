@@ -191,7 +191,16 @@ class DebianConfig(_Model):
 
 BootMode = Literal["hybrid", "uefi", "bios"]
 # what a variant may override: nothing that shapes the installed disk they share
-VARIANT_KEYS = frozenset({"provision", "disk", "secure_boot", "description"})
+VARIANT_KEYS = frozenset({"provision", "disk", "secure_boot", "description", "vm"})
+# of ``vm``, what concerns only the variant's own VMs (provision, verify): where they run and their vCPUs
+VARIANT_VM_KEYS = frozenset({"libvirt_uri", "libvirt_pool", "libvirt_pool_dir", "cpus"})
+_VARIANT_VM_WHY = {
+    "backend": "every VM of a build runs on one backend",
+    "accel": "it is chosen for each libvirt host (auto asks the host a variant runs on)",
+    "memory": "it is the installer's RAM and the variants share one install (provision.memory is the RAM of "
+              "a variant's VMs)",
+    "firmware": "the install's firmware shapes the installed disk the variants share",
+}
 
 
 class DiskConfig(_Model):
@@ -213,7 +222,8 @@ class DiskConfig(_Model):
 
 class VmConfig(_Model):
     backend: Literal["qemu", "libvirt"] = "qemu"
-    # one URI, or a list of hosts: a build takes one by a stable hash of its image name (docs/remote-libvirt.md)
+    # one URI, or a list of hosts: a build takes one by a stable hash of its image name; with variants that is
+    # the install's, and the variants spread over the list (ImageConfig.variant_hosts; docs/remote-libvirt.md)
     libvirt_uri: str | tuple[str, ...] = "qemu:///system"
     libvirt_pool: str = "default"
     libvirt_pool_dir: str | None = None
@@ -270,6 +280,14 @@ class VmConfig(_Model):
         """:func:`~builder.vm.open_machine`'s backend arguments for a build of ``image_name``."""
         return {"backend": self.backend, "libvirt_uri": self.libvirt_host(image_name),
                 "libvirt_pool": self.libvirt_pool, "libvirt_pool_dir": self.libvirt_pool_dir}
+
+    def host_record(self, image_name: str) -> dict[str, Any]:
+        """Where the VMs of a build of ``image_name`` run, for the manifest (the URI without its query)."""
+        from .vm.remote import public_uri
+
+        if self.backend != "libvirt":
+            return {"backend": self.backend}
+        return {"backend": self.backend, "libvirt_uri": public_uri(self.libvirt_host(image_name))}
 
 
 class InstallerConfig(_Model):
@@ -433,7 +451,8 @@ class ImageConfig(_Model):
     output: OutputConfig = OutputConfig()
     secure_boot: SecureBootConfig = SecureBootConfig()
     # Named variants built from the same installed disk: each overrides what does not change the install
-    # (provision.*, disk.compression, secure_boot, description), e.g. {"open": {"provision": {"extra_vars": …}}}.
+    # (provision.*, disk.compression, secure_boot, description, and of vm where its VMs run and their vCPUs),
+    # e.g. {"open": {"provision": {"extra_vars": …}}}.
     variants: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # Where the config was read from; relative paths in it are resolved against its folder.
     source: Path | None = Field(None, exclude=True)
@@ -467,18 +486,48 @@ class ImageConfig(_Model):
         return v
 
     def variant(self, name: str) -> ImageConfig:
-        """The configuration of variant ``name``: its overrides merged over this one, named ``NAME-VARIANT``."""
+        """The configuration of variant ``name``: its overrides merged over this one, named ``NAME-VARIANT``,
+        with the one libvirt URI its VMs use (:meth:`variant_hosts`)."""
         if name not in self.variants:
             raise ConfigError(f"no variant {name!r} in {self.source or 'the image definition'}",
                               hint="variants: " + (", ".join(self.variants) or "none"))
+        over = self.variants[name]
+        vm_over = over.get("vm")
+        if isinstance(vm_over, dict):
+            problems = [(f"variants.{name}.vm.{k}", f"cannot differ between variants: {why}; of vm a variant may "
+                         f"set {', '.join(sorted(VARIANT_VM_KEYS))}")
+                        for k, why in _VARIANT_VM_WHY.items() if k in vm_over]
+            if problems:
+                raise ConfigError(f"variant {name}: invalid", problems=problems)
         data = self.model_dump(mode="python", exclude={"variants", "source"})
-        merged = _deep_merge(data, self.variants[name])
+        merged = _deep_merge(data, over)
         merged["name"] = f"{self.name}-{name}"
         try:
-            return ImageConfig.model_validate({**merged, "source": self.source})
+            cfg = ImageConfig.model_validate({**merged, "source": self.source})
         except ValidationError as exc:
             problems = [(f"variants.{name}." + _loc(e["loc"]), e["msg"]) for e in exc.errors()]
             raise ConfigError(f"variant {name}: invalid", problems=problems) from exc
+        host = self.variant_hosts()[name]
+        return cfg.model_copy(update={"vm": cfg.vm.model_copy(update={"libvirt_uri": host})})
+
+    def variant_hosts(self) -> dict[str, str]:
+        """The libvirt URI of each variant's provision and verify VMs: its own ``vm.libvirt_uri`` (one URI pins
+        it, a list is its choice), else one of this image's, spread over them in sorted name order
+        (:func:`~builder.vm.remote.assign_uris`; the shared install runs on :meth:`VmConfig.libvirt_host` of
+        the image's name)."""
+        from .vm.remote import assign_uris
+
+        own: dict[str, tuple[str, ...] | None] = {}
+        for name, over in self.variants.items():
+            vm = over.get("vm") if isinstance(over, dict) else None
+            raw = vm.get("libvirt_uri") if isinstance(vm, dict) else None
+            if isinstance(raw, str):
+                own[name] = (raw,)
+            elif isinstance(raw, list | tuple) and raw and all(isinstance(u, str) for u in raw):
+                own[name] = tuple(raw)
+            else:
+                own[name] = None
+        return assign_uris(self.vm.libvirt_uris, own)
 
     def select_variants(self, only: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> list[str]:
         """The variants a build makes (``--only``, ``--except``), in definition order; unknown names are errors."""

@@ -36,9 +36,10 @@ MEANING: dict[str, str] = {
     "disk.size": "Virtual size of the image's disk (cloud-init grows the root file system to the real disk).",
     "disk.compression": "qcow2 compression of the published image: zlib (portable), zstd (QEMU >= 5.1), none.",
     "vm.backend": "How build VMs run: `qemu` (a child process) or `libvirt` (transient domains).",
-    "vm.libvirt_uri": "libvirt connection URI for `vm.backend: libvirt`, or a list of them (a build takes one by a "
-                      "stable hash of its image name). A remote host is `qemu+ssh://USER@HOST/system` "
-                      "(docs/remote-libvirt.md).",
+    "vm.libvirt_uri": "libvirt connection URI for `vm.backend: libvirt`, or a list of them: a build takes one by a "
+                      "stable hash of its image name (with `variants:` that is the install's; the variants are "
+                      "spread over the list in sorted order, or pinned by their own `vm.libvirt_uri`). A remote "
+                      "host is `qemu+ssh://USER@HOST/system` (docs/remote-libvirt.md).",
     "vm.libvirt_pool": "Storage pool on a remote libvirt host that the build VMs' files are uploaded to (a "
                        "`dir`, `fs` or `netfs` pool that exists and is active).",
     "vm.libvirt_pool_dir": "Instead of `vm.libvirt_pool`: a directory on the remote host under which builder "
@@ -65,7 +66,9 @@ MEANING: dict[str, str] = {
     "installer.stall_timeout": "Seconds without installer log progress before the install counts as stuck.",
     "variants": "Named variants built by one `build` from the same installed disk, each into OUTPUT/NAME/ as "
                 "IMAGE-NAME.qcow2: a mapping of overrides merged over the image definition, limited to what does "
-                "not change the install (`provision`, `disk.compression`, `secure_boot`, `description`). "
+                "not change the install (`provision`, `disk.compression`, `secure_boot`, `description`, and "
+                "of `vm` where its VMs run and their vCPUs: `libvirt_uri`, `libvirt_pool`, `libvirt_pool_dir`, "
+                "`cpus`). "
                 "`--only`/`--except` pick some, `--parallel N` provisions N at once.",
     "installer.max_base_age": "A cached installed disk older than this (seconds, or `7d`, `12h`, …) is not reused: "
                               "the build installs afresh into a new cache entry; `0` never reuses one.",

@@ -100,6 +100,9 @@ def build_variants(cfg: ImageConfig, *, names: list[str], on_event: Callable[[Ev
     variants = {n: cfg.variant(n) for n in names}
     for n, vcfg in variants.items():
         preflight.check(vcfg, replace(options, output=root / n))
+    if cfg.vm.backend == "libvirt":
+        emitter.info(f"libvirt hosts: the install on {cfg.vm.host_record(cfg.name)['libvirt_uri']}; "
+                     + ", ".join(f"{n} on {v.vm.host_record(v.name)['libvirt_uri']}" for n, v in variants.items()))
     result = VariantsResult()
     with ExitStack() as stack:
         ctx, workdir, base, jobs, inputs = _base(cfg, options, emitter, stack, variants)
@@ -113,9 +116,13 @@ def build_variants(cfg: ImageConfig, *, names: list[str], on_event: Callable[[Ev
                 # the failure handler sees the error first (the variant's bundle, named in its hint)
                 with ExitStack() as vstack:
                     diagnostics = vstack.enter_context(Diagnostics(vwd))
-                    vctx = ctx.with_(config=variants[name], options=replace(options, output=root / name),
-                                     workdir=vwd, emitter=vemit, stack=vstack, diagnostics=diagnostics,
-                                     manifest={**ctx.manifest, "variant": name})
+                    vcfg = variants[name]
+                    # its VMs run on the variant's libvirt host, which may not be the install's
+                    accel = services.variant_accel(ctx, vcfg, inputs, vemit)
+                    vctx = ctx.with_(config=vcfg, options=replace(options, output=root / name),
+                                     workdir=vwd, emitter=vemit, stack=vstack, diagnostics=diagnostics, accel=accel,
+                                     manifest={**ctx.manifest, "variant": name, "accel": accel,
+                                               "vm": vcfg.vm.host_record(vcfg.name)})
                     vstack.push(_FailureHandler(vctx, workdir))
                     res = _image(vctx, base, jobs[name], inputs)
             except BuilderError as exc:

@@ -10,7 +10,9 @@ Everything started here lives on the build's ExitStack and is stopped when the b
 
 from __future__ import annotations
 
+from .config import ImageConfig
 from .context import BuildContext, Services
+from .events import Emitter
 from .gateway import udeb as udeb_suite
 from .gateway.server import Gateway
 from .gateway.signing import EphemeralKey
@@ -73,5 +75,18 @@ def start(ctx: BuildContext, inputs: InstallerInputs) -> BuildContext:
     accel = pick_accel(vm.accel, inputs.kernel, emitter,
                        libvirt_uri=vm.libvirt_host(ctx.name) if vm.backend == "libvirt" else None)
     ctx.manifest["accel"] = accel
+    ctx.manifest["vm"] = vm.host_record(ctx.name)
     plock = inputs.target.lock if inputs.target is not None else None
     return ctx.with_(services=Services(gateway, key, syslog, tracker, plock), accel=accel)
+
+
+def variant_accel(ctx: BuildContext, vcfg: ImageConfig, inputs: InstallerInputs, emitter: Emitter) -> str:
+    """The accelerator of a variant's VMs: the build's (:func:`start`) when they run on the install's libvirt
+    host, else chosen for the variant's host (its libvirt's word, or the probe here for a local URI)."""
+    vm, base = vcfg.vm, ctx.config.vm
+    if vm.backend != "libvirt":
+        return ctx.accel
+    uri = vm.libvirt_host(vcfg.name)
+    if uri == base.libvirt_host(ctx.name):
+        return ctx.accel
+    return pick_accel(vm.accel, inputs.kernel, emitter, libvirt_uri=uri)

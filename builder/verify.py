@@ -31,7 +31,7 @@ from .vm.accel import pick_accel
 from .vm.firmware import FirmwareKind, prepare
 from .vm.net import find_free_port
 from .vm.remote import is_local
-from .vm.spec import Drive, VmSpec
+from .vm.spec import Drive, VmSpec, vm_name
 
 log = logging.getLogger(__name__)
 
@@ -291,8 +291,9 @@ def verify_image(cfg: ImageConfig, qcow2: Path, workdir: Path, *, emitter: Emitt
     port = find_free_port()
     fw = prepare(firmware, workdir / "verify.vars.fd",
                  mok_certs=[mok_cert] if mok_cert is not None and firmware == "uefi-secure" else [])
-    spec = VmSpec(name="verify", memory_mib=cfg.provision.memory >> 20, cpus=cfg.vm.cpus, accel=accel,
-                  drives=(Drive(disk, keep=False), Drive.cdrom(seed)), boot="disk",
+    # named per image: the verify VMs of parallel variants may share a libvirt host
+    spec = VmSpec(name=vm_name(cfg.name, "verify"), memory_mib=cfg.provision.memory >> 20, cpus=cfg.vm.cpus,
+                  accel=accel, drives=(Drive(disk, keep=False), Drive.cdrom(seed)), boot="disk",
                   serial_log=workdir / "verify.serial.log", ssh_forward=port, no_reboot=False, firmware=fw)
     report = VerifyReport(qcow2, firmware=firmware)
     checks = checks_for(cfg) + firmware_checks(firmware, signer if cfg.provision.enabled else None)

@@ -25,7 +25,7 @@ from ..vm import Machine
 from ..vm.firmware import BIOS, Firmware
 from ..vm.guestnet import gateway_service
 from ..vm.logs import read_text, tail_lines
-from ..vm.spec import Drive, VmSpec
+from ..vm.spec import Drive, VmSpec, vm_name
 from .fetch import InstallerInputs
 from .media import INSTALL_MACHINE, Media, make_iso
 
@@ -147,16 +147,18 @@ def run(ctx: BuildContext, media: Media, inputs: InstallerInputs) -> InstalledBa
     services = ctx.services
     disk = ctx.workdir / "installed.qcow2"
     image.create(disk, cfg.disk.size)
-    spec = install_spec(name=f"{cfg.name}-install", iso=iso, disk=disk, accel=ctx.accel, cpus=cfg.vm.cpus,
+    name = vm_name(cfg.name, "install")
+    spec = install_spec(name=name, iso=iso, disk=disk, accel=ctx.accel, cpus=cfg.vm.cpus,
                         memory=cfg.vm.memory, workdir=ctx.workdir, gateway_port=services.gateway.port,
-                        firmware=ctx.firmware(f"{cfg.name}-install"), syslog_port=services.syslog.port)
+                        firmware=ctx.firmware(name), syslog_port=services.syslog.port)
     with ctx.machine(spec) as vm:
         res = run_install(spec, vm, tracker=services.tracker, listener=services.syslog, emitter=emitter,
                           timeout=cfg.installer.timeout, stall_timeout=cfg.installer.stall_timeout)
     facts: dict[str, Any] = {
         "cached": False, "key": media.install_key, "age_seconds": 0, "age": format_duration(0),
         "security_release": inputs.security_release, "seconds": round(res.seconds, 1), "udebs": res.udebs,
-        "packages": res.packages, "milestones": list(res.milestones), "gateway": services.gateway.stats.as_dict()}
+        "packages": res.packages, "milestones": list(res.milestones), "gateway": services.gateway.stats.as_dict(),
+        "vm": {**cfg.vm.host_record(cfg.name), "accel": ctx.accel}}  # a variant's VMs may run elsewhere
     if stale is not None:
         facts["replaced_stale_base"] = {"created": stale.created, "age": format_duration(stale.age())}
     ctx.manifest["install"] = facts

@@ -38,7 +38,7 @@ from ..vm import Machine
 from ..vm.firmware import BIOS, Firmware
 from ..vm.guestnet import gateway_service
 from ..vm.net import find_free_port
-from ..vm.spec import Drive, VmSpec
+from ..vm.spec import Drive, VmSpec, vm_name
 from . import module
 from .install import InstalledBase
 
@@ -71,7 +71,7 @@ class Guest:
 def provision_spec(cfg: ImageConfig, disk: Path, workdir: Path, accel: str, ssh_port: int,
                    gateway_port: int, direct_boot: DirectBoot | None = None, firmware: Firmware = BIOS) -> VmSpec:
     return VmSpec(firmware=firmware,
-        name=f"{cfg.name}-provision", memory_mib=cfg.provision.memory >> 20, cpus=cfg.vm.cpus,
+        name=vm_name(cfg.name, "provision"), memory_mib=cfg.provision.memory >> 20, cpus=cfg.vm.cpus,
         accel=accel,  # type: ignore[arg-type]
         drives=(Drive(disk, discard=True),), boot="disk", serial_log=workdir / "provision.serial.log",
         ssh_forward=ssh_port, no_reboot=False, guest_services=(gateway_service(gateway_port),),
@@ -187,7 +187,7 @@ def run(ctx: BuildContext, base: InstalledBase, *, provisioner: Provisioner | No
     disk = image.overlay(base.disk, wd / "disk.qcow2")
     port = find_free_port()
     spec = provision_spec(cfg, disk, wd, ctx.accel, port, ctx.gateway.port, base.direct_boot,
-                          firmware=ctx.firmware(f"{cfg.name}-provision"))
+                          firmware=ctx.firmware(vm_name(cfg.name, "provision")))
     user = cfg.installer.build_user
     key_path, _ = base.client_key.write(wd, "build_key")
     known_hosts = wd / "known_hosts"

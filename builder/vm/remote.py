@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -84,13 +85,42 @@ def is_local(uri: str) -> bool:
 
 def pick_uri(uris: Sequence[str], key: str) -> str:
     """The libvirt URI of a build whose image is called ``key``: one of ``uris`` by a stable hash of the name,
-    so the variants of an image (other names) spread over the hosts and each one always lands on the same."""
+    so an image always lands on the same host (a variant of a ``variants:`` build: :func:`assign_uris`)."""
     if not uris:
         raise VmError("no libvirt URI configured (vm.libvirt_uri)")
     if len(uris) == 1:
         return uris[0]
     digest = hashlib.sha256(key.encode()).digest()
     return uris[int.from_bytes(digest[:8], "big") % len(uris)]
+
+
+def assign_uris(uris: Sequence[str], own: Mapping[str, Sequence[str] | None]) -> dict[str, str]:
+    """The libvirt URI of each variant's provision and verify VMs: a variant with URIs of its own (``own[name]``)
+    takes one of them, the others one of ``uris``. Pinned variants (one URI) come first, then the rest in sorted
+    name order, each on its candidate with the fewest variants so far (ties: the first in its list): without
+    pins, sorted round-robin, so N variants over N hosts never share one. It depends on the configuration
+    only (every declared variant counts, not the ones a build selects), so a variant always lands on the
+    same host."""
+    if not uris:
+        raise VmError("no libvirt URI configured (vm.libvirt_uri)")
+    load: Counter[str] = Counter()
+    out: dict[str, str] = {}
+    for name in sorted(own, key=lambda n: (len(own[n] or uris) != 1, n)):
+        cands = list(own[name] or uris)
+        pick = min(cands, key=lambda u: (load[u], cands.index(u)))
+        load[pick] += 1
+        out[name] = pick
+    return {name: out[name] for name in own}
+
+
+def public_uri(uri: str) -> str:
+    """``uri`` as a manifest may show it: no query (``keyfile=``, ``known_hosts=``, …), no password."""
+    parts = urlsplit(uri)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        netloc = f"{userinfo.split(':', 1)[0]}@{hostport}"
+    return f"{parts.scheme}://{netloc}{parts.path}"
 
 
 _VOL_RE = re.compile(r"[^A-Za-z0-9._-]+")

@@ -6,6 +6,7 @@ The QEMU backend turns it into an argv (:func:`builder.vm.qemu.qemu_argv`), the 
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,17 @@ from .guestnet import GuestService
 Accel = Literal["kvm", "tcg"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+def vm_name(image: str, role: str) -> str:
+    """The name of image ``image``'s ``role`` VM (``NAME-install``, ``NAME-VARIANT-provision``,
+    ``NAME-VARIANT-verify``): a libvirt host holds one domain of a name at a time, so parallel variants on one
+    host need their own. A name longer than VmSpec allows keeps its start and a hash of the whole image name."""
+    name = f"{image}-{role}"
+    if len(name) <= 63:
+        return name
+    digest = hashlib.sha256(image.encode()).hexdigest()[:8]
+    return f"{image[:63 - len(role) - 10]}-{digest}-{role}"
 
 
 @dataclass(frozen=True)

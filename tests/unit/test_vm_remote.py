@@ -16,10 +16,12 @@ from builder.vm.guestnet import gateway_service
 from builder.vm.libvirt import QEMU_NS, domain_xml
 from builder.vm.remote import (
     RemoteHost,
+    assign_uris,
     is_local,
     local_files,
     parse_remote_uri,
     pick_uri,
+    public_uri,
     remote_spec,
     stale_volumes,
     volume_name,
@@ -71,6 +73,40 @@ def test_pick_uri_is_stable_and_spreads() -> None:
         pick_uri([], "x")
 
 
+def test_assign_uris_spreads_variants_in_sorted_order_around_pins() -> None:
+    hosts = ["qemu+ssh://a/system", "qemu+ssh://b/system"]
+    a, b = hosts
+    free = dict.fromkeys(["z", "y", "x"])
+    assert assign_uris(hosts, free) == {"z": a, "y": b, "x": a}  # x, y, z round-robin
+    assert list(assign_uris(hosts, free)) == ["z", "y", "x"]  # the caller's order back
+    assert assign_uris(hosts, {**free, "z": (b,)}) == {"z": b, "y": a, "x": a}  # pinned first, then fewest
+    # a choice of its own: the least loaded of those
+    assert assign_uris(hosts, {"x": None, "y": (a, b)}) == {"x": a, "y": b}
+    assert assign_uris(hosts[:1], free) == dict.fromkeys(free, a)
+    with pytest.raises(VmError):
+        assign_uris([], free)
+
+
+@pytest.mark.parametrize(("uri", "shown"), [
+    ("qemu+ssh://root@gpu1.example/system?keyfile=/home/me/.ssh/id&no_verify=1", "qemu+ssh://root@gpu1.example/system"),
+    ("qemu+ssh://me:secret@[::1]:2222/system", "qemu+ssh://me@[::1]:2222/system"),
+    ("qemu+ssh://gpu1/session?known_hosts=/kh", "qemu+ssh://gpu1/session"),
+    ("qemu:///system", "qemu:///system"),
+])
+def test_public_uri_drops_the_query_and_any_password(uri: str, shown: str) -> None:
+    assert public_uri(uri) == shown
+
+
+def test_vm_names_are_the_images_and_fit_a_spec() -> None:
+    from builder.vm.spec import vm_name
+
+    assert vm_name("cloud-gpu-worker-open", "verify") == "cloud-gpu-worker-open-verify"
+    image = "w" * 60
+    long_a, long_b = vm_name(f"{image}-a", "provision"), vm_name(f"{image}-b", "provision")
+    assert len(long_a) == 63 and long_a != long_b and long_a.startswith("www") and long_a.endswith("-provision")
+    VmSpec(name=long_a, memory_mib=512, cpus=1, accel="tcg")  # valid
+
+
 def test_volume_names() -> None:
     prefix = volume_prefix("cgw-install", "ab12cd", pid=4242, tag="0123abcd")
     assert prefix == "builder-0123abcd-4242-ab12cd-cgw-install"
@@ -85,6 +121,15 @@ def test_stale_volume_sweep_only_takes_dead_runs_of_this_machine() -> None:
         "debian13.qcow2",                          # not builder's
     ]
     assert stale_volumes(names, tag="0123abcd", alive={100: False, 200: True}) == [names[0]]
+
+
+def test_the_sweep_spares_every_variant_of_the_running_build() -> None:
+    """Parallel variants are threads of one process: one variant's sweep never takes another's volumes."""
+    import os
+
+    mine = [f"{volume_prefix(f'cgw-{v}-provision', tok, tag='0123abcd')}-0-disk.qcow2"
+            for v, tok in (("open", "aa11bb"), ("current", "cc22dd"))]
+    assert stale_volumes(mine, tag="0123abcd", alive={os.getpid(): False}) == []
 
 
 def _uefi(tmp: Path) -> Firmware:
