@@ -781,6 +781,7 @@ def run_packer(bench: Bench) -> dict[str, Any]:
     stages: dict[str, float] = {}
     t0 = time.monotonic()
     gateway = Gateway(bench, cache, pdir / "gateway.log")
+    record["gateway"] = {"command": gateway.argv, "pid": gateway.proc.pid, "log": str(gateway.log)}
     iso_bytes: int | None = None
     try:
         say(f"(a) {shlex.join(gateway.argv)}  [BUILDER_CACHE_DIR={cache}, PID {gateway.proc.pid}]")
