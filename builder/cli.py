@@ -74,6 +74,16 @@ def _parser() -> argparse.ArgumentParser:
                          "(named in one error otherwise); 0 bytes fetched")
     sp = image_cmd("iso", "write only the installer ISO (preseed inside)")
     sp.add_argument("--output", "-o", type=Path, help="ISO path (default: OUTPUT_DIR/installer.iso)")
+    sp.add_argument("--suite-key", type=Path, metavar="FILE",
+                    help="the public key (binary OpenPGP) of a running gateway verb's installer suite "
+                         "(URL/dists/builder-installer/signing-key.gpg), for the installer to trust (default: a "
+                         "throw-away key, whose suite no gateway serves)")
+    sp.add_argument("--ssh-key-out", type=Path, metavar="DIR",
+                    help="write the SSH keys the preseed installs into DIR: build_key (the build user's private "
+                         "key, 0600), build_key.pub, host_key.pub (the installed system's host key)")
+    sp.add_argument("--reboot", action="store_true",
+                    help="end the install with a reboot into the installed system instead of a power-off (for a "
+                         "tool that waits for SSH in the same VM, e.g. Packer's QEMU builder)")
     sp = image_cmd("build", "build the image")
     sp.add_argument("--output", "-o", type=Path, help="output directory (default: output.dir of the config)")
     sp.add_argument("--force", action="store_true", help="replace existing artifacts in the output directory")
@@ -386,8 +396,11 @@ def _dispatch(args: argparse.Namespace, console: Any) -> int:
         elif args.verb == "iso":
             from .pipeline import write_iso
 
-            out = write_iso(cfg, args.output, emitter=emitter, stats=stats)
-            _say(console, f"wrote {out}")
+            suite_key = _suite_key(args.suite_key) if args.suite_key is not None else None
+            out = write_iso(cfg, args.output, emitter=emitter, stats=stats, suite_key=suite_key,
+                            ssh_key_out=args.ssh_key_out, reboot=args.reboot)
+            keys = f", SSH keys in {args.ssh_key_out}" if args.ssh_key_out is not None else ""
+            _say(console, f"wrote {out}{keys} ({stats.bytes_fetched} bytes fetched upstream)")
         elif args.verb == "build":
             from .pipeline import build, build_variants
 
@@ -436,6 +449,22 @@ def _dispatch(args: argparse.Namespace, console: Any) -> int:
     return EXIT_OK
 
 
+def _suite_key(path: Path) -> bytes:
+    """The ``iso --suite-key`` file: a binary OpenPGP public key (as the gateway serves it)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"--suite-key {path}: cannot read it: {exc.strerror or exc}") from exc
+    # a binary OpenPGP packet stream starts with a tag byte (high bit set) of a public-key packet (tag 6)
+    tag = data[0] if data else 0
+    old_format = tag & 0xC0 == 0x80 and (tag >> 2) & 0x0F == 6
+    new_format = tag & 0xC0 == 0xC0 and tag & 0x3F == 6
+    if not (old_format or new_format):
+        raise ConfigError(f"--suite-key {path}: not a binary OpenPGP public key",
+                          hint="give the gateway's URL/dists/builder-installer/signing-key.gpg as served")
+    return data
+
+
 def _keygen(args: argparse.Namespace, console: Any) -> int:
     from .secureboot import SigningError, write_pair
 
@@ -458,12 +487,14 @@ def _keygen(args: argparse.Namespace, console: Any) -> int:
 
 def _gateway(args: argparse.Namespace, cfg: Any, console: Any) -> int:
     """Serve until SIGINT (exit 130) or SIGTERM (exit 0; while still starting, 130 like every verb)."""
+    from .archive import FetchStats
     from .events import Emitter
     from .gateway.standalone import check_listen, parse_listen, serve
 
     listen = parse_listen(args.listen)
     check_listen(listen, allow_remote=args.allow_remote)  # serve() checks too; this fails before any output
     stop = threading.Event()
+    inputs_stats = FetchStats()
     serving = False
 
     def on_sigterm(signum: int, frame: object) -> None:
@@ -483,9 +514,12 @@ def _gateway(args: argparse.Namespace, cfg: Any, console: Any) -> int:
                 serving = True
 
             stats = serve(cfg, listen, allow_remote=args.allow_remote, emitter=Emitter(progress), ready=ready,
-                          stop=stop)
+                          stop=stop, fetch_stats=inputs_stats)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    _say(console, f"gateway stopped ({stats.requests} request{'' if stats.requests == 1 else 's'} served)")
+    # upstream: the installer inputs fetched before serving and what the gateway fetched for its clients
+    upstream = inputs_stats.bytes_fetched + stats.upstream_bytes
+    _say(console, f"gateway stopped ({stats.requests} request{'' if stats.requests == 1 else 's'} served, "
+                  f"{upstream} bytes fetched upstream)")
     return EXIT_OK

@@ -97,11 +97,13 @@ def serve(
     stop: threading.Event | None = None,
     inputs: InstallerInputs | None = None,
     cache: ContentCache | None = None,
+    fetch_stats: FetchStats | None = None,
 ) -> GatewayStats:
     """Serve the gateway for ``cfg`` on ``listen`` until ``stop`` is set (or a KeyboardInterrupt); return its stats.
 
     The address is checked before anything else. ``inputs`` (default: fetched and verified from the mirror, as a
-    build does) give the installer suite; ``ready`` gets the URLs once the gateway listens.
+    build does, counted in ``fetch_stats``) give the installer suite; ``ready`` gets the URLs once the gateway
+    listens.
     """
     host, _port = listen
     if check_listen(listen, allow_remote=allow_remote):
@@ -110,7 +112,8 @@ def serve(
     cache = cache if cache is not None else ContentCache()
     if inputs is None:
         with emitter.stage("fetch"):
-            inputs = fetch_inputs(cfg, cache, FetchStats(), emitter, packages=True)
+            inputs = fetch_inputs(cfg, cache, fetch_stats if fetch_stats is not None else FetchStats(), emitter,
+                                  packages=True)
     stop = stop if stop is not None else threading.Event()
     with ExitStack() as stack:
         key = stack.enter_context(EphemeralKey(f"builder {cfg.name} installer suite"))

@@ -78,6 +78,9 @@ class PreseedContext:
     host_key_private: str = ""  # OpenSSH ed25519 private host key (PEM)
     host_key_public: str = ""
     log_marker: str = "BUILDER"
+    # how the install ends: power off (a build: QEMU exits, and the builder knows the install has ended), or
+    # reboot into the installed system (the ``iso`` verb's --reboot: for a tool that waits for SSH in the same VM)
+    poweroff: bool = True
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -263,6 +266,7 @@ def preseed_values(ctx: PreseedContext) -> dict[str, Any]:
         "host_key_lines": host_key_lines,
         "host_key_public": host_key_public,
         "marker": ctx.log_marker,
+        "poweroff": ctx.poweroff,
         # The marker split by an empty quote: d-i logs the text of every preseeded command before running
         # it, and that log line must not look like a milestone.
         "marker_sh": f"{ctx.log_marker[0]}''{ctx.log_marker[1:]}",

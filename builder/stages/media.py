@@ -7,6 +7,7 @@ netboot initrd), and the installed-disk cache key computed from exactly what the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from pathlib import Path
 from ..archive.http import FetchStats
 from ..config import ImageConfig
 from ..context import BuildContext
-from ..errors import LockError
+from ..errors import ConfigError, LockError
 from ..events import Emitter
 from ..gateway.signing import EphemeralKey, combined_keyring
 from ..gateway.target import KEY_FILE
@@ -44,12 +45,13 @@ class Media:
     iso: Path | None = None
 
 
-def preseed_context(cfg: ImageConfig, client: KeyPair, host: KeyPair) -> PreseedContext:
-    """The preseed's inputs beyond the config: the gateway as the guest sees it, the build's keys."""
+def preseed_context(cfg: ImageConfig, client: KeyPair, host: KeyPair, *, poweroff: bool = True) -> PreseedContext:
+    """The preseed's inputs beyond the config: the gateway as the guest sees it, the build's keys; ``poweroff``
+    False: the install ends in a reboot into the installed system (the ``iso`` verb's ``--reboot``)."""
     return PreseedContext(
         config=cfg, mirror_host=guestnet.GATEWAY, mirror_dir="/debian", security_host=guestnet.GATEWAY,
         security_dir="/debian-security", udeb_suite=UDEB_SUITE, authorized_key=client.public_openssh,
-        host_key_private=host.private_openssh, host_key_public=host.public_openssh,
+        host_key_private=host.private_openssh, host_key_public=host.public_openssh, poweroff=poweroff,
     )
 
 
@@ -82,11 +84,11 @@ chmod 0644 /target{KEY_FILE}
 """
 
 
-def render(cfg: ImageConfig, inputs: InstallerInputs, *, log_port: int) -> Media:
+def render(cfg: ImageConfig, inputs: InstallerInputs, *, log_port: int, poweroff: bool = True) -> Media:
     """Fresh keys, the checked preseed, the command line and the cache key (no ISO yet)."""
     client = generate_keypair(f"builder@{cfg.name}")
     host = generate_keypair(f"root@{cfg.installer.hostname}")
-    preseed = render_preseed(preseed_context(cfg, client, host))
+    preseed = render_preseed(preseed_context(cfg, client, host, poweroff=poweroff))
     check_preseed_syntax(preseed)
     cmdline = installer_cmdline(cfg, log_port=log_port, extra=INSTALLER_EXTRA_ARGS)
     key = disk_key(cfg, inputs.lock, preseed, client, host,
@@ -107,13 +109,15 @@ def installer_initrd(cfg: ImageConfig, inputs: InstallerInputs, preseed: str, pu
     return append_to_initrd(inputs.initrd.read_bytes(), files, dirs)
 
 
-def make_iso(cfg: ImageConfig, inputs: InstallerInputs, media: Media, key: EphemeralKey, target: Path) -> Path:
+def make_iso(cfg: ImageConfig, inputs: InstallerInputs, media: Media, key: EphemeralKey | bytes,
+             target: Path) -> Path:
     """The installer initrd (preseed + keyring appended) on a pycdlib ISO at ``target``, bootable under BIOS and,
-    when the lock pins Debian's signed shim and GRUB, under UEFI too."""
+    when the lock pins Debian's signed shim and GRUB, under UEFI too. ``key`` signs the installer suite the
+    gateway serves (or is its public part, binary OpenPGP)."""
     if inputs.efi is None and cfg.build_firmware == "uefi":
         raise LockError(f"the lock {cfg.lock_path.name} pins no shim-signed / grub-efi-amd64-signed: the installer "
                         "ISO cannot boot under UEFI (vm.firmware)", hint="run: python -m builder lock IMAGE.yaml")
-    initrd = installer_initrd(cfg, inputs, media.preseed, key.public_key())
+    initrd = installer_initrd(cfg, inputs, media.preseed, key if isinstance(key, bytes) else key.public_key())
     iso = build_iso(target, kernel=inputs.kernel, initrd=initrd, isolinux_bin=inputs.isolinux_bin,
                     ldlinux_c32=inputs.ldlinux_c32, append=media.cmdline,
                     extra_files={"preseed.cfg": media.preseed.encode()}, efi=inputs.efi)
@@ -134,18 +138,40 @@ def run(ctx: BuildContext, inputs: InstallerInputs) -> Media:
     return Media(media.preseed, media.cmdline, media.install_key, media.client_key, media.host_key, iso)
 
 
-def write_iso(cfg: ImageConfig, out: Path | None, *, emitter: Emitter, stats: FetchStats) -> Path:
-    """The ``iso`` verb: the installer ISO alone (its syslog port is a placeholder; nothing listens)."""
+# what ``write_iso(ssh_key_out=DIR)`` writes into DIR: the build user's private key (0600) and its public key,
+# and the public host key the installed system has
+SSH_KEY_FILE = "build_key"
+HOST_KEY_FILE = "host_key.pub"
+
+
+def write_iso(cfg: ImageConfig, out: Path | None, *, emitter: Emitter, stats: FetchStats,
+              suite_key: bytes | None = None, ssh_key_out: Path | None = None, reboot: bool = False) -> Path:
+    """The ``iso`` verb: the installer ISO alone (its syslog port is a placeholder; nothing listens).
+
+    ``suite_key``: the public key (binary OpenPGP) that signs the installer suite of a running ``gateway`` verb,
+    which the installer then trusts (default: a throw-away key, whose suite no gateway serves). ``ssh_key_out``:
+    a directory for the SSH keys the preseed installs (:data:`SSH_KEY_FILE`, ``.pub``, :data:`HOST_KEY_FILE`),
+    for a tool that logs in as the build user. ``reboot``: the install ends in a reboot into the installed
+    system instead of a power-off."""
     from ..archive.cache import ContentCache
     from .fetch import fetch_inputs
 
     with emitter.stage("fetch"):
         inputs = fetch_inputs(cfg, ContentCache(), stats, emitter)
-    with EphemeralKey() as key, emitter.stage("media"):
-        media = render(cfg, inputs, log_port=5140)
+    with contextlib.ExitStack() as stack, emitter.stage("media"):
+        key: EphemeralKey | bytes = suite_key if suite_key is not None else stack.enter_context(EphemeralKey())
+        media = render(cfg, inputs, log_port=5140, poweroff=not reboot)
         target = out or cfg.output_dir / "installer.iso"
         target.parent.mkdir(parents=True, exist_ok=True)
         part = target.with_name(f".{target.name}.part")
         make_iso(cfg, inputs, media, key, part)
+        if ssh_key_out is not None:
+            try:
+                media.client_key.write(ssh_key_out, SSH_KEY_FILE)
+                (ssh_key_out / HOST_KEY_FILE).write_text(media.host_key.public_openssh.rstrip("\n") + "\n")
+            except OSError as exc:
+                part.unlink(missing_ok=True)
+                raise ConfigError(f"--ssh-key-out: cannot write the SSH keys into {ssh_key_out}: "
+                                  f"{exc.strerror or exc}") from exc
         os.replace(part, target)
     return target

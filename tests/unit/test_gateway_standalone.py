@@ -330,7 +330,7 @@ def test_verb_serves_until_signalled(tmp_path, image, sig, code):
     assert p.returncode == code, err
     assert "Traceback" not in err and out == ""
     assert plain(err).rstrip().splitlines()[-1] == ("interrupted" if sig == signal.SIGINT else
-                                             "gateway stopped (1 request served)")
+                                             "gateway stopped (1 request served, 0 bytes fetched upstream)")
     assert "gateway ready: " + main in err
 
 
