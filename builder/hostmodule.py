@@ -523,6 +523,16 @@ def _run_build(argv: list[str], log_path: Path, env: Mapping[str, str], *, timeo
         return rc
 
 
+def first_compile_error(make_log: bytes) -> str:
+    """The first compiler or linker error of a DKMS make.log (``file:line:col: error: …``), without the build
+    root's paths before the module's own directory; "" when there is none."""
+    for raw in make_log.decode(errors="replace").splitlines():
+        line = raw.strip()
+        if ": error: " in line or line.startswith(("ERROR: ", "error: ")):
+            return re.sub(r"^/var/lib/dkms/[^/]+/[^/]+/build/", "", line)[:400]
+    return ""
+
+
 def build_module(
     sources: Sources,
     dkms_package: str,
@@ -590,12 +600,16 @@ def build_module(
     res = outdir / Path(OUT_INSIDE).name
     info = read_kv(res / "info")
     module, version = info.get("module", "?"), info.get("version", "?")
-    make_log = tail((res / "make.log").read_bytes(), 25) if (res / "make.log").is_file() else []
+    make_bytes = (res / "make.log").read_bytes() if (res / "make.log").is_file() else b""
+    make_log = tail(make_bytes, 25) if make_bytes else []
     if (res / "error").is_file():
+        first = first_compile_error(make_bytes)
         raise HostModuleError(
             f"the host-side DKMS build of {plan.dkms_package.pin} for kernel {plan.kver} failed: "
-            f"{(res / 'error').read_text(errors='replace').strip()}",
-            log_tail=make_log or tail(log_path.read_bytes()), hint=f"build log: {log_path}")
+            f"{(res / 'error').read_text(errors='replace').strip()}" + (f"; first error: {first}" if first else ""),
+            log_tail=make_log or tail(log_path.read_bytes()),
+            hint=f"build log: {log_path}; DKMS's make.log: {res / 'make.log'} (the guest's DKMS would fail the same "
+                 "way: the driver's source does not build for this kernel)")
     if rc != 0 or not (res / "status").is_file():
         raise HostModuleError(
             f"mmdebstrap could not make the build root for {plan.dkms_package.pin} (kernel {plan.kver}; exit code "

@@ -129,6 +129,11 @@ class ModuleJob:
             self.error = exc
             if isinstance(exc, HostModuleError) and exc.missing_tool is not None:  # said now, not after the install
                 ctx.emitter.warning(fallback_warning(exc))
+            elif isinstance(exc, HostModuleError) and not self.cancel.is_set():
+                # said now, while the installer runs: the image (variant) that needs it fails when it reaches
+                # provisioning, before its VM boots; the others go on
+                ctx.emitter.warning(f"{exc.message}; {self.label or ctx.config.name} will fail at provisioning"
+                                    + (f" ({exc.hint})" if exc.hint else ""))
 
     def start(self) -> ModuleJob:
         self.thread.start()

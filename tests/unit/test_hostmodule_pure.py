@@ -373,3 +373,17 @@ def test_the_build_script_is_valid_bash(tmp_path):
     script = tmp_path / "s.sh"
     script.write_text(hm.BUILD_SCRIPT)
     assert os.system(f"bash -n {script}") == 0
+
+
+def test_first_compile_error_of_a_dkms_make_log():
+    # lines of the make.log of Debian's nvidia-open-kernel-dkms 550.163.01-2 against 6.12.118+deb13-amd64
+    log = b"""# CC [M]  /var/lib/dkms/nvidia-current-open/550.163.01/build/nvidia/nv-pci.o
+/var/lib/dkms/nvidia-current-open/550.163.01/build/nvidia/nv-pci.c: In function 'nv_resize_pcie_bars':
+/var/lib/dkms/nvidia-current-open/550.163.01/build/nvidia/nv-pci.c:237:9: error: too few arguments to function \
+'pci_resize_resource'
+  237 |     r = pci_resize_resource(pci_dev, NV_GPU_BAR1, requested_size);
+make[4]: *** [scripts/Makefile.build:234: nvidia/nv-pci.o] Error 1
+"""
+    got = hm.first_compile_error(log)
+    assert got.startswith("nvidia/nv-pci.c:237:9: error: too few arguments to function")
+    assert hm.first_compile_error(b"CONFTEST: dma_fence_set_error\nmake: *** Error 2\n") == ""

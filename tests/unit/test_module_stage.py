@@ -131,6 +131,27 @@ def test_any_other_failure_fails_the_build(ctx):
     assert ei.value.stage == "provision" and ei.value.log_tail == ["make: *** Error 2"]
 
 
+def test_a_failed_host_build_is_said_at_once_and_fails_that_image_at_provisioning(ctx, events, monkeypatch):
+    # what a cold build met: Debian's nvidia-open-kernel-dkms 550.163.01-2 does not compile for 6.12.118+deb13
+    err = HostModuleError("the host-side DKMS build of nvidia-open-kernel-dkms=550.163.01-2 for kernel "
+                          "6.12.118+deb13-amd64 failed: dkms build exited with 10; first error: nvidia/nv-pci.c:237:9: "
+                          "error: too few arguments to function 'pci_resize_resource'", hint="build log: X")
+
+    def fake_build(*a, **kw):
+        raise err
+
+    monkeypatch.setattr(module, "build_module", fake_build)
+    monkeypatch.setattr(type(ctx), "gateway", property(lambda self: FakeGateway()))
+    job = module.start(ctx, label="open")
+    assert job is not None
+    job.thread.join(10)
+    warnings = [e.message for e in events if e.kind == "warning"]
+    assert len(warnings) == 1 and "pci_resize_resource" in warnings[0]  # while the installer still runs
+    assert "open will fail at provisioning (build log: X)" in warnings[0]
+    with pytest.raises(HostModuleError, match="pci_resize_resource"):
+        module.finish(ctx, job)
+
+
 def test_start_runs_the_build_in_a_thread_that_the_build_stops(ctx, monkeypatch):
     started, stopped = threading.Event(), threading.Event()
 
