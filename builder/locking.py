@@ -101,10 +101,13 @@ def check_locks(cfg: ImageConfig, *, cache: ContentCache, stats: FetchStats, emi
     out.lines += [f"  {d}" for d in diffs]
     out.lines.append(f"{cfg.lock_path.name}: " + ("differs from the archive" if diffs else "up to date"))
     out.changed = bool(diffs)
-    if cfg.debian.package_lock == "off" or not cfg.package_lock_path.is_file():
+    if not cfg.package_lock_path.is_file():
         if cfg.debian.package_lock != "off":
             out.lines.append(f"{cfg.package_lock_path.name}: none (create it with: python -m builder lock IMAGE.yaml)")
         return out
+    # a lock file that exists is checked even while the image does not use it (debian.package_lock: off): it is
+    # what turning the lock on would install
+    off = " (not in force: debian.package_lock is off)" if cfg.debian.package_lock == "off" else ""
     plock = read_package_lock(cfg.package_lock_path)
     uni = load_universe(cfg, cache, stats, report=emitter.info)
     found = moved(plock, uni)
@@ -114,6 +117,6 @@ def check_locks(cfg: ImageConfig, *, cache: ContentCache, stats: FetchStats, emi
     out.lines.append(f"{cfg.package_lock_path.name}: " + (
         f"{len(found)} of {len(plock.packages)} packages moved upstream ({len(security)} security updates); "
         "refresh with: python -m builder lock IMAGE.yaml --update" if found else
-        f"up to date ({len(plock.packages)} packages)"))
+        f"up to date ({len(plock.packages)} packages)") + off)
     out.changed = out.changed or bool(found)
     return out
