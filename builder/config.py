@@ -302,7 +302,9 @@ class InstallerConfig(_Model):
     extra_packages: tuple[str, ...] = ()
     install_recommends: bool = False
     kernel_cmdline: tuple[str, ...] = ("console=tty0", "console=ttyS0,115200")
-    timeout: Annotated[int, Field(ge=60, description="seconds for the whole install")] = 5400
+    # a backstop only: a stuck install is stopped by stall_timeout. 3 h: a TCG install beside the host-side module
+    # builds on 2 cores took over 90 min (it was stopped at its last step by the former 5400 s)
+    timeout: Annotated[int, Field(ge=60, description="seconds for the whole install")] = 10800
     stall_timeout: Annotated[int, Field(ge=30, description="seconds without d-i log progress")] = 900
     # A cached installed disk older than this is not reused (a fresh install replaces it): '7d', '12h', 0 = never
     # reuse one.

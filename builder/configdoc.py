@@ -62,7 +62,8 @@ MEANING: dict[str, str] = {
     "installer.extra_packages": "Packages the installer adds to the base role's seed list (`base_packages`).",
     "installer.install_recommends": "Install Recommends during the install.",
     "installer.kernel_cmdline": "Kernel command line of the image (and what follows `---` for the installer).",
-    "installer.timeout": "Seconds the whole unattended install may take.",
+    "installer.timeout": "Seconds the whole unattended install may take: a backstop, a stuck install is stopped by "
+                         "`installer.stall_timeout`.",
     "installer.stall_timeout": "Seconds without installer log progress before the install counts as stuck.",
     "variants": "Named variants built by one `build` from the same installed disk, each into OUTPUT/NAME/ as "
                 "IMAGE-NAME.qcow2: a mapping of overrides merged over the image definition, limited to what does "
