@@ -51,8 +51,8 @@ class Emitter:
         level = logging.WARNING if ev.kind == "warning" else logging.DEBUG if ev.kind == "progress" else logging.INFO
         if ev.kind != "progress" or ev.message:
             where = f"[{ev.stage}] " if ev.stage else ""
-            log.log(level, "%s%s%s", where, ev.kind + ": " if ev.kind.startswith("stage") else "", ev.message,
-                    extra={"builder_event": ev})
+            kind = (ev.kind + (": " if ev.message else "")) if ev.kind.startswith("stage") else ""
+            log.log(level, "%s%s%s", where, kind, ev.message, extra={"builder_event": ev})
         if self._cb is not None:
             try:
                 self._cb(ev)
