@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import platform
@@ -678,14 +677,6 @@ def fetch_to(url: str, dest: Path) -> Path:
     return dest
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def packer_prerequisites() -> tuple[str, str]:
     """Packer and ansible-playbook, or Skipped naming what to install."""
     packer = shutil.which("packer")
@@ -759,6 +750,7 @@ def write_template(pdir: Path, inputs: PackerInputs, packer: str) -> tuple[Path,
 
 def run_packer(bench: Bench) -> dict[str, Any]:
     """Run (a): the gateway verb, the ISO for it, then ``packer build`` of the generated template."""
+    from builder.archive.cache import sha256_file
     from builder.gateway.standalone import SIGNING_KEY
 
     packer, ansible = packer_prerequisites()
@@ -800,7 +792,7 @@ def run_packer(bench: Bench) -> dict[str, Any]:
         if rc != 0:
             raise RuntimeError(f"builder iso exited {rc}: {last_error(lines)}")
         iso_bytes = upstream_bytes("\n".join(lines), ISO_BYTES_RE)
-        inputs = packer_inputs(bench, pdir, iso=iso, iso_sha256=sha256_of(iso), port=port, accel=accel,
+        inputs = packer_inputs(bench, pdir, iso=iso, iso_sha256=sha256_file(iso), port=port, accel=accel,
                                ansible=ansible)
         stages["media"] = round(time.monotonic() - t1, 1)
         template, argv = write_template(pdir, inputs, packer)

@@ -118,6 +118,7 @@ def test_a_comma_in_a_path_is_doubled_for_qemu(tmp_path: Path) -> None:
 
 def packer_files(tmp_path: Path) -> tuple[Any, Path]:
     """packer_inputs for the default image, as run (a) makes them, and a key file where the ISO would put it."""
+    from builder.archive.cache import sha256_file
     from builder.ssh import generate_keypair
     from builder.stages.media import SSH_KEY_FILE
 
@@ -126,7 +127,7 @@ def packer_files(tmp_path: Path) -> tuple[Any, Path]:
     generate_keypair("test").write(pdir / "keys", SSH_KEY_FILE)
     (pdir / "installer.iso").write_bytes(b"iso")
     try:
-        p = bm.packer_inputs(b, pdir, iso=pdir / "installer.iso", iso_sha256=bm.sha256_of(pdir / "installer.iso"),
+        p = bm.packer_inputs(b, pdir, iso=pdir / "installer.iso", iso_sha256=sha256_file(pdir / "installer.iso"),
                              port=41234, accel="tcg", ansible=bm.ansible_playbook() or "ansible-playbook")
     except bm.Skipped as exc:  # no OVMF on this host
         pytest.skip(str(exc))
