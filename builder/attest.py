@@ -152,10 +152,15 @@ def package_digests(gateway: Gateway | None, cache: ContentCache, wanted: Iterab
 
 
 def _display(path: Path, root: Path) -> str:
-    try:
-        return str(path.relative_to(root))
-    except ValueError:
-        return str(path)
+    """``path`` relative to the definition's project root; builder's own files (in a source tree or installed as
+    package data under ``builder/data``) by the same relative name either way, e.g. ``playbooks/finalize.yml``."""
+    pkg = Path(__file__).resolve().parent
+    for base in (root, pkg / "data", pkg.parent):
+        try:
+            return str(path.resolve().relative_to(base.resolve()))
+        except ValueError:
+            continue
+    return str(path)
 
 
 def file_resource(path: Path, kind: str, root: Path, **annotations: Any) -> dict[str, Any]:
