@@ -155,7 +155,7 @@ def _display(path: Path, root: Path) -> str:
     """``path`` relative to the definition's project root; builder's own files (in a source tree or installed as
     package data under ``builder/data``) by the same relative name either way, e.g. ``playbooks/finalize.yml``."""
     pkg = Path(__file__).resolve().parent
-    for base in (root, pkg / "data", pkg.parent):
+    for base in (pkg / "data", root, pkg.parent):
         try:
             return str(path.resolve().relative_to(base.resolve()))
         except ValueError:
@@ -194,9 +194,13 @@ def definition_resources(cfg: ImageConfig) -> list[dict[str, Any]]:
     out += [file_resource(p, "lock", root) for p in lock_files(cfg)]
     playbooks = ([cfg.playbook] if cfg.provision.enabled else []) + [cfg.finalize_playbook]
     out += [file_resource(p, "playbook", root) for p in playbooks if p.is_file()]
+    # Ansible takes a role from the first roles directory that has it: a role that an earlier directory already
+    # provides (the project's own roles/ shadowing builder's installed copy) is not an input.
+    provided: set[str] = set()
     for rdir in cfg.roles_dirs:
-        out += [file_resource(p, "role", root, role=p.relative_to(rdir).parts[0])
-                for p in tree_files(rdir) if len(p.relative_to(rdir).parts) > 1]
+        here = [(p, p.relative_to(rdir).parts[0]) for p in tree_files(rdir) if len(p.relative_to(rdir).parts) > 1]
+        out += [file_resource(p, "role", root, role=role) for p, role in here if role not in provided]
+        provided |= {role for _, role in here}
     try:
         tdir = default_template_dir()
     except BuilderError:

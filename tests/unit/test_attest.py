@@ -110,3 +110,18 @@ def test_definition_resources_name_every_file_by_digest(default_config, repo):
         path = Path(r["uri"].removeprefix("file://"))
         assert hashlib.sha256(path.read_bytes()).hexdigest() == r["digest"]["sha256"], r["name"]
     assert len({r["name"] for r in res}) == len(res)
+
+
+def test_a_role_shadowed_by_an_earlier_roles_dir_is_not_an_input(default_config, tmp_path: Path):
+    """Ansible takes a role from the first roles directory that has it: the project's own copy of a role is the
+    input, builder's copy of the same role is not (as under tox, where both are on the roles path)."""
+    own = tmp_path / "roles" / "base" / "tasks"
+    own.mkdir(parents=True)
+    (own / "main.yml").write_text("- ansible.builtin.debug: {msg: shadow}\n")
+    cfg = default_config.model_copy(update={"provision": default_config.provision.model_copy(
+        update={"roles_path": [tmp_path / "roles"]})})
+    base = [r for r in attest.definition_resources(cfg)
+            if r["annotations"]["kind"] == "role" and r["annotations"]["role"] == "base"]
+    assert [Path(r["uri"].removeprefix("file://")) for r in base] == [(own / "main.yml").resolve()]
+    others = {r["annotations"]["role"] for r in attest.definition_resources(cfg) if r["annotations"]["kind"] == "role"}
+    assert {"nvidia-gpu-drivers", "finalize"} <= others
