@@ -151,20 +151,27 @@ def package_digests(gateway: Gateway | None, cache: ContentCache, wanted: Iterab
 # ------------------------------------------------------------------------------------------------ inputs
 
 
-def _display(path: Path, root: Path) -> str:
-    """``path`` relative to the definition's project root; builder's own files (in a source tree or installed as
-    package data under ``builder/data``) by the same relative name either way, e.g. ``playbooks/finalize.yml``."""
-    pkg = Path(__file__).resolve().parent
-    for base in (pkg / "data", root, pkg.parent):
-        try:
-            return str(path.resolve().relative_to(base.resolve()))
-        except ValueError:
-            continue
+def _display(path: Path, bases: tuple[Path, ...]) -> str:
+    """``path`` relative to the first of ``bases`` (resolved directories) that holds it, else as it is."""
+    resolved = path.resolve()
+    for base in bases:
+        if resolved.is_relative_to(base):
+            return str(resolved.relative_to(base))
     return str(path)
 
 
-def file_resource(path: Path, kind: str, root: Path, **annotations: Any) -> dict[str, Any]:
-    return sbom.resource(_display(path, root), sha256_file(path), uri=path.resolve().as_uri(), kind=kind,
+def _name_bases(root: Path) -> tuple[Path, ...]:
+    """What the definition's files are named relative to: builder's own data root first (the source tree, or
+    ``builder/data`` when installed as a package, so its files read ``playbooks/finalize.yml`` either way), then
+    the definition's project root."""
+    from .config import builtin_dir
+
+    own = builtin_dir("roles")
+    return tuple(dict.fromkeys(p.resolve() for p in ([own.parent] if own else []) + [root]))
+
+
+def file_resource(path: Path, kind: str, bases: tuple[Path, ...], **annotations: Any) -> dict[str, Any]:
+    return sbom.resource(_display(path, bases), sha256_file(path), uri=path.resolve().as_uri(), kind=kind,
                          **annotations)
 
 
@@ -187,28 +194,28 @@ def definition_resources(cfg: ImageConfig) -> list[dict[str, Any]]:
     """The image definition's own files: definition, locks, playbooks, roles, preseed templates, keyring."""
     from .installer.preseed import default_template_dir
 
-    root = cfg.base_dir.parent
+    bases = _name_bases(cfg.base_dir.parent)
     out = []
     if cfg.source is not None and cfg.source.is_file():
-        out.append(file_resource(cfg.source, "image-definition", root))
-    out += [file_resource(p, "lock", root) for p in lock_files(cfg)]
+        out.append(file_resource(cfg.source, "image-definition", bases))
+    out += [file_resource(p, "lock", bases) for p in lock_files(cfg)]
     playbooks = ([cfg.playbook] if cfg.provision.enabled else []) + [cfg.finalize_playbook]
-    out += [file_resource(p, "playbook", root) for p in playbooks if p.is_file()]
+    out += [file_resource(p, "playbook", bases) for p in playbooks if p.is_file()]
     # Ansible takes a role from the first roles directory that has it: a role that an earlier directory already
     # provides (the project's own roles/ shadowing builder's installed copy) is not an input.
     provided: set[str] = set()
     for rdir in cfg.roles_dirs:
         here = [(p, p.relative_to(rdir).parts[0]) for p in tree_files(rdir) if len(p.relative_to(rdir).parts) > 1]
-        out += [file_resource(p, "role", root, role=role) for p, role in here if role not in provided]
+        out += [file_resource(p, "role", bases, role=role) for p, role in here if role not in provided]
         provided |= {role for _, role in here}
     try:
         tdir = default_template_dir()
     except BuilderError:
         tdir = None
     if tdir is not None:
-        out += [file_resource(p, "preseed-template", root) for p in sorted(tdir.glob("*.j2"))]
+        out += [file_resource(p, "preseed-template", bases) for p in sorted(tdir.glob("*.j2"))]
     if cfg.debian.keyring.is_file():
-        out.append(file_resource(cfg.debian.keyring, "keyring", root))
+        out.append(file_resource(cfg.debian.keyring, "keyring", bases))
     return out
 
 

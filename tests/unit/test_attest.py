@@ -120,8 +120,7 @@ def test_a_role_shadowed_by_an_earlier_roles_dir_is_not_an_input(default_config,
     (own / "main.yml").write_text("- ansible.builtin.debug: {msg: shadow}\n")
     cfg = default_config.model_copy(update={"provision": default_config.provision.model_copy(
         update={"roles_path": [tmp_path / "roles"]})})
-    base = [r for r in attest.definition_resources(cfg)
-            if r["annotations"]["kind"] == "role" and r["annotations"]["role"] == "base"]
+    roles = [r for r in attest.definition_resources(cfg) if r["annotations"]["kind"] == "role"]
+    base = [r for r in roles if r["annotations"]["role"] == "base"]
     assert [Path(r["uri"].removeprefix("file://")) for r in base] == [(own / "main.yml").resolve()]
-    others = {r["annotations"]["role"] for r in attest.definition_resources(cfg) if r["annotations"]["kind"] == "role"}
-    assert {"nvidia-gpu-drivers", "finalize"} <= others
+    assert {"nvidia-gpu-drivers", "finalize"} <= {r["annotations"]["role"] for r in roles}
