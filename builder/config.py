@@ -541,11 +541,11 @@ class ImageConfig(_Model):
 
     @model_validator(mode="after")
     def _firmware_fits_disk(self) -> ImageConfig:
-        if self.disk.boot in ("hybrid", "uefi") and self.vm.firmware == "bios":
+        if self.disk.boot == "uefi" and self.vm.firmware == "bios":
             raise ValueError(
-                f"vm.firmware: bios cannot install a disk.boot: {self.disk.boot} disk: debian-installer makes an EFI "
-                "system partition and installs the UEFI boot loader only when it runs under UEFI (use vm.firmware: "
-                "uefi or auto)")
+                "vm.firmware: bios cannot install a disk.boot: uefi disk: under BIOS debian-installer installs GRUB "
+                "into a BIOS boot partition, which a uefi disk does not have (use vm.firmware: uefi or auto, or "
+                "disk.boot: hybrid)")
         if self.disk.boot == "bios" and self.vm.firmware == "uefi":
             raise ValueError("vm.firmware: uefi cannot install a disk.boot: bios disk: under UEFI debian-installer "
                              "installs GRUB for UEFI, not into the MBR (use vm.firmware: bios or auto)")

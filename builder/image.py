@@ -23,6 +23,10 @@ from typing import Any, Literal
 from .errors import ImageError, MissingToolError, ToolError
 from .run import Child, run, spawn, tail, which
 
+# GPT partition type GUIDs of the hybrid and uefi layouts (lsblk prints them in lower case)
+ESP_TYPE = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"
+BIOS_BOOT_TYPE = "21686148-6449-6e6f-744e-656564454649"
+
 log = logging.getLogger(__name__)
 
 Compression = Literal["zlib", "zstd", "none"]

@@ -25,6 +25,7 @@ from .config import ImageConfig, seed_packages
 from .errors import BuilderError, VerifyError
 from .events import Emitter
 from .gateway.target import KEY_FILE
+from .image import BIOS_BOOT_TYPE, ESP_TYPE
 from .ssh import KeyPair, generate_keypair, run_command, wait_for_ssh
 from .vm import guestnet, open_machine
 from .vm.accel import pick_accel
@@ -171,8 +172,6 @@ def checks_for(cfg: ImageConfig) -> list[tuple[str, str, str]]:
     return out
 
 
-ESP_TYPE = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"
-BIOS_BOOT_TYPE = "21686148-6449-6e6f-744e-656564454649"
 EFIVAR_SECURE_BOOT = "/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c"
 
 

@@ -29,6 +29,7 @@ import jinja2
 
 from ..config import KARG_RE, LOCALE_RE, ImageConfig, install_packages
 from ..errors import ConfigError, MediaError, ToolError
+from ..image import ESP_TYPE
 from ..run import run, which
 from ..vm.guestnet import HOST as GUEST_HOST
 
@@ -178,6 +179,8 @@ def _serial_console(kargs: Sequence[str]) -> tuple[int, int] | None:
 
 # The EFI system partition: Debian's cloud images give it 124 MiB; shim, GRUB and MokManager take ~6 MB.
 ESP_MB = 128
+# the GPT name partman-efi gives the ESP; a BIOS install names it the same (late_command)
+ESP_NAME = "EFI System Partition"
 
 
 def preseed_values(ctx: PreseedContext) -> dict[str, Any]:
@@ -257,7 +260,12 @@ def preseed_values(ctx: PreseedContext) -> dict[str, Any]:
         "serial": _serial_console(kargs),
         "disk": INSTALL_DISK,
         "boot": cfg.disk.boot,
+        # how the install VM boots: under BIOS, partman makes no EFI system partition and grub-installer installs
+        # grub-pc, so a hybrid disk gets its ESP as a plain FAT partition and the UEFI boot loader in late_command
+        "installer_firmware": cfg.build_firmware,
         "esp_mb": ESP_MB,
+        "esp_type": ESP_TYPE,
+        "esp_name": ESP_NAME,
         "mirror_host": ctx.mirror_host,
         "mirror_dir": "/" + ctx.mirror_dir.strip("/"),
         "security_host": security_host,

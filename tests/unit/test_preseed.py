@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from builder.config import ImageConfig, install_packages, load_config
 from builder.errors import ConfigError, MediaError
+from builder.image import ESP_TYPE
 from builder.installer import preseed as ps
 from builder.installer.preseed import (
     PreseedContext,
@@ -159,11 +161,72 @@ def test_partitioning_per_boot_mode(boot: str, keys: dict[str, str]) -> None:
     assert late.index("step boot-loader" if boot != "bios" else "step grub") <= late.index("step grub")
 
 
-@pytest.mark.parametrize(("boot", "firmware"), [("hybrid", "bios"), ("uefi", "bios"), ("bios", "uefi")])
+@pytest.mark.parametrize(("boot", "firmware"), [("uefi", "bios"), ("bios", "uefi")])
 def test_firmware_that_cannot_install_the_disk_is_refused(boot: str, firmware: str) -> None:
     with pytest.raises(ConfigError) as exc:
         load_config(IMAGE, [f"disk.boot={boot}", f"vm.firmware={firmware}"])
     assert "vm.firmware" in str(exc.value) and boot in str(exc.value)
+
+
+def _bios_hybrid(keys: dict[str, str]) -> str:
+    cfg = load_config(IMAGE, ["provision.enabled=false", "disk.boot=hybrid", "vm.firmware=bios"])
+    assert cfg.build_firmware == "bios"
+    return render_preseed(PreseedContext(config=cfg, mirror_host="10.0.2.2:38123", security_host="10.0.2.2:38123",
+                                         udeb_suite="builder-0123abcd", **keys))
+
+
+def test_hybrid_disk_from_a_bios_installer(keys: dict[str, str]) -> None:
+    """Under BIOS partman makes no ESP: a FAT32 /boot/efi partition is made instead and late_command gives it the
+    ESP's type, name and fstab options, and swaps grub-pc for grub-efi-amd64 before grub-cloud-amd64 runs."""
+    text = _bios_hybrid(keys)
+    ps.check_preseed_syntax(text)
+    parts = [p.strip() for p in value(text, "partman-auto/expert_recipe").split(" . ") if p.strip()]
+    assert "method{ efi }" not in text
+    assert "method{ biosgrub }" in parts[0] and "mountpoint{ / }" in parts[2]
+    esp = parts[1]
+    assert f"{ps.ESP_MB} {ps.ESP_MB} {ps.ESP_MB} fat32" in esp
+    assert "filesystem{ fat32 }" in esp and "mountpoint{ /boot/efi }" in esp and "format{ }" in esp
+    assert value(text, "partman-partitioning/choose_label") == "gpt"
+    late = value(text, "preseed/late_command")
+    assert f"sfdisk --no-reread --no-tell-kernel --part-type /dev/vda 2 {ESP_TYPE}" in late
+    assert "--part-label /dev/vda 2 'EFI System Partition'" in late
+    assert "dpkg --purge grub-pc" in late and "install grub-efi-amd64 gdisk mokutil" in late
+    order = [late.index(k) for k in ("step kernel", "step esp", "step grub-efi", "step boot-loader", "step grub;")]
+    assert order == sorted(order)
+    # the UEFI installer's preseed has none of it
+    uefi = value(render_preseed(PreseedContext(
+        config=load_config(IMAGE, ["provision.enabled=false"]), mirror_host="10.0.2.2:38123",
+        security_host="10.0.2.2:38123", udeb_suite="builder-0123abcd", **keys)), "preseed/late_command")
+    assert "step esp" not in uefi and "grub-pc" not in uefi and "sfdisk" not in uefi
+
+
+def test_bios_installer_fstab_rewrite(keys: dict[str, str], tmp_path: Path) -> None:
+    """The fstab step of the BIOS path, run by a real shell and awk on an fstab as partman writes it: the /boot/efi
+    line becomes partman-efi's, in the same columns, and nothing else changes."""
+    late = value(_bios_hybrid(keys), "preseed/late_command")
+    segment = late[late.index("step esp;") + len("step esp;"):late.index("step grub-efi;")]
+    assert segment.count("/target/etc/fstab") == 3
+    fstab = tmp_path / "fstab"
+    head = ("# /etc/fstab: static file system information.\n"
+            "# / was on /dev/vda3 during installation\n"
+            "UUID=71e9fd68-ae86-4391-b428-a67e1bc11bc3 /               ext4    errors=remount-ro 0       1\n"
+            "# /boot/efi was on /dev/vda2 during installation\n")
+    fstab.write_text(head + "UUID=04BC-127A  /boot/efi       vfat    defaults        0       2\n"
+                     "/dev/sr0        /media/cdrom0   udf,iso9660 user,noauto     0       0\n")
+    calls = tmp_path / "in-target.log"
+    # in-target (d-i's chroot wrapper) only records its arguments here: there is no /target to run sfdisk in
+    script = (f"in-target() {{ echo \"$*\" >> {calls}; }}; " + segment.replace("/target/etc/fstab", str(fstab))
+              .replace("/tmp/builder.fstab", str(tmp_path / "new")))
+    subprocess.run(["bash", "-ec", script], check=True)
+    assert calls.read_text().splitlines() == [
+        f"sfdisk --no-reread --no-tell-kernel --part-type /dev/vda 2 {ESP_TYPE}",
+        "sfdisk --no-reread --no-tell-kernel --part-label /dev/vda 2 EFI System Partition"]
+    assert fstab.read_text() == head + (
+        "UUID=04BC-127A  /boot/efi       vfat    umask=0077      0       1\n"
+        "/dev/sr0        /media/cdrom0   udf,iso9660 user,noauto     0       0\n")
+    # an fstab without the ESP fails the check (set -e ends late_command there)
+    fstab.write_text(head)
+    assert subprocess.run(["bash", "-ec", script]).returncode != 0
 
 
 def test_auto_firmware_follows_the_disk() -> None:
