@@ -238,10 +238,12 @@ def for_kernel(ctx: BuildContext, built: HostModule, kver: str) -> HostModule | 
         return built
     ctx.emitter.info(f"the installed system runs kernel {kver}, not {built.kver} (an older cached installed disk?): "
                      f"building {built.package} for {kver} on this host")
+    key, cert = ctx.config.signing_paths or (None, None)  # signed like the first, or it could not load
     try:
         again = build_module(gateway_sources(ctx), built.package, workdir=ctx.workdir / "hostmodule",
                              cache=gateway_client_cache(ctx), kver=kver, niceness=None, report=ctx.emitter.info,
-                             patches=built.patches, patch_script=patch_script(ctx.config))
+                             signing_key=key, signing_cert=cert, patches=built.patches,
+                             patch_script=patch_script(ctx.config))
     except HostModuleError as exc:
         _fallback(ctx, exc, warn=True)
         return None
