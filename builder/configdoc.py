@@ -86,7 +86,9 @@ MEANING: dict[str, str] = {
                              "compile its DKMS module on the build host (an mmdebstrap build root of the same "
                              "suite, through the build's gateway, while the installer runs; cached) and load it "
                              "in the guest, instead of compiling it there under emulation; a build without "
-                             "mmdebstrap warns and compiles in the guest. `off`: DKMS compiles in the guest.",
+                             "mmdebstrap warns and compiles in the guest. `off`: DKMS compiles in the guest. "
+                             "The role's DKMS source patches (`nvidia_dkms_patches`, default: the flavour's) are "
+                             "given to both sides alike and are part of the module cache key.",
     "output.dir": "Output directory; `{name}` is the image name. Relative paths are relative to the image file.",
     "secure_boot.signing_key": "Private key (unencrypted PEM, RSA >= 2048) DKMS signs the NVIDIA module with "
                                "during the build; it never enters the image. With `signing_cert`, or neither: "

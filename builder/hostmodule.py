@@ -16,6 +16,11 @@ hooks) does nothing then either. The build root creates that file before any pac
 it before it runs ``dkms add`` and ``dkms build`` itself, so exactly one build for exactly the kernel asked for
 happens.
 
+Source patches (:mod:`builder.dkmspatches`): given patches, the role's own script (``dkms-patches.sh``) and the
+patch files are uploaded into the build root, and the script gives the package's ``/usr/src/<module>-<version>``
+the patches (``patches/``, ``PATCH[]`` in ``dkms.conf``) before ``dkms add``, exactly as the role does on the
+target; ``dkms build`` applies them. The patches' names, matches and bytes are part of the cache key.
+
 Signing: with a key and certificate (``signing_key``, ``signing_cert``) they are uploaded into the build root
 and named in ``/etc/dkms/framework.conf.d/builder-signing.conf`` (``mok_signing_key``, ``mok_certificate``)
 before the build, so dkms signs the module; the key never reaches the tarball (checked). Without them the
@@ -52,6 +57,7 @@ from .archive.client import Archive
 from .archive.http import FetchStats
 from .archive.packages import iter_stanzas
 from .config import DebianConfig
+from .dkmspatches import DkmsPatch, script_args
 from .errors import BuilderError, HostModuleError
 from .run import run, spawn, tail
 
@@ -67,14 +73,18 @@ DKMS_ARCH = {"amd64": "x86_64"}  # Debian architecture -> the machine name dkms 
 OUT_INSIDE = "/tmp/builder-out"  # where the build script leaves its results inside the build root
 SCRIPT_INSIDE = "/tmp/builder-build-module"
 SIGNING_INSIDE = "/etc/dkms/builder-signing"
+PATCHES_INSIDE = "/tmp/builder-dkms-patches"  # the patch files, by name
+PATCH_SCRIPT_INSIDE = "/tmp/builder-dkms-patches.sh"
 _DEP_NAME = re.compile(r"^\s*([a-z0-9][a-z0-9+.-]+)")
 _KVER_RE = re.compile(r"[0-9][A-Za-z0-9.+~_-]*")
 
-# Runs inside the build root (mmdebstrap --customize-hook, chroot): PACKAGE KVER OUTDIR [KEY CERT]. It always
-# exits 0 so that the results (or the error and make.log) are still copied out; OUTDIR/status says "ok".
+# Runs inside the build root (mmdebstrap --customize-hook, chroot): PACKAGE KVER OUTDIR KEY CERT [PATCH MATCH]...
+# (KEY and CERT '' when unsigned; each PATCH a file, for dkms-patches.sh). It always exits 0 so that the results
+# (or the error and make.log) are still copied out; OUTDIR/status says "ok".
 BUILD_SCRIPT = r"""#!/bin/bash
 set -u
 pkg=$1 kver=$2 out=$3 key=${4:-} cert=${5:-}
+shift $(($# < 5 ? $# : 5))
 mkdir -p "$out"
 fail() { printf '%s\n' "$*" > "$out/error"; exit 0; }
 conf=$(dpkg-query -L "$pkg" 2>/dev/null | grep -E '^/usr/src/[^/]+/dkms\.conf$' | head -n 1)
@@ -83,6 +93,11 @@ conf=$(dpkg-query -L "$pkg" 2>/dev/null | grep -E '^/usr/src/[^/]+/dkms\.conf$' 
     '. "$1" >/dev/null 2>&1; printf "%s\n%s\n" "${PACKAGE_NAME:-}" "${PACKAGE_VERSION:-}"' _ "$conf")
 [ -n "$module" ] && [ -n "$version" ] || fail "$conf sets no PACKAGE_NAME or PACKAGE_VERSION"
 printf 'module=%s\nversion=%s\n' "$module" "$version" > "$out/info"
+if [ $# -gt 0 ]; then
+    # the same patches, by the same script, as the role gives the target's source tree
+    bash PATCH_SCRIPT "${conf%/dkms.conf}" "$@" > "$out/patches.log" 2>&1 \
+        || fail "the DKMS patches were not given to ${conf%/dkms.conf}: $(tail -n 1 "$out/patches.log")"
+fi
 # The package's postinst added and built nothing (no-autoinstall); from here on dkms does what it is told.
 rm -f /etc/dkms/no-autoinstall
 if [ -n "$key" ]; then
@@ -100,6 +115,8 @@ done
 case $rc in
     0) ;;
     77) fail "dkms build skipped $module $version for $kver: dkms.conf excludes this kernel (BUILD_EXCLUSIVE_*)" ;;
+    5|6) fail "dkms build -m $module -v $version -k $kver: a patch of dkms.conf's PATCH[] is missing or does" \
+              "not apply (exit code $rc; see make.log)" ;;
     *) fail "dkms build -m $module -v $version -k $kver exited with $rc" ;;
 esac
 ko=$(find "/var/lib/dkms/$module/$version/$kver" -path '*/module/*.ko*' | sort | head -n 1)
@@ -108,7 +125,7 @@ printf 'signer=%s\n' "$(modinfo -F signer "$ko" 2>/dev/null)" >> "$out/info"
 dkms mktarball -m "$module" -v "$version" -k "$kver" --binaries-only --archive "$out/module.tar.gz" \
     || fail "dkms mktarball failed"
 echo ok > "$out/status"
-"""
+""".replace("PATCH_SCRIPT", PATCH_SCRIPT_INSIDE)
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -129,11 +146,13 @@ class HostModule:
     package_version: str = ""
     key: str = ""
     signer: str = ""
+    patches: tuple[DkmsPatch, ...] = ()
 
     def manifest(self) -> dict[str, Any]:
         return {"origin": self.origin, "module": self.module, "version": self.version, "kver": self.kver,
                 "seconds": round(self.seconds, 1), "package": f"{self.package}={self.package_version}",
-                "cache_key": self.key, "signer": self.signer or None}
+                "cache_key": self.key, "signer": self.signer or None,
+                "dkms_patches": [p.manifest() for p in self.patches]}
 
 
 @dataclass(frozen=True)
@@ -161,18 +180,23 @@ class ModulePlan:
     compiler: Resolved  # the gcc-N the headers depend on
     dkms: Resolved  # the dkms tool itself
     signing: str = "unsigned"  # the signing certificate's sha256, or "unsigned"
+    patches: tuple[DkmsPatch, ...] = ()  # source patches DKMS applies (PATCH[] in dkms.conf)
 
     def cache_key(self) -> str:
         """What decides the module's bytes: the DKMS source package and version, the kernel and its headers,
-        the compiler, dkms, and the signing certificate. The source ``.deb``'s sha256 (from the signed index)
-        stands in for a digest of its ``dkms.conf``: it covers that file and every source file besides, and is
-        known without downloading the package."""
-        data = {
+        the compiler, dkms, the signing certificate, and the source patches (each one's name, match and sha256,
+        in order). The source ``.deb``'s sha256 (from the signed index) stands in for a digest of its
+        ``dkms.conf``: it covers that file and every source file besides, and is known without downloading the
+        package. Without patches the key is what it was before patches existed (no ``dkms_patches`` entry), so
+        an unpatched module keeps its cache entry, and a patched one never shares it."""
+        data: dict[str, Any] = {
             "format": KEY_FORMAT,
             "dkms_package": self.dkms_package.pin, "dkms_package_sha256": self.dkms_package.sha256,
             "kver": self.kver, "headers": self.headers.pin, "compiler": self.compiler.pin, "dkms": self.dkms.pin,
             "signing": self.signing,
         }
+        if self.patches:
+            data["dkms_patches"] = [p.key() for p in self.patches]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:32]
 
     def includes(self) -> tuple[str, ...]:
@@ -239,9 +263,10 @@ def compiler_of(headers: Resolved) -> str:
 
 
 def plan_module(indexes: Sequence[LabelledIndex], dkms_package: str, *, kver: str | None = None,
-                flavour: str = "amd64", signing_cert: Path | None = None) -> ModulePlan:
+                flavour: str = "amd64", signing_cert: Path | None = None,
+                patches: Sequence[DkmsPatch] = ()) -> ModulePlan:
     """Which packages, at which versions, build ``dkms_package``'s module for ``kver`` (default: the image's
-    kernel, :func:`image_kernel`)."""
+    kernel, :func:`image_kernel`), with which source patches."""
     source = resolve(indexes, dkms_package, "the DKMS source package")
     kver = kver or image_kernel(indexes, flavour)
     if not _KVER_RE.fullmatch(kver):
@@ -250,7 +275,7 @@ def plan_module(indexes: Sequence[LabelledIndex], dkms_package: str, *, kver: st
     compiler = resolve(indexes, compiler_of(headers), f"the compiler of the {kver} headers")
     dkms = resolve(indexes, "dkms", "the DKMS framework")
     signing = sha256_file(signing_cert) if signing_cert is not None else "unsigned"
-    return ModulePlan(source, kver, headers, compiler, dkms, signing)
+    return ModulePlan(source, kver, headers, compiler, dkms, signing, tuple(patches))
 
 
 # ---------------------------------------------------------------------------------------------- the archives
@@ -411,9 +436,10 @@ def _user_name() -> str:
 
 
 def mmdebstrap_argv(plan: ModulePlan, sources: Sources, *, mode: str, script: Path, outdir: Path,
-                    signing: tuple[Path, Path] | None = None) -> list[str]:
+                    signing: tuple[Path, Path] | None = None, patch_script: Path | None = None) -> list[str]:
     """The mmdebstrap command line: a buildd build root holding the plan's packages, in which ``script``
-    builds the module and whose results land in ``outdir/builder-out``; the root itself is thrown away."""
+    builds the module and whose results land in ``outdir/builder-out``; the root itself is thrown away. With
+    the plan's patches, ``patch_script`` (dkms-patches.sh) and the patch files are uploaded too."""
     q = shlex.quote
     hooks = [
         # before any --include package is installed: the DKMS package's postinst must add and build nothing
@@ -429,6 +455,16 @@ def mmdebstrap_argv(plan: ModulePlan, sources: Sources, *, mode: str, script: Pa
             f"--customize-hook=upload {q(str(cert))} {SIGNING_INSIDE}/signing.crt",
         ]
         args += [f"{SIGNING_INSIDE}/signing.key", f"{SIGNING_INSIDE}/signing.crt"]
+    if plan.patches:
+        if patch_script is None:
+            raise HostModuleError("the module has source patches but no dkms-patches.sh to give them to DKMS")
+        if signing is None:
+            args += ["''", "''"]
+        hooks += [f"--customize-hook=mkdir -p \"$1{PATCHES_INSIDE}\"",
+                  f"--customize-hook=upload {q(str(patch_script))} {PATCH_SCRIPT_INSIDE}"]
+        hooks += [f"--customize-hook=upload {q(str(p.path))} {PATCHES_INSIDE}/{p.name}" for p in plan.patches]
+        # the source directory is the build script's to fill in: it finds the package's dkms.conf
+        args += [q(a) for a in script_args("", plan.patches, where=PATCHES_INSIDE)[1:]]
     hooks += [
         f"--customize-hook=chroot \"$1\" /bin/bash {SCRIPT_INSIDE} {' '.join(args)}",
         f"--customize-hook=copy-out {OUT_INSIDE} {q(str(outdir))}",
@@ -548,10 +584,13 @@ def build_module(
     cancel: threading.Event | None = None,
     stats: FetchStats | None = None,
     report: Callable[[str], None] | None = None,
+    patches: Sequence[DkmsPatch] = (),
+    patch_script: Path | None = None,
 ) -> HostModule:
     """``dkms_package``'s module for ``kver`` (default: the image's kernel) as a binaries-only DKMS tarball:
     from ``modules`` (the module cache) when it has it, else built in an mmdebstrap build root in ``workdir``
     and stored there. ``signing_key`` and ``signing_cert`` (paths, both or neither) sign the module.
+    ``patches`` are given to the source tree by ``patch_script`` (dkms-patches.sh) before DKMS builds it.
     ``niceness`` runs the build root under ``nice -n N ionice -c3`` (None: as is). Every failure is a
     :class:`HostModuleError` (``missing_tool`` set when a host program is missing)."""
     t0 = time.monotonic()
@@ -559,6 +598,8 @@ def build_module(
     modules = modules if modules is not None else ModuleCache()
     if (signing_key is None) != (signing_cert is None):
         raise HostModuleError("signing a module needs both a key and a certificate (signing_key, signing_cert)")
+    if patches and (patch_script is None or not Path(patch_script).is_file()):
+        raise HostModuleError(f"DKMS source patches need dkms-patches.sh, and {patch_script} is not a file")
     signing = None
     if signing_key is not None and signing_cert is not None:
         for p in (signing_key, signing_cert):
@@ -566,7 +607,7 @@ def build_module(
                 raise HostModuleError(f"module signing: {p} is not a file")
         signing = (Path(signing_key).resolve(), Path(signing_cert).resolve())
     plan = plan_module(load_indexes(sources, cache, stats=stats), dkms_package, kver=kver, flavour=sources.arch,
-                       signing_cert=signing[1] if signing else None)
+                       signing_cert=signing[1] if signing else None, patches=patches)
     key = plan.cache_key()
     hit = modules.lookup(key)
     if hit is not None:
@@ -574,7 +615,7 @@ def build_module(
         say(f"host module: {meta.get('module')} {meta.get('version')} for {plan.kver} from the module cache")
         return HostModule(tarball, str(meta.get("module")), str(meta.get("version")), plan.kver, "cache",
                           time.monotonic() - t0, plan.dkms_package.name, plan.dkms_package.version, key,
-                          str(meta.get("signer") or ""))
+                          str(meta.get("signer") or ""), plan.patches)
     if shutil.which("mmdebstrap") is None:
         raise HostModuleError("mmdebstrap is not installed: cannot make the build root for the host-side module "
                               "build", missing_tool="mmdebstrap",
@@ -589,12 +630,14 @@ def build_module(
     script.write_text(BUILD_SCRIPT)
     outdir = workdir / "out"
     outdir.mkdir()
-    argv = mmdebstrap_argv(plan, sources, mode=mode, script=script, outdir=outdir, signing=signing)
+    argv = mmdebstrap_argv(plan, sources, mode=mode, script=script, outdir=outdir, signing=signing,
+                           patch_script=Path(patch_script).resolve() if patch_script is not None else None)
     if niceness is not None:
         argv = ["nice", "-n", str(niceness), "ionice", "-c3", *argv]
     log_path = workdir / "mmdebstrap.log"
     say(f"host module: building {plan.dkms_package.pin} for {plan.kver} in an mmdebstrap build root "
-        f"({mode} mode; {plan.headers.pin}, {plan.compiler.pin})")
+        f"({mode} mode; {plan.headers.pin}, {plan.compiler.pin})"
+        + (f"; DKMS patches: {', '.join(p.name for p in plan.patches)}" if plan.patches else ""))
     rc = _run_build(argv, log_path, {"TMPDIR": str(workdir / "tmp"), "LC_ALL": "C.UTF-8"},
                     timeout=timeout, cancel=cancel)
     res = outdir / Path(OUT_INSIDE).name
@@ -609,7 +652,9 @@ def build_module(
             f"{(res / 'error').read_text(errors='replace').strip()}" + (f"; first error: {first}" if first else ""),
             log_tail=make_log or tail(log_path.read_bytes()),
             hint=f"build log: {log_path}; DKMS's make.log: {res / 'make.log'} (the guest's DKMS would fail the same "
-                 "way: the driver's source does not build for this kernel)")
+                 "way: the driver's source does not build for this kernel"
+                 + (f" with the DKMS patches {', '.join(p.name for p in plan.patches)}" if plan.patches else "")
+                 + ")")
     if rc != 0 or not (res / "status").is_file():
         raise HostModuleError(
             f"mmdebstrap could not make the build root for {plan.dkms_package.pin} (kernel {plan.kver}; exit code "
@@ -628,11 +673,12 @@ def build_module(
         "module": module, "version": version, "kver": plan.kver, "package": plan.dkms_package.pin,
         "package_sha256": plan.dkms_package.sha256, "headers": plan.headers.pin, "compiler": plan.compiler.pin,
         "dkms": plan.dkms.pin, "signing": plan.signing, "signer": signer, "build_seconds": round(seconds, 1),
+        "dkms_patches": [p.manifest() for p in plan.patches],
     })
     say(f"host module: {module} {version} for {plan.kver} built in {seconds:.0f} s")
     _remove(workdir / "tmp")
     return HostModule(cached, module, version, plan.kver, "host-built", seconds, plan.dkms_package.name,
-                      plan.dkms_package.version, key, signer)
+                      plan.dkms_package.version, key, signer, plan.patches)
 
 
 __all__ = ["BUILD_SCRIPT", "HostModule", "ModuleCache", "ModulePlan", "Resolved", "Sources", "build_module",

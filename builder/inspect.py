@@ -122,12 +122,17 @@ def inspect(path: Path, overrides: list[str] | tuple[str, ...] = (), *,
 
 
 def _module_plan(cfg: ImageConfig) -> str:
-    from .stages.module import dkms_package
+    from .stages.module import dkms_package, dkms_patches
 
     package, why = dkms_package(cfg)
+    patches = dkms_patches(cfg)
+    with_patches = ("; DKMS source patches (PATCH[] in dkms.conf, host and guest alike): "
+                    + ", ".join(f"{p.name} (sha256 {p.sha256[:12]}, "
+                                + (f"kernels matching {p.match}" if p.match else "every kernel") + ")"
+                                for p in patches)) if patches else ""
     return (f"compile {package} on this host while the installer runs ({why}; provision.host_module), "
             "or take it from the module cache" if package else
-            f"leave the NVIDIA module to DKMS in the guest ({why})")
+            f"leave the NVIDIA module to DKMS in the guest ({why})") + with_patches
 
 
 def _inputs_and_reuse(cfg: ImageConfig, result: Inspection) -> None:

@@ -9,15 +9,22 @@ in the manifest as ``nvidia_module``.
 ``provision.host_module: auto`` builds on the host when the role takes the driver from Debian
 (``nvidia_driver_source: debian``); a failure fails the build with its own message, except a missing host tool
 (mmdebstrap), which warns and leaves the compile to DKMS in the guest. ``off``: DKMS compiles in the guest.
+
+DKMS source patches (:mod:`builder.dkmspatches`): :func:`dkms_patches` resolves the role's list once (its
+``nvidia_dkms_patches`` from ``provision.extra_vars``, else the flavour's ``dkms_patches`` in the role's vars);
+the host build gets it, and the playbook gets the same list, with absolute paths, as ``nvidia_dkms_patches``.
 """
 
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import dkmspatches
 from ..archive.cache import ContentCache
 from ..config import ImageConfig, read_role_yaml, role_file
+from ..dkmspatches import DkmsPatch
 from ..errors import HostModuleError
 from ..hostmodule import HostModule, Sources, build_module
 
@@ -69,6 +76,36 @@ def dkms_package(cfg: ImageConfig) -> tuple[str | None, str]:
     return package, f"nvidia_driver_flavor {flavor}"
 
 
+def dkms_patches(cfg: ImageConfig) -> tuple[DkmsPatch, ...]:
+    """The DKMS source patches of the module the role installs: ``provision.extra_vars.nvidia_dkms_patches``
+    when set, else the flavour's ``dkms_patches`` (``nvidia_debian_flavors`` or, for NVIDIA's repository,
+    ``nvidia_repo_flavors``), as the role's default computes it. () when the role is not on the roles path. A
+    bad list or a missing file is a one-line ConfigError."""
+    rv = role_vars(cfg)
+    if rv is None:
+        return ()
+    defaults = role_file(cfg, NVIDIA_ROLE, "defaults/main.yml")
+    patches_dir = defaults.parent.parent / dkmspatches.PATCHES_DIR if defaults is not None else None
+    if dkmspatches.VAR in cfg.provision.extra_vars:
+        return dkmspatches.load(cfg.provision.extra_vars[dkmspatches.VAR], patches_dir=patches_dir,
+                                where=f"provision.extra_vars.{dkmspatches.VAR}")
+    if rv.get("nvidia_driver_source") == "nvidia":
+        table, choice = "nvidia_repo_flavors", rv.get("nvidia_kernel_modules")
+    else:
+        table, choice = "nvidia_debian_flavors", rv.get("nvidia_driver_flavor")
+    flavors = rv.get(table)
+    entry = flavors.get(choice) if isinstance(flavors, dict) and isinstance(choice, str) else None
+    if not isinstance(entry, dict):
+        return ()
+    return dkmspatches.load(entry.get(dkmspatches.FLAVOR_KEY), patches_dir=patches_dir,
+                            where=f"the {NVIDIA_ROLE} role's {table}.{choice}.{dkmspatches.FLAVOR_KEY}")
+
+
+def patch_script(cfg: ImageConfig) -> Path | None:
+    """The role's dkms-patches.sh (what gives a source tree its patches, on the target and in the build root)."""
+    return role_file(cfg, NVIDIA_ROLE, dkmspatches.SCRIPT)
+
+
 def module_manifest(built: HostModule | None, record: dict[str, Any] | None) -> dict[str, Any] | None:
     """The manifest's ``nvidia_module``: where the module the image boots with came from (``host-built``,
     ``cache`` or ``guest-compiled``), from the role's record and the host build."""
@@ -83,6 +120,8 @@ def module_manifest(built: HostModule | None, record: dict[str, Any] | None) -> 
     out = _five(origin, record.get("module"), record.get("version"), record.get("kver"), seconds)
     if isinstance(record.get("kernels"), dict):
         out["kernels"] = {k: (origin if v == "prebuilt" else v) for k, v in record["kernels"].items()}
+    if isinstance(record.get("dkms_patches"), list):  # what the role named in the target's dkms.conf
+        out["dkms_patches"] = [str(p) for p in record["dkms_patches"]]
     return out
 
 
@@ -98,10 +137,12 @@ class ModuleJob:
     """The host-side build of ``package`` in a background thread: :meth:`join` waits for it, :meth:`stop`
     cancels it (its build root's processes are stopped, the thread ends)."""
 
-    def __init__(self, ctx: BuildContext, package: str, *, label: str = "") -> None:
+    def __init__(self, ctx: BuildContext, package: str, *, label: str = "",
+                 patches: tuple[DkmsPatch, ...] = ()) -> None:
         self.ctx = ctx
         self.package = package
         self.label = label
+        self.patches = patches
         self.cancel = threading.Event()
         self.result: HostModule | None = None
         self.error: BaseException | None = None
@@ -122,7 +163,7 @@ class ModuleJob:
                     gateway_sources(ctx), self.package,
                     workdir=ctx.workdir / ("hostmodule-" + self.label if self.label else "hostmodule"),
                     cache=gateway_client_cache(ctx), niceness=NICENESS, cancel=self.cancel, report=ctx.emitter.info,
-                    signing_key=key, signing_cert=cert)
+                    signing_key=key, signing_cert=cert, patches=self.patches, patch_script=patch_script(ctx.config))
             finally:
                 _ONE_AT_A_TIME.release()
         except BaseException as exc:  # handed to the thread that joins
@@ -159,8 +200,10 @@ def start(ctx: BuildContext, *, label: str = "") -> ModuleJob | None:
         ctx.manifest["host_module"] = {"status": "not used", "why": why}
         ctx.emitter.info(f"the NVIDIA module is compiled in the guest: {why}")
         return None
-    ctx.emitter.info(f"building the NVIDIA module ({package}, {why}) on this host while the installer runs")
-    job = ModuleJob(ctx, package, label=label).start()
+    patches = dkms_patches(ctx.config)  # a bad patch list fails the build now, not after the install
+    ctx.emitter.info(f"building the NVIDIA module ({package}, {why}) on this host while the installer runs"
+                     + (f", with the DKMS patches {', '.join(p.name for p in patches)}" if patches else ""))
+    job = ModuleJob(ctx, package, label=label, patches=patches).start()
     ctx.stack.callback(job.stop)
     return job
 
@@ -195,9 +238,12 @@ def for_kernel(ctx: BuildContext, built: HostModule, kver: str) -> HostModule | 
         return built
     ctx.emitter.info(f"the installed system runs kernel {kver}, not {built.kver} (an older cached installed disk?): "
                      f"building {built.package} for {kver} on this host")
+    key, cert = ctx.config.signing_paths or (None, None)  # signed like the first, or it could not load
     try:
         again = build_module(gateway_sources(ctx), built.package, workdir=ctx.workdir / "hostmodule",
-                             cache=gateway_client_cache(ctx), kver=kver, niceness=None, report=ctx.emitter.info)
+                             cache=gateway_client_cache(ctx), kver=kver, niceness=None, report=ctx.emitter.info,
+                             signing_key=key, signing_cert=cert, patches=built.patches,
+                             patch_script=patch_script(ctx.config))
     except HostModuleError as exc:
         _fallback(ctx, exc, warn=True)
         return None
@@ -235,5 +281,5 @@ def fallback_warning(exc: HostModuleError) -> str:
             + (f" ({exc.hint})" if exc.hint else ""))
 
 
-__all__ = ["ModuleJob", "dkms_package", "finish", "for_kernel", "module_manifest", "report_path", "role_vars",
-           "start"]
+__all__ = ["ModuleJob", "dkms_package", "dkms_patches", "finish", "for_kernel", "module_manifest", "patch_script",
+           "report_path", "role_vars", "start"]

@@ -23,7 +23,7 @@ from typing import Any
 
 import paramiko
 
-from .. import attest, guestfacts, image, sbom
+from .. import attest, dkmspatches, guestfacts, image, sbom
 from ..config import ImageConfig
 from ..context import BuildContext
 from ..errors import ConfigError, ProvisionError, SshError, VmError
@@ -139,8 +139,12 @@ def run_playbook_on(guest: Guest, provisioner: Provisioner, playbook: Path, *, r
 def playbook_vars(cfg: ImageConfig, workdir: Path, prebuilt: HostModule | None = None) -> dict[str, Any]:
     """The image playbook's variables: ``provision.extra_vars``; with ``secure_boot``, the signing pair for the
     nvidia role (the key where it is; the certificate as DER in the work directory, which is what the publish
-    stage ships); and the module built on the host."""
+    stage ships); the module built on the host; and the DKMS source patches, resolved as for the host build
+    (:func:`module.dkms_patches`, absolute paths), so that the target's DKMS gets the very same ones."""
     out = dict(cfg.provision.extra_vars)
+    patches = prebuilt.patches if prebuilt is not None else module.dkms_patches(cfg)
+    if patches or dkmspatches.VAR in out:
+        out[dkmspatches.VAR] = [p.role_entry() for p in patches]
     paths = cfg.signing_paths
     if paths is not None:
         try:

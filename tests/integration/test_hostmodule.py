@@ -3,11 +3,13 @@
 
 * builder.hostmodule makes a trixie build root with mmdebstrap through a real local archive gateway (the one a
   build starts; 127.0.0.1 only, content cache shared with the other tests), builds the module for the kernel of
-  the debootstrapped test tree, signed with a throw-away key, and packs a binaries-only tarball;
+  the debootstrapped test tree, signed with a throw-away key and with a DKMS source patch (PATCH[] in dkms.conf,
+  given by the role's dkms-patches.sh: it changes the module's description), and packs a binaries-only tarball;
 * the second call is a cache hit that makes no build root;
 * roles/nvidia-gpu-drivers, run whole with the tiny package standing in for NVIDIA's, takes the prebuilt path
   (no-autoinstall, install, ldtarball, dkms install, vermagic) for the test tree's installed kernel, which is not
-  the running one, and compiles in the "guest" only for a second installed kernel that has no prebuilt module.
+  the running one, and compiles in the "guest" only for a second installed kernel that has no prebuilt module;
+  the same patch list reaches the tree's source, so that compile is patched too.
 
 Run with ``-s`` to see the timings (TIMINGS …).
 """
@@ -33,6 +35,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
+from builder import dkmspatches
 from builder import hostmodule as hm
 from builder.archive import ContentCache
 from builder.config import DebianConfig
@@ -49,6 +52,22 @@ ROLES = [ROOT / "roles"]
 PACKAGE = "dkms-test-dkms"
 MODULE = "dkms_test"
 SIGNER = "builder test module signing"
+PATCH_SCRIPT = ROOT / "roles/nvidia-gpu-drivers/files/dkms-patches.sh"
+PATCHED = "A Simple dkms test module, patched by DKMS PATCH[]"
+# for /usr/src/dkms_test-1.0 of trixie's dkms-test-dkms 3.2.2-1~deb13u1 (checked with patch -p1 --dry-run)
+TOY_PATCH = "".join(line + "\n" for line in [
+    "--- a/dkms_test.c",
+    "+++ b/dkms_test.c",
+    "@@ -5,7 +5,7 @@",
+    ' #define  DKMS_TEST_VER "1.0"',
+    " ",
+    ' MODULE_LICENSE("GPL");',
+    '-MODULE_DESCRIPTION("A Simple dkms test module");',
+    f'+MODULE_DESCRIPTION("{PATCHED}");',
+    " ",
+    " static int __init dkms_test_init(void)",
+    " {",
+])
 TIMINGS: dict[str, float] = {}
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -118,7 +137,14 @@ def signing(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def built(sources, pristine, signing, tmp_path_factory):
+def patches(tmp_path_factory) -> tuple[dkmspatches.DkmsPatch, ...]:
+    path = tmp_path_factory.mktemp("patches") / "dkms-test-description.patch"
+    path.write_text(TOY_PATCH)
+    return dkmspatches.load([{"file": str(path)}], patches_dir=None, where="test")
+
+
+@pytest.fixture(scope="module")
+def built(sources, pristine, signing, patches, tmp_path_factory):
     """The tiny module, built on this host for the test tree's kernel (not the running one)."""
     _need("mmdebstrap")
     kver = installed_kernels(pristine)[0]
@@ -127,7 +153,7 @@ def built(sources, pristine, signing, tmp_path_factory):
     t0 = time.monotonic()
     result = hm.build_module(sources, PACKAGE, workdir=work / "build", cache=ContentCache(), modules=modules,
                              kver=kver, signing_key=signing[0], signing_cert=signing[1], niceness=19,
-                             timeout=1800)
+                             timeout=1800, patches=patches, patch_script=PATCH_SCRIPT)
     TIMINGS["host build (resolve + mmdebstrap + dkms build)"] = time.monotonic() - t0
     log = (work / "build" / "mmdebstrap.log").read_text()
     for line in log.splitlines():
@@ -138,10 +164,11 @@ def built(sources, pristine, signing, tmp_path_factory):
 
 
 @pytest.mark.timeout(1800)
-def test_host_build_makes_a_signed_binaries_only_tarball(built, signing, tmp_path):
+def test_host_build_makes_a_signed_binaries_only_tarball(built, signing, patches, tmp_path):
     res, kver = built["result"], built["kver"]
     assert (res.origin, res.module, res.version, res.kver, res.package) == ("host-built", MODULE, "1.0", kver, PACKAGE)
     assert res.signer == SIGNER
+    assert res.patches == patches and res.manifest()["dkms_patches"][0]["name"] == "dkms-test-description.patch"
     with tarfile.open(res.tarball) as tf:
         names = tf.getnames()
         tf.extractall(tmp_path, filter="data")
@@ -157,13 +184,16 @@ def test_host_build_makes_a_signed_binaries_only_tarball(built, signing, tmp_pat
     ko = module_bytes(tmp_path / kos[0])
     assert re.search(rb"\0vermagic=" + re.escape(kver.encode()) + rb" ", ko)  # built for the tree's kernel
     assert ko.endswith(b"~Module signature appended~\n") and SIGNER.encode() in ko[-4096:]  # signed with our key
+    assert b"\0description=" + PATCHED.encode() + b"\0" in ko  # DKMS applied the patch before it compiled
+    conf = (tmp_path / "dkms_binaries_only/dkms.conf").read_text()
+    assert conf.count('PATCH+=("dkms-test-description.patch")') == 1
     # the build root is gone, and nothing is left mounted
     assert not (built["work"] / "build" / "tmp").exists()
     assert not hm.mounts_under(built["work"])
 
 
 @pytest.mark.timeout(600)
-def test_second_build_is_a_cache_hit_without_a_build_root(built, sources, signing, monkeypatch):
+def test_second_build_is_a_cache_hit_without_a_build_root(built, sources, signing, patches, monkeypatch):
     def no_build(*a, **kw):
         raise AssertionError("the cache hit made a build root")
 
@@ -171,13 +201,18 @@ def test_second_build_is_a_cache_hit_without_a_build_root(built, sources, signin
     t0 = time.monotonic()
     hit = hm.build_module(sources, PACKAGE, workdir=built["work"] / "build2", cache=ContentCache(),
                           modules=built["modules"], kver=built["kver"], signing_key=signing[0],
-                          signing_cert=signing[1])
+                          signing_cert=signing[1], patches=patches, patch_script=PATCH_SCRIPT)
     TIMINGS["cache hit (resolve only)"] = time.monotonic() - t0
     first = built["result"]
     assert (hit.origin, hit.tarball, hit.key, hit.signer) == ("cache", first.tarball, first.key, SIGNER)
     # another signing certificate is another module
-    unsigned_plan = hm.plan_module(hm.load_indexes(sources, ContentCache()), PACKAGE, kver=built["kver"])
+    unsigned_plan = hm.plan_module(hm.load_indexes(sources, ContentCache()), PACKAGE, kver=built["kver"],
+                                   patches=patches)
     assert unsigned_plan.cache_key() != first.key
+    # and the unpatched module is another one
+    unpatched = hm.plan_module(hm.load_indexes(sources, ContentCache()), PACKAGE, kver=built["kver"],
+                               signing_cert=signing[1])
+    assert unpatched.cache_key() != first.key
 
 
 PLAYBOOK = """
@@ -200,7 +235,7 @@ def chroot(tree: Path, *cmd: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.timeout(2400)
 def test_role_loads_the_prebuilt_module_and_compiles_only_for_the_other_kernel(built, pristine, sources, gateway,
-                                                                                tmp_path_factory):
+                                                                                patches, tmp_path_factory):
     kver = built["kver"]
     running = os.uname().release
     assert kver != running
@@ -222,7 +257,9 @@ def test_role_loads_the_prebuilt_module_and_compiles_only_for_the_other_kernel(b
     TIMINGS["second kernel installed in the tree"] = time.monotonic() - t0
     playbook = work / "prebuilt.yml"
     playbook.write_text(PLAYBOOK)
-    extra = {**STAND_IN, "nvidia_dkms_tarball": str(built["result"].tarball)}
+    # the patch list as a build hands it to the playbook: the one the host build used
+    extra = {**STAND_IN, "nvidia_dkms_tarball": str(built["result"].tarball),
+             "nvidia_dkms_patches": [p.role_entry() for p in patches]}
     try:
         with tt.ansible_target(tree, work, "hostmodule-test") as target:
             t0 = time.monotonic()
@@ -254,10 +291,17 @@ def test_role_loads_the_prebuilt_module_and_compiles_only_for_the_other_kernel(b
                                                                                            kver)
         expected = {kver: "prebuilt"} | ({other: "guest-compiled"} if other != kver else {})
         assert record["kernels"] == expected
+        assert record["dkms_patches"] == ["dkms-test-description.patch"]
+        src = tree / "usr/src/dkms_test-1.0"
+        assert (src / "patches/dkms-test-description.patch").read_text() == TOY_PATCH
+        assert (src / "dkms.conf").read_text().count('PATCH+=("dkms-test-description.patch")') == 1
+        assert chroot(tree, "modinfo", "-k", kver, "-F", "description", MODULE).stdout.strip() == PATCHED
         if other != kver:
             assert f"{MODULE}/1.0, {other}, x86_64: installed" in status, status
             vm = chroot(tree, "modinfo", "-k", other, "-F", "vermagic", MODULE).stdout
             assert vm.startswith(other + " ")
+            # compiled in the "guest" from /usr/src, with the patch the role gave it (as a kernel update would be)
+            assert chroot(tree, "modinfo", "-k", other, "-F", "description", MODULE).stdout.strip() == PATCHED
         print("\nrole record:", yaml.safe_dump(record, default_flow_style=True).strip())
     finally:
         assert not tt.mounts_under(tree)

@@ -321,7 +321,7 @@ def test_build_then_cache_hit_without_mmdebstrap(fake_build, tmp_path):
     assert second.origin == "cache" and second.tarball == first.tarball and len(calls()) == 1
     assert second.manifest() | {"seconds": 0} == {
         "origin": "cache", "module": "m", "version": "1", "kver": KVER, "seconds": 0,
-        "package": "nvidia-kernel-dkms=550.163.01-2", "cache_key": first.key, "signer": None}
+        "package": "nvidia-kernel-dkms=550.163.01-2", "cache_key": first.key, "signer": None, "dkms_patches": []}
 
 
 def test_a_failed_compile_is_one_error_with_the_end_of_make_log(fake_build):

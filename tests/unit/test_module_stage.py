@@ -14,6 +14,7 @@ from builder.context import BuildContext, BuildOptions
 from builder.errors import HostModuleError
 from builder.events import Emitter
 from builder.hostmodule import HostModule
+from builder.secureboot import write_pair
 from builder.stages import module
 from builder.stages.provision import playbook_vars
 
@@ -192,6 +193,26 @@ def test_a_guest_on_another_kernel_gets_a_module_built_for_it(ctx, monkeypatch):
     assert calls == [("nvidia-kernel-dkms", "6.12.117+deb13-amd64")]
     assert ctx.manifest["host_module"]["rebuilt_for_the_guest_kernel"] is True
     assert module.for_kernel(ctx, first, "6.12.99+deb13-amd64") is None  # no mmdebstrap: the guest compiles
+
+
+def test_the_module_rebuilt_for_another_kernel_is_signed_with_the_same_key(ctx, monkeypatch, tmp_path):
+    """Under Secure Boot an unsigned module cannot load: the rebuild for the guest's kernel gets the build's key
+    pair as the first build did (build_module is replaced: what is checked is what the stage hands it)."""
+    write_pair(tmp_path / "keys", "builder test")
+    key, cert = tmp_path / "keys" / "mok.key", tmp_path / "keys" / "mok.der"
+    signed = ctx.with_(config=cfg(f"secure_boot.signing_key={key}", f"secure_boot.signing_cert={cert}"))
+    seen = []
+
+    def fake_build(sources, package, *, kver, signing_key=None, signing_cert=None, **kw):
+        seen.append((signing_key, signing_cert))
+        return HostModule(Path("/m/other.tar.gz"), "nvidia-current", "550.163.01", kver, "host-built", 60.0,
+                          package, "550.163.01-2", "k2")
+
+    monkeypatch.setattr(module, "build_module", fake_build)
+    monkeypatch.setattr(type(ctx), "gateway", property(lambda self: FakeGateway()))
+    assert module.for_kernel(signed, built(), "6.12.117+deb13-amd64") is not None
+    assert module.for_kernel(ctx, built(), "6.12.117+deb13-amd64") is not None
+    assert seen == [(key, cert), (None, None)]
 
 
 @pytest.mark.timeout(60)
