@@ -1,11 +1,13 @@
 """A DKMS kernel module compiled once on the build host instead of in the emulated guest.
 
 Under TCG the NVIDIA module's DKMS compile takes ~45 minutes in the guest; natively it takes minutes. This
-module makes a throw-away build root of the image's own suite with mmdebstrap (``--variant=buildd``, apt
-through the build's archive gateway, verified with the configured Debian keyring), holding exactly what the
-guest would compile with: the DKMS source package, ``linux-headers-<kver>`` of the image's kernel and the
-compiler those headers name, each at the version apt in the target will pick (resolved up front from the
-verified Packages indexes: the highest across the suite, ``-updates`` and ``-security``). Inside it, the
+module makes a throw-away build root of the image's own suite with mmdebstrap (apt through the build's archive
+gateway, verified with the configured Debian keyring), holding exactly what the guest would compile with: the
+DKMS source package, ``linux-headers-<kver>`` of the image's kernel and the compiler those headers name, each at
+the version apt in the target will pick (resolved up front from the verified Packages indexes: the highest
+across the suite, ``-updates`` and ``-security``). Without a package lock the root is ``--variant=buildd``;
+under one the gateway serves the lock's view, signed by the build's key, and the root is ``--variant=apt`` with
+only packages the lock holds (:meth:`Sources.locked_view`, :func:`mmdebstrap_argv`). Inside it, the
 package is installed with DKMS's autoinstall suppressed, then built explicitly (``dkms build -m -v -k``) and
 packed as a binaries-only DKMS tarball (``dkms mktarball --binaries-only``), which the role
 ``nvidia-gpu-drivers`` loads into the guest (``nvidia_dkms_tarball``) with ``dkms ldtarball``.
@@ -41,7 +43,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -69,6 +71,10 @@ SCRIPT_INSIDE = "/tmp/builder-build-module"
 SIGNING_INSIDE = "/etc/dkms/builder-signing"
 _DEP_NAME = re.compile(r"^\s*([a-z0-9][a-z0-9+.-]+)")
 _KVER_RE = re.compile(r"[0-9][A-Za-z0-9.+~_-]*")
+# What the build root runs besides dkms and the compiler: modinfo (kmod) and find (findutils) in BUILD_SCRIPT, and
+# what dkms compresses a module with (xz-utils, zstd: the kernel's CONFIG_MODULE_COMPRESS_*). A buildd root has
+# them anyway; a package lock's --variant=apt root gets each one the lock holds (mmdebstrap_argv).
+BUILD_ROOT_TOOLS = ("kmod", "findutils", "xz-utils", "zstd")
 
 # Runs inside the build root (mmdebstrap --customize-hook, chroot): PACKAGE KVER OUTDIR [KEY CERT]. It always
 # exits 0 so that the results (or the error and make.log) are still copied out; OUTDIR/status says "ok".
@@ -161,6 +167,8 @@ class ModulePlan:
     compiler: Resolved  # the gcc-N the headers depend on
     dkms: Resolved  # the dkms tool itself
     signing: str = "unsigned"  # the signing certificate's sha256, or "unsigned"
+    # BUILD_ROOT_TOOLS the indexes list: not in the cache key (they decide no byte of the module)
+    tools: tuple[Resolved, ...] = ()
 
     def cache_key(self) -> str:
         """What decides the module's bytes: the DKMS source package and version, the kernel and its headers,
@@ -175,9 +183,11 @@ class ModulePlan:
         }
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:32]
 
-    def includes(self) -> tuple[str, ...]:
-        """mmdebstrap's ``--include``: every package pinned to its resolved version."""
-        return tuple(p.pin for p in (self.dkms, self.compiler, self.headers, self.dkms_package))
+    def includes(self, *, tools: bool = False) -> tuple[str, ...]:
+        """mmdebstrap's ``--include``: every package pinned to its resolved version (``tools``: and the
+        :data:`BUILD_ROOT_TOOLS` the indexes list)."""
+        return tuple(p.pin for p in (self.dkms, self.compiler, self.headers, self.dkms_package,
+                                     *(self.tools if tools else ())))
 
 
 # ---------------------------------------------------------------------------------------------- resolution (pure)
@@ -250,7 +260,8 @@ def plan_module(indexes: Sequence[LabelledIndex], dkms_package: str, *, kver: st
     compiler = resolve(indexes, compiler_of(headers), f"the compiler of the {kver} headers")
     dkms = resolve(indexes, "dkms", "the DKMS framework")
     signing = sha256_file(signing_cert) if signing_cert is not None else "unsigned"
-    return ModulePlan(source, kver, headers, compiler, dkms, signing)
+    tools = tuple(t for t in (highest(indexes, name) for name in BUILD_ROOT_TOOLS) if t is not None)
+    return ModulePlan(source, kver, headers, compiler, dkms, signing, tools)
 
 
 # ---------------------------------------------------------------------------------------------- the archives
@@ -269,6 +280,7 @@ class Sources:
     fingerprints: tuple[str, ...]
     security_fingerprints: tuple[str, ...]
     arch: str = "amd64"
+    locked: bool = False  # the package lock's view (locked_view): the build root holds only what the lock holds
 
     @classmethod
     def of(cls, debian: DebianConfig, *, mirror: str = "", security_mirror: str = "") -> Sources:
@@ -276,6 +288,15 @@ class Sources:
         return cls(mirror or debian.mirror, security_mirror or debian.security_mirror, debian.suite,
                    debian.components, debian.keyring, debian.trusted_fingerprints, debian.security_fingerprints,
                    debian.arch)
+
+    def locked_view(self, keyring: Path, fingerprint: str) -> Sources:
+        """These archives as the build's gateway serves them under a package lock: all three suites are the lock's
+        view (builder/gateway/target.py), signed by the build's key alone. Verified the way apt in the target
+        verifies them then: ``keyring`` is Debian's archive keyring plus that key (the target trusts it as
+        ``KEY_FILE``), and only a signature by ``fingerprint`` (the build's key) counts, so an index the lock did
+        not make is refused rather than built against."""
+        return replace(self, keyring=keyring, fingerprints=(fingerprint,), security_fingerprints=(fingerprint,),
+                       locked=True)
 
     def archives(self) -> list[tuple[str, str, tuple[str, ...]]]:
         """(URL, suite, accepted signers) of each archive, in apt's order."""
@@ -294,7 +315,8 @@ class Sources:
 
 def wanted(name: str) -> bool:
     """Whether a package can take part in a plan (the rest of an index is not kept: ~65k stanzas)."""
-    return name.startswith(("linux-image-", "linux-headers-", "gcc-")) or name.endswith("-dkms") or name == "dkms"
+    return (name.startswith(("linux-image-", "linux-headers-", "gcc-")) or name.endswith("-dkms") or name == "dkms"
+            or name in BUILD_ROOT_TOOLS)
 
 
 def load_indexes(sources: Sources, cache: ContentCache, *, stats: FetchStats | None = None,
@@ -412,8 +434,17 @@ def _user_name() -> str:
 
 def mmdebstrap_argv(plan: ModulePlan, sources: Sources, *, mode: str, script: Path, outdir: Path,
                     signing: tuple[Path, Path] | None = None) -> list[str]:
-    """The mmdebstrap command line: a buildd build root holding the plan's packages, in which ``script``
-    builds the module and whose results land in ``outdir/builder-out``; the root itself is thrown away."""
+    """The mmdebstrap command line: a build root holding the plan's packages, in which ``script`` builds the
+    module and whose results land in ``outdir/builder-out``; the root itself is thrown away.
+
+    Without a package lock it is a buildd root (Essential, priority required, build-essential), as a Debian
+    build chroot is. Under a lock (``sources.locked``) the gateway serves only the locked packages, and buildd's
+    build-essential, g++, libc6-dev and fakeroot are not among them (the image does not install them): the root
+    is ``--variant=apt`` (Essential and apt, which every lock holds: debian-installer installs them) with the
+    plan's packages and the :data:`BUILD_ROOT_TOOLS` the lock holds, each pinned, and their hard dependencies —
+    what the guest itself compiles with. (Seeding the lock with buildd's set instead would pin packages the
+    image never installs, and break again with a ``lock --from-build`` lock, which holds only what a build
+    installed.) mmdebstrap installs no Recommends, as the NVIDIA role does not."""
     q = shlex.quote
     hooks = [
         # before any --include package is installed: the DKMS package's postinst must add and build nothing
@@ -438,8 +469,9 @@ def mmdebstrap_argv(plan: ModulePlan, sources: Sources, *, mode: str, script: Pa
     aptopts += [f'--aptopt=Acquire::http::Proxy::{h} "DIRECT"' for h in sources.hosts()
                 if h in ("localhost", "::1") or h.startswith("127.")]
     return [
-        "mmdebstrap", f"--mode={mode}", "--variant=buildd", f"--architectures={sources.arch}",
-        f"--keyring={sources.keyring}", f"--include={','.join(plan.includes())}",
+        "mmdebstrap", f"--mode={mode}", f"--variant={'apt' if sources.locked else 'buildd'}",
+        f"--architectures={sources.arch}", f"--keyring={sources.keyring}",
+        f"--include={','.join(plan.includes(tools=sources.locked))}",
         *aptopts,
         "--dpkgopt=path-exclude=/usr/share/man/*", "--dpkgopt=path-exclude=/usr/share/locale/*",
         "--dpkgopt=path-exclude=/usr/share/doc/*",

@@ -231,6 +231,25 @@ def test_mmdebstrap_argv(tmp_path):
     assert shooks[-2].endswith(" /etc/dkms/builder-signing/signing.key /etc/dkms/builder-signing/signing.crt")
 
 
+def test_mmdebstrap_argv_under_a_package_lock(tmp_path):
+    """The lock's view has no build-essential: an apt root with the plan and the tools the view lists (pinned),
+    verified with the keyring and signer of the view; without a lock the tools stay out (buildd has them)."""
+    idx = [*trixie_like(), ("trixie/extra", index(stanza("kmod", "34.2-2"), stanza("zstd", "1.5.7+dfsg-1")))]
+    plan = hm.plan_module(idx, "nvidia-kernel-dkms")
+    assert [t.pin for t in plan.tools] == ["kmod=34.2-2", "zstd=1.5.7+dfsg-1"]
+    assert plan.cache_key() == hm.plan_module(trixie_like(), "nvidia-kernel-dkms").cache_key()  # no byte of it
+    base = ",".join(hm.plan_module(trixie_like(), "nvidia-kernel-dkms").includes())
+    unlocked = hm.mmdebstrap_argv(plan, sources(), mode="unshare", script=tmp_path / "s", outdir=tmp_path / "o")
+    assert "--variant=buildd" in unlocked and f"--include={base}" in unlocked
+    view = sources().locked_view(tmp_path / "target.gpg", "F" * 40)
+    assert view.fingerprints == view.security_fingerprints == ("F" * 40,) and view.mirror == sources().mirror
+    locked = hm.mmdebstrap_argv(plan, view, mode="unshare", script=tmp_path / "s", outdir=tmp_path / "o")
+    assert locked[:4] == ["mmdebstrap", "--mode=unshare", "--variant=apt", "--architectures=amd64"]
+    assert f"--keyring={tmp_path / 'target.gpg'}" in locked
+    assert f"--include={base},kmod=34.2-2,zstd=1.5.7+dfsg-1" in locked
+    assert [a for a in locked if "hook" in a] == [a for a in unlocked if "hook" in a]
+
+
 def make_tarball(path: Path, module: str = "m", version: str = "1", kver: str = KVER,
                  extra: dict[str, bytes] | None = None) -> Path:
     files = {"./dkms_binaries_only/PACKAGE_NAME": f"{module}\n".encode(),

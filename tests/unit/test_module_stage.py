@@ -3,6 +3,8 @@ playbook and the manifest. No build root: the host build is replaced where it wo
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import threading
 from contextlib import ExitStack
 from pathlib import Path
@@ -13,7 +15,8 @@ from builder.config import load_config
 from builder.context import BuildContext, BuildOptions
 from builder.errors import HostModuleError
 from builder.events import Emitter
-from builder.hostmodule import HostModule
+from builder.gateway.server import Pin
+from builder.hostmodule import HostModule, Sources
 from builder.stages import module
 from builder.stages.provision import playbook_vars
 
@@ -220,3 +223,146 @@ def test_a_client_in_the_build_reads_through_its_gateway_from_a_cold_cache(tmp_p
             archive.release()
             index = archive.index("main/binary-amd64/Packages")
     assert b"Package: hello" in index
+
+
+# ---------------------------------------------------------------------------------------------- under a package lock
+
+LOCKED = {  # name -> (version, component, Depends): what a host build of nvidia-kernel-dkms needs, and tools
+    "linux-image-amd64": ("6.12.118-1", "main", f"linux-image-{KVER} (= 6.12.118-1)"),
+    f"linux-image-{KVER}": ("6.12.118-1", "main", "kmod"),
+    f"linux-headers-{KVER}": ("6.12.118-1", "main", "gcc-14"),
+    "gcc-14": ("14.2.0-19", "main", ""),
+    "dkms": ("3.2.2-1~deb13u1", "main", "kmod"),
+    "nvidia-kernel-dkms": ("550.163.01-2", "non-free", "dkms (>= 3.0.11)"),
+    "kmod": ("34.2-2", "main", ""),
+    "findutils": ("4.10.0-3", "main", ""),
+    "zstd": ("1.5.7+dfsg-1", "main", ""),
+}
+
+
+@pytest.fixture
+def locked_ctx(tmp_path, events, monkeypatch):
+    """A build context with a package lock in force: the real gateway (services.gateway_for) serving the lock's
+    view of the three suites, signed by a real ephemeral key, on 127.0.0.1; the mirrors are never asked."""
+    from test_package_lock import _inputs, make_deb
+
+    from builder import services
+    from builder.archive.cache import ContentCache
+    from builder.context import Services
+    from builder.gateway.signing import EphemeralKey
+    from builder.gateway.target import target_views, view_pins, view_stanza
+    from builder.pkgfetch import TargetInputs
+    from builder.pkglock import PackageLock, PackagePin, SignedIndex
+
+    monkeypatch.setenv("BUILDER_CACHE_DIR", str(tmp_path / "cache"))
+    pins, stanzas = [], {}
+    for name, (version, comp, depends) in LOCKED.items():
+        control = {"Package": name, "Version": version, "Architecture": "amd64", **({"Depends": depends} if depends
+                                                                                     else {})}
+        deb = make_deb(control)
+        pin = PackagePin(name, version, "amd64", f"pool/{comp}/{name[0]}/{name}/{name}_{version}_amd64.deb", len(deb),
+                         hashlib.sha256(deb).hexdigest(), "debian", "trixie", "Sat, 21 Nov 2026 09:15:44 UTC")
+        pins.append(pin)
+        stanzas[pin.key] = view_stanza(control, pin)
+    index = SignedIndex("debian", "trixie", "trixie", "Sat, 21 Nov 2026 09:15:44 UTC", "a" * 64, "Debian", "Debian",
+                        "stable", "13.8")
+    plock = PackageLock("trixie", "trixie", "amd64", "2026-12-01T00:00:00Z", "resolve", (index,), tuple(pins))
+    c = cfg("debian.mirror=http://127.0.0.1:9/debian", "debian.security_mirror=http://127.0.0.1:9/debian-security")
+    target = TargetInputs(plock, target_views(plock, stanzas, components=c.debian.components),
+                          {k: Pin(*v) for k, v in view_pins(plock).items()}, 0)
+    with ExitStack() as stack:
+        key = stack.enter_context(EphemeralKey("builder test build key", home_parent=tmp_path / "keys"))
+        base = BuildContext(c, BuildOptions(tmp_path / "out"), tmp_path / "work", Emitter(events.append), stack,
+                            None, cache=ContentCache(tmp_path / "gateway-blobs"))  # type: ignore[arg-type]
+        gw = stack.enter_context(services.gateway_for(base, _inputs(tmp_path, target), key))  # type: ignore[arg-type]
+        yield base.with_(services=Services(gw, key, None, None, plock))  # type: ignore[arg-type]
+
+
+@pytest.mark.timeout(60)
+def test_under_a_lock_the_host_build_reads_the_view_with_the_targets_keyring(locked_ctx):
+    """The view is signed by the build's key: read with Debian's keyring alone (what the host build did) every
+    suite is refused; read as apt in the target reads it (Debian's keyring plus the build key, the build key's
+    signature required) it gives the plan, from the locked versions."""
+    from builder import hostmodule as hm
+    from builder.gateway.signing import combined_keyring
+
+    ctx = locked_ctx
+    gw, key = ctx.services.gateway, ctx.services.signing_key
+    plain = Sources.of(ctx.config.debian, mirror=gw.url("debian"), security_mirror=gw.url("debian-security"))
+    with pytest.raises(HostModuleError, match="signature verification failed"):
+        hm.load_indexes(plain, module.gateway_client_cache(ctx))
+    sources = module.gateway_sources(ctx)
+    assert sources.locked and sources.mirror == plain.mirror and sources.security_mirror == plain.security_mirror
+    assert sources.keyring == ctx.workdir / module.TARGET_KEYRING
+    assert sources.keyring.read_bytes() == combined_keyring(ctx.config.debian.keyring, key.public_key())
+    assert sources.fingerprints == sources.security_fingerprints == (key.fingerprint,)
+    plan = hm.plan_module(hm.load_indexes(sources, module.gateway_client_cache(ctx)), "nvidia-kernel-dkms")
+    assert plan.kver == KVER and plan.dkms_package.pin == "nvidia-kernel-dkms=550.163.01-2"
+    assert [t.name for t in plan.tools] == ["kmod", "findutils", "zstd"]  # the lock holds no xz-utils
+    # Debian's own signature is not what the view is: a Debian-signed index through the same sources is refused
+    debian_only = dataclasses.replace(sources, fingerprints=ctx.config.debian.trusted_fingerprints,
+                                      security_fingerprints=ctx.config.debian.security_fingerprints)
+    with pytest.raises(HostModuleError, match="no signature by a trusted key"):
+        hm.load_indexes(debian_only, module.gateway_client_cache(ctx))
+    # without a lock: the image's keyring and signers, as before
+    unlocked = ctx.with_(services=dataclasses.replace(ctx.services, package_lock=None))
+    assert module.gateway_sources(unlocked) == plain and not plain.locked
+
+
+@pytest.mark.timeout(60)
+def test_under_a_lock_the_build_root_is_apt_with_only_locked_packages(locked_ctx, tmp_path, monkeypatch):
+    """build_module through the locked view, with a stand-in mmdebstrap on PATH: the plan (made before the
+    module-cache lookup) comes from the view, the build root is --variant=apt with the plan and the tools the lock
+    holds, pinned, verified with the target's keyring; the second call is a cache hit."""
+    import json
+    import os
+
+    from test_hostmodule_pure import FAKE_MMDEBSTRAP, make_tarball
+
+    from builder import hostmodule as hm
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "mmdebstrap").write_text(FAKE_MMDEBSTRAP)
+    (bindir / "mmdebstrap").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_LOG", str(tmp_path / "calls.jsonl"))
+    monkeypatch.setenv("FAKE_TARBALL", str(make_tarball(tmp_path / "built.tar.gz", kver=KVER)))
+    monkeypatch.setenv("FAKE_RESULT", "ok")
+    monkeypatch.setattr(hm, "mmdebstrap_mode", lambda: "unshare")
+    ctx = locked_ctx
+
+    def build():
+        return hm.build_module(module.gateway_sources(ctx), "nvidia-kernel-dkms", workdir=ctx.workdir / "hostmodule",
+                               cache=module.gateway_client_cache(ctx), modules=hm.ModuleCache(tmp_path / "modules"),
+                               niceness=None)
+
+    first = build()
+    assert first.origin == "host-built" and first.kver == KVER
+    (argv,) = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    assert "--variant=apt" in argv and "--variant=buildd" not in argv
+    assert f"--keyring={ctx.workdir / module.TARGET_KEYRING}" in argv
+    assert (f"--include=dkms=3.2.2-1~deb13u1,gcc-14=14.2.0-19,linux-headers-{KVER}=6.12.118-1,"
+            "nvidia-kernel-dkms=550.163.01-2,kmod=34.2-2,findutils=4.10.0-3,zstd=1.5.7+dfsg-1") in argv
+    assert not [a for a in argv if "build-essential" in a]
+    second = build()
+    assert second.origin == "cache" and second.key == first.key
+
+
+def test_under_a_lock_both_host_builds_get_the_locked_sources(locked_ctx, monkeypatch):
+    """The job started while the installer runs and the rebuild for another guest kernel (for_kernel)."""
+    seen = []
+
+    def fake_build(sources, package, **kw):
+        seen.append(sources)
+        return HostModule(Path("/m.tar.gz"), "nvidia-current", "550.163.01", kw.get("kver") or KVER, "host-built",
+                          1.0, package, "550.163.01-2", "k")
+
+    monkeypatch.setattr(module, "build_module", fake_build)
+    job = module.start(locked_ctx)
+    assert job is not None
+    first = module.finish(locked_ctx, job)
+    assert first is not None
+    module.for_kernel(locked_ctx, first, "6.12.117+deb13-amd64")
+    assert len(seen) == 2 and all(s.locked and s.fingerprints == (locked_ctx.services.signing_key.fingerprint,)
+                                  for s in seen)
