@@ -3,12 +3,13 @@
 The universe is the signed indexes of the suite, ``<codename>-updates`` and ``<codename>-security`` (every
 configured component, the image's architecture and ``all``); each name's candidate is its highest version
 in any of them (python-debian compares versions and parses relations); a dependency the candidate does not
-satisfy takes the highest listed version that does. The seeds are the base role's
-``base_packages`` and extras, ``installer.extra_packages``, the NVIDIA role's package set for the configured
-flavour, what debian-installer itself adds (kernel, boot loader, …: :data:`INSTALLER_PACKAGES`) and every
-package of priority required or important; the closure adds their Pre-Depends and Depends (and Recommends when
-the image installs them): for an alternative already satisfied, nothing; else the first alternative with a
-candidate that satisfies it, a real package before a virtual one, an already chosen provider before others.
+satisfy takes the highest listed version that does. The seeds are the base role's ``base_packages`` and
+extras, ``installer.extra_packages``, the NVIDIA role's package set of every variant the image declares (each
+may pick another driver flavour), what debian-installer itself adds (kernel, boot loader, …:
+:data:`INSTALLER_PACKAGES`) and every package of priority required or important; the closure adds their
+Pre-Depends and Depends (and Recommends when the image installs them): for an alternative already satisfied,
+nothing; else the first alternative with a candidate that satisfies it, a real package before a virtual one, an
+already chosen provider before others.
 
 This is apt's choice for a fresh install in all but corner cases (Conflicts are not solved). The exact set is
 what a finished build installed: ``lock --from-build OUTPUT_DIR`` (:func:`lock_from_build`).
@@ -186,7 +187,9 @@ def _role_vars(cfg: ImageConfig, role: str) -> dict[str, Any]:
 
 def nvidia_packages(cfg: ImageConfig) -> tuple[str, ...]:
     """What the NVIDIA role installs from Debian for the configured source and flavour (none for NVIDIA's
-    repository, which is not a Debian archive and not locked)."""
+    repository, which is not a Debian archive and not locked): ``roles/nvidia-gpu-drivers/tasks/install.yml``'s
+    ``_nvidia_packages`` (dkms, the flavour's DKMS package and user space, ``nvidia_extra_packages``), CUDA when
+    asked, the headers metapackage, and openssl when ``secure_boot`` gives a signing key (``signing.yml``)."""
     v = _role_vars(cfg, NVIDIA_ROLE)
     if not v or v.get("nvidia_driver_source", "debian") != "debian":
         return ()
@@ -198,13 +201,49 @@ def nvidia_packages(cfg: ImageConfig) -> tuple[str, ...]:
         out += list(v.get("nvidia_debian_cuda_packages", []))
     if v.get("nvidia_install_headers_metapackage", True):
         out.append("linux-headers-amd64")
+    if cfg.signing_paths is not None:
+        out.append("openssl")
     return tuple(dict.fromkeys(p for p in out if isinstance(p, str) and p))
+
+
+def provisioned(cfg: ImageConfig) -> dict[str, ImageConfig]:
+    """Every configuration a build of the image provisions, by variant name: each variant's (``provision.*``
+    may pick another driver flavour), or the image's own under "" when it declares none (an image with
+    variants is built as its variants)."""
+    return {name: cfg.variant(name) for name in cfg.variants} or {"": cfg}
+
+
+def image_packages(cfg: ImageConfig) -> tuple[str, ...]:
+    """What one configuration installs from Debian by name: the installer's packages and, when it provisions,
+    the NVIDIA role's."""
+    return tuple(dict.fromkeys([*install_packages(cfg), *(nvidia_packages(cfg) if cfg.provision.enabled else ())]))
+
+
+def required_seeds(cfg: ImageConfig) -> tuple[str, ...]:
+    """The seeds that must resolve: :func:`image_packages` of every variant, in order (duplicates dropped)."""
+    return tuple(dict.fromkeys(p for c in provisioned(cfg).values() for p in image_packages(c)))
 
 
 def seeds(cfg: ImageConfig) -> tuple[str, ...]:
     """The seed list of the closure, in order (duplicates dropped)."""
-    pkgs = [*install_packages(cfg), *(nvidia_packages(cfg) if cfg.provision.enabled else ()), *INSTALLER_PACKAGES]
-    return tuple(dict.fromkeys(pkgs))
+    return tuple(dict.fromkeys([*required_seeds(cfg), *INSTALLER_PACKAGES]))
+
+
+def lock_gaps(lock: PackageLock, images: Mapping[str, ImageConfig]) -> dict[str, list[str]]:
+    """Per configuration of ``images`` (variant name → its config), the packages it installs that ``lock`` does
+    not hold (a ``name=version`` seed: not at that version); only those with gaps."""
+    held = {p.name: p.version for p in lock.packages}
+
+    def holds(spec: str) -> bool:
+        name, _, version = spec.partition("=")
+        return name in held and (not version or held[name] == version)
+
+    out: dict[str, list[str]] = {}
+    for name, icfg in images.items():
+        gaps = [spec for spec in image_packages(icfg) if not holds(spec)]
+        if gaps:
+            out[name] = gaps
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- resolution
@@ -340,14 +379,14 @@ def resolve_package_lock(cfg: ImageConfig, uni: Universe, *, extra_seeds: Iterab
     """The package lock of ``cfg`` from the verified indexes: the closure of the seeds (and ``extra_seeds``,
     e.g. the names of the lock being refreshed)."""
     say = report or (lambda m: log.info("%s", m))
-    must = [*install_packages(cfg), *(nvidia_packages(cfg) if cfg.provision.enabled else ())]
+    must = list(required_seeds(cfg))
     optional = [*INSTALLER_PACKAGES, *extra_seeds]
     t0 = time.monotonic()
     res = resolve(uni, must, optional=optional, recommends=cfg.installer.install_recommends)
     if res.problems:
         raise LockError(f"cannot resolve the image's packages from the signed indexes ({len(res.problems)} "
                         "problems)", log_tail=res.problems, hint="check the seed lists (base_packages, "
-                        "installer.extra_packages, the NVIDIA role's flavour) and the mirror")
+                        "installer.extra_packages, the NVIDIA role's flavour of each variant) and the mirror")
     say(f"resolved {len(res.selected)} packages in {time.monotonic() - t0:.1f} s"
         + (f"; not in the indexes (skipped): {', '.join(res.skipped)}" if res.skipped else ""))
     codename = uni.indexes[0].codename if uni.indexes else cfg.debian.suite
@@ -441,5 +480,5 @@ def moved(lock: PackageLock, uni: Universe) -> list[Moved]:
     return out
 
 
-__all__ = ["INSTALLER_PACKAGES", "Moved", "Universe", "load_universe", "lock_from_build", "moved", "resolve",
-           "resolve_package_lock", "seeds"]
+__all__ = ["INSTALLER_PACKAGES", "Moved", "Universe", "image_packages", "load_universe", "lock_from_build",
+           "lock_gaps", "moved", "provisioned", "required_seeds", "resolve", "resolve_package_lock", "seeds"]

@@ -1,0 +1,176 @@
+"""The package lock of an image with variants: seeded with every variant's driver packages, a build whose lock
+lacks a selected variant's packages stopped in ``fetch`` before anything is fetched or booted (one error, exit 1,
+no traceback), ``lock`` writing the lock whatever ``debian.package_lock`` says, and ``lock --from-build``.
+
+The image is a copy of images/cloud-gpu-worker.yaml in a temporary directory (its locks are written there), with
+the repository's roles and playbooks and mirrors on 127.0.0.1 that are never asked; the archive is a synthetic
+universe (test_package_lock)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+import yaml
+
+from builder.config import ImageConfig, load_config
+from builder.errors import LockError
+from builder.pkglock import PackageLock, SignedIndex, pin_from_stanza, write_package_lock
+from builder.pkgresolve import Universe, image_packages, provisioned, required_seeds, seeds
+
+ROOT = Path(__file__).resolve().parents[2]
+DATE = "Sat, 21 Nov 2026 09:15:44 UTC"
+TESLA = ["nvidia-tesla-535-kernel-dkms", "nvidia-tesla-535-smi", "libnvidia-tesla-535-cuda1",
+         "libnvidia-tesla-535-cfg1", "firmware-nvidia-tesla-535-gsp"]
+
+
+def image(tmp_path: Path, *, package_lock: str = "auto", **debian: object) -> Path:
+    """A copy of the default image definition under ``tmp_path/images`` (its locks go there)."""
+    data = yaml.safe_load((ROOT / "images" / "cloud-gpu-worker.yaml").read_text())
+    data["debian"].update({"package_lock": package_lock, "mirror": "http://127.0.0.1:9/debian",
+                           "security_mirror": "http://127.0.0.1:9/debian-security", **debian})
+    data["provision"].update({"playbook": str(ROOT / "playbooks" / "cloud-gpu-worker.yml"),
+                              "roles_path": [str(ROOT / "roles")]})
+    data["output"] = {"dir": str(tmp_path / "out" / "{name}")}
+    path = tmp_path / "images" / "cloud-gpu-worker.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def stanza(name: str, version: str = "1", **fields: str) -> dict[str, str]:
+    comp = "non-free" if "nvidia" in name or "cuda" in name else "main"
+    return {"Package": name, "Version": version, "Architecture": "amd64",
+            "Filename": f"pool/{comp}/{name[0]}/{name}/{name}_{version}_amd64.deb", "Size": "100",
+            "SHA256": hashlib.sha256(f"{name} {version}".encode()).hexdigest(), "Priority": "optional",
+            "Section": "misc", **{k.replace("_", "-"): v for k, v in fields.items()}}
+
+
+def universe_of(cfg: ImageConfig, **extra: dict[str, str]) -> Universe:
+    """Every seed of ``cfg`` (each variant's too) and what debian-installer adds, one stanza each; ``extra``:
+    name → fields of a stanza in its place or besides."""
+    uni = Universe("amd64")
+    uni.indexes = [SignedIndex("debian", "trixie", "trixie", DATE, "a" * 64, "Debian", "Debian", "stable", "13.8")]
+    names = dict.fromkeys([*seeds(cfg), *extra])
+    for name in names:
+        uni.add(stanza(name, **extra.get(name, {})), "debian", "trixie", DATE)
+    return uni
+
+
+def lock_holding(names: list[str]) -> PackageLock:
+    pins = tuple(sorted((pin_from_stanza(stanza(n), archive="debian", suite="trixie", date=DATE) for n in names),
+                        key=lambda p: p.name))
+    return PackageLock("trixie", "trixie", "amd64", "2026-12-01T00:00:00Z", "resolve",
+                       (SignedIndex("debian", "trixie", "trixie", DATE, "a" * 64),), pins)
+
+
+# ------------------------------------------------------------------------------------------- seeds: every variant
+
+
+def test_the_seeds_are_the_union_of_every_variants_packages(tmp_path):
+    cfg = load_config(image(tmp_path))
+    assert list(provisioned(cfg)) == ["current", "open", "tesla-535"]
+    must = required_seeds(cfg)
+    for pkg in ("openssh-server", "nvidia-kernel-dkms", "nvidia-open-kernel-dkms", *TESLA, "linux-headers-amd64"):
+        assert pkg in must, pkg
+    opened = image_packages(cfg.variant("open"))
+    assert "nvidia-open-kernel-dkms" in opened and "nvidia-kernel-dkms" not in opened and "sudo" in opened
+    # without variants: the image's own flavour
+    plain = load_config(image(tmp_path), ["provision.extra_vars.nvidia_driver_flavor=tesla-535"])
+    plain = plain.model_copy(update={"variants": {}})
+    assert "nvidia-tesla-535-kernel-dkms" in required_seeds(plain) and "nvidia-kernel-dkms" not in required_seeds(plain)
+
+
+def test_the_resolved_lock_holds_every_variants_driver(tmp_path):
+    from builder.pkgresolve import resolve_package_lock
+
+    cfg = load_config(image(tmp_path))
+    uni = universe_of(cfg, **{"nvidia-tesla-535-kernel-dkms": {"Depends": "libtesla-helper"},
+                              "libtesla-helper": {}})
+    lock = resolve_package_lock(cfg, uni, report=lambda m: None)
+    names = lock.by_name()
+    for pkg in ("nvidia-kernel-dkms", "nvidia-open-kernel-dkms", *TESLA, "libtesla-helper"):
+        assert pkg in names, pkg
+    assert "nvidia-open-kernel-dkms" in lock.seeds
+    # a variant's package the indexes do not list is an error naming it, as the base flavour's would be
+    del uni.candidates["nvidia-open-kernel-dkms"]
+    uni.versions.pop("nvidia-open-kernel-dkms")
+    with pytest.raises(LockError) as exc:
+        resolve_package_lock(cfg, uni, report=lambda m: None)
+    assert exc.value.log_tail == ["seed nvidia-open-kernel-dkms: no signed index lists it"]
+
+
+# ------------------------------------------------------------------------------------------- the check in fetch
+
+
+def _ctx(cfg: ImageConfig, tmp_path: Path, stack: ExitStack):
+    from builder.context import BuildContext, BuildOptions
+    from builder.events import Emitter
+
+    return BuildContext(cfg, BuildOptions(tmp_path / "out"), tmp_path / "work", Emitter(lambda e: None), stack,
+                        None)  # type: ignore[arg-type]
+
+
+def test_fetch_stops_a_build_whose_lock_lacks_a_selected_variants_packages(tmp_path, monkeypatch):
+    from builder.stages import fetch
+
+    def no_fetching(*a, **kw):
+        raise AssertionError("fetched although the lock cannot serve the build")
+
+    monkeypatch.setattr(fetch, "fetch_inputs", no_fetching)
+    cfg = load_config(image(tmp_path))
+    # a lock made from a build of --only current: none of the other flavours' packages
+    write_package_lock(lock_holding(list(image_packages(cfg.variant("current")))), cfg.package_lock_path)
+    with ExitStack() as stack:
+        ctx = _ctx(cfg, tmp_path, stack)
+        with pytest.raises(AssertionError, match="fetched although"):  # --only current: the lock serves it
+            fetch.run(ctx, {"current": cfg.variant("current")})
+        with pytest.raises(LockError) as exc:
+            fetch.run(ctx, {n: cfg.variant(n) for n in ("current", "open", "tesla-535")})
+    assert str(exc.value) == (
+        "the package lock cloud-gpu-worker.packages.lock lacks packages the build needs: variant open installs "
+        "nvidia-open-kernel-dkms; variant tesla-535 installs " + ", ".join(TESLA))
+    assert "lock IMAGE.yaml --update" in (exc.value.hint or "") and exc.value.exit_code == 1
+    # off: the lock is not in force, nothing to check; a pinned seed version must be the locked one
+    off = load_config(image(tmp_path, package_lock="off"))
+    with ExitStack() as stack, pytest.raises(AssertionError, match="fetched although"):
+        fetch.run(_ctx(off, tmp_path, stack), {"open": off.variant("open")})
+    pinned = load_config(image(tmp_path), ["installer.extra_packages=[jq=9]"])
+    write_package_lock(lock_holding([*image_packages(cfg.variant("current")), "jq"]), cfg.package_lock_path)
+    with ExitStack() as stack, pytest.raises(LockError, match=r"variant current installs jq=9$"):
+        fetch.run(_ctx(pinned, tmp_path, stack), {"current": pinned.variant("current")})
+
+
+WRAPPER = """
+import sys
+import builder.preflight, builder.services
+from builder.stages import fetch
+builder.preflight.check = lambda *a, **kw: None  # this host's tools and KVM are not what is tested
+fetch.fetch_inputs = lambda *a, **kw: (_ for _ in ()).throw(SystemExit("fetched"))
+builder.services.start = lambda *a, **kw: (_ for _ in ()).throw(SystemExit("services started"))
+from builder.cli import main
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.timeout(60)
+def test_the_build_command_fails_on_it_with_one_error_and_exit_1(tmp_path):
+    """``build`` as a user runs it (a process of its own): one error line naming the variants and packages, exit
+    code 1, no traceback, and neither fetching nor a VM (both would end the process with another message)."""
+    path = image(tmp_path)
+    cfg = load_config(path)
+    write_package_lock(lock_holding(list(image_packages(cfg.variant("current")))), cfg.package_lock_path)
+    env = dict(os.environ, BUILDER_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, "-c", WRAPPER, "build", str(path), "--except", "current"],
+                       capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "Traceback" not in p.stderr and "fetched" not in p.stderr and "services started" not in p.stderr
+    assert ("lacks packages the build needs: variant open installs nvidia-open-kernel-dkms; variant tesla-535 "
+            "installs nvidia-tesla-535-kernel-dkms") in " ".join(p.stderr.split())
+    assert "nvidia-kernel-dkms," not in p.stderr  # current is not built and not named
+
