@@ -174,3 +174,63 @@ def test_the_build_command_fails_on_it_with_one_error_and_exit_1(tmp_path):
             "installs nvidia-tesla-535-kernel-dkms") in " ".join(p.stderr.split())
     assert "nvidia-kernel-dkms," not in p.stderr  # current is not built and not named
 
+
+
+# ------------------------------------------------------------------------------------------- lock, whatever the setting
+
+
+@pytest.fixture
+def lock_verb(tmp_path, monkeypatch):
+    """``write_locks`` over the synthetic universe, the installer's lock already written and witnessed (so the
+    installer part has nothing to fetch: only the mirror's answers are stood in for)."""
+    import dataclasses
+
+    from test_lock_and_cache import sample_lock
+
+    from builder import locking
+    from builder.archive.http import FetchStats
+    from builder.events import Emitter
+    from builder.lock import write_lock
+
+    def run(package_lock: str, **kw):
+        cfg = load_config(image(tmp_path, package_lock=package_lock))
+        installer = dataclasses.replace(sample_lock(), witnessed=True)
+        write_lock(installer, cfg.lock_path)
+        monkeypatch.setattr(locking, "_make_archive", lambda *a: None)
+        monkeypatch.setattr(locking, "resolve_lock", lambda *a, **k: installer)
+        uni = universe_of(cfg)
+        monkeypatch.setattr(locking, "load_universe", lambda *a, **k: uni)
+        return cfg, locking.write_locks(cfg, cache=None, stats=FetchStats(), emitter=Emitter(lambda e: None),  # type: ignore[arg-type]
+                                        **kw)
+
+    return run
+
+
+def test_lock_writes_the_package_lock_while_builds_do_not_use_it(lock_verb):
+    from builder.pkglock import read_package_lock
+
+    cfg, report = lock_verb("off")
+    lock = read_package_lock(cfg.package_lock_path)
+    assert "nvidia-tesla-535-kernel-dkms" in lock.by_name()
+    assert report.lines[0] == "cloud-gpu-worker.lock.json: unchanged"
+    assert report.lines[1].startswith(f"wrote {cfg.package_lock_path} ({len(lock.packages)} packages")
+    assert report.lines[2] == (
+        "debian.package_lock is off: builds do not use cloud-gpu-worker.packages.lock; to build with it, set "
+        "debian.package_lock: auto (use it when it exists) or required (fail without it) in cloud-gpu-worker.yaml, "
+        "or pass --var debian.package_lock=auto")
+    before = cfg.package_lock_path.read_bytes()
+    cfg, again = lock_verb("off", update=True)  # --update too: nothing moved, the file stays as it is
+    assert again.lines[1:] == [f"cloud-gpu-worker.packages.lock: unchanged ({len(lock.packages)} packages)",
+                               report.lines[2]]
+    assert cfg.package_lock_path.read_bytes() == before
+    cfg, used = lock_verb("auto")
+    assert not [line for line in used.lines if "package_lock is off" in line]
+    from builder import locking
+    from builder.archive.http import FetchStats
+    from builder.events import Emitter
+
+    cfg, _ = lock_verb("off")
+    cfg.package_lock_path.unlink()
+    checked = locking.check_locks(cfg, cache=None, stats=FetchStats(), emitter=Emitter(lambda e: None))  # type: ignore[arg-type]
+    assert checked.lines[-1] == ("cloud-gpu-worker.packages.lock: none (create it with: python -m builder lock "
+                                 "IMAGE.yaml) (not in force: debian.package_lock is off)")
