@@ -327,6 +327,19 @@ class _Resolver:
                 return
         self.select(cand, "seed")
 
+    def broken(self, names: Iterable[str]) -> list[str]:
+        """The dependencies of the selected ``names`` that nothing selected satisfies (a package taken at another
+        version than one of them needs)."""
+        out = []
+        for name in names:
+            stanza = self.res.selected[name].stanza
+            for group in _relations(stanza, False):
+                if not any(self.satisfied(alt) for alt in group):
+                    out.append(f"{name} {stanza['Version']} depends on {_group_text(group)}, which the build has at "
+                               + ", ".join(f"{alt['name']} {self.res.selected[alt['name']].version}" for alt in group
+                                           if alt["name"] in self.res.selected))
+        return out
+
     def close(self) -> None:
         while self.queue:
             name = self.queue.pop(0)
@@ -340,9 +353,13 @@ class _Resolver:
                         self.select(cand, name)
                         break
                 else:
-                    text = " | ".join(alt["name"] + (f" ({alt['version'][0]} {alt['version'][1]})"
-                                                     if alt.get("version") else "") for alt in group)
-                    self.res.problems.append(f"{name} {stanza['Version']} depends on {text}: nothing satisfies it")
+                    self.res.problems.append(f"{name} {stanza['Version']} depends on {_group_text(group)}: nothing "
+                                             "satisfies it")
+
+
+def _group_text(group: list[dict[str, Any]]) -> str:
+    return " | ".join(alt["name"] + (f" ({alt['version'][0]} {alt['version'][1]})" if alt.get("version") else "")
+                      for alt in group)
 
 
 def resolve(uni: Universe, seed_list: Iterable[str], *, optional: Iterable[str] = (), recommends: bool = False,
@@ -414,16 +431,44 @@ def read_packages_txt(path: Path) -> list[tuple[str, str]]:
     return out
 
 
+def build_packages(output_dir: Path) -> tuple[list[tuple[str, str]], list[Path]]:
+    """(name, version) of what the build in ``output_dir`` installed, and the files read: its packages.txt, or,
+    for the output directory of a build of variants (one directory per variant), every variant's, merged (they
+    share one installed disk and one archive; a package at two versions is an error)."""
+    own = output_dir / "packages.txt"
+    files = [own] if own.is_file() else sorted(output_dir.glob("*/packages.txt"))
+    if not files:
+        return read_packages_txt(own), [own]  # the error that names it
+    merged: dict[str, str] = {}
+    clash = []
+    for f in files:
+        for name, version in read_packages_txt(f):
+            if merged.setdefault(name, version) != version:
+                clash.append(f"{name}: {merged[name]} and {version} ({f.parent.name})")
+    if clash:
+        raise LockError(f"the builds in {output_dir} installed {len(clash)} packages at different versions: they are "
+                        "not one build", log_tail=clash, hint="lock from one build's output directory")
+    return list(merged.items()), files
+
+
 def lock_from_build(cfg: ImageConfig, uni: Universe, output_dir: Path, *,
                     report: Report | None = None) -> PackageLock:
-    """The package lock of exactly what the build in ``output_dir`` installed (its packages.txt)."""
+    """The package lock of exactly what the build in ``output_dir`` installed (its packages.txt, or every
+    variant's: :func:`build_packages`), completed with what a build of the image installs besides: the packages
+    of the variants that build did not make (a build of ``--only current`` has no other flavour's driver) and what
+    debian-installer installs and removes again before the end (``popularity-contest``, which pkgsel installs and
+    purges; ``grub-pc`` of a BIOS install of a hybrid disk), resolved from the signed indexes on top of the
+    build's packages (:data:`INSTALLER_PACKAGES`, :func:`required_seeds`). Without them the target's view would
+    lack what a build asks for, and that build would fail."""
     say = report or (lambda m: log.info("%s", m))
-    installed = read_packages_txt(Path(output_dir) / "packages.txt")
-    pins, foreign, gone = [], [], []
+    output_dir = Path(output_dir)
+    installed, files = build_packages(output_dir)
+    kept: list[Candidate] = []
+    foreign, gone = [], []
     for name, version in installed:
         cand = uni.find(name, version)
         if cand is not None:
-            pins.append(cand.pin())
+            kept.append(cand)
         elif name in uni.versions:
             now = ", ".join(sorted({c.version for c in uni.versions[name]}))
             gone.append(f"{name} {version} (the indexes list {now})")
@@ -436,10 +481,47 @@ def lock_from_build(cfg: ImageConfig, uni: Universe, output_dir: Path, *,
                              "IMAGE.yaml) or rebuild first")
     if foreign:
         say(f"not from the Debian archive (not locked): {', '.join(f.name for f in foreign)}")
-    say(f"pinned the {len(pins)} packages of {output_dir}/packages.txt")
+    have = {name for name, _ in installed}
+    added = complete(uni, kept, [s for s in required_seeds(cfg) if s.partition("=")[0] not in have],
+                     optional=[p for p in INSTALLER_PACKAGES if p not in have],
+                     recommends=cfg.installer.install_recommends)
+    where = ", ".join(str(f) for f in files)
+    say(f"pinned the {len(kept)} packages of {where}"
+        + (f"; added {len(added)} that a build installs besides (other variants, debian-installer's own): "
+           f"{', '.join(sorted(added))}" if added else ""))
+    notes = (f"resolved from the signed indexes besides what the build kept ({len(added)}): other variants' packages "
+             f"and what debian-installer installs and removes during a build: {' '.join(sorted(added))}",
+             ) if added else ()
     codename = uni.indexes[0].codename if uni.indexes else cfg.debian.suite
-    return _lock_of(uni, pins, codename=codename, cfg=cfg, method="build",
-                    seed_list=(f"packages.txt of a build ({len(installed)} packages)",), foreign=tuple(foreign))
+    return _lock_of(uni, [c.pin() for c in [*kept, *added.values()]], codename=codename, cfg=cfg, method="build",
+                    seed_list=(f"packages.txt of a build ({len(installed)} packages)",
+                               *((f"+ {len(added)} resolved",) if added else ())),
+                    foreign=tuple(foreign), notes=notes)
+
+
+def complete(uni: Universe, kept: Iterable[Candidate], seed_list: Iterable[str], *, optional: Iterable[str] = (),
+             recommends: bool = False) -> dict[str, Candidate]:
+    """What the closure of ``seed_list`` (and ``optional`` seeds, skipped when absent) adds to ``kept`` (a
+    build's packages, taken as installed: they satisfy what they can at their own version). A dependency only
+    a version other than the kept one satisfies is an error, as it would be for apt in the target."""
+    r = _Resolver(uni, recommends)
+    for cand in kept:
+        r.res.selected[cand.stanza["Package"]] = cand
+        r.res.why[cand.stanza["Package"]] = "build"
+    before = set(r.res.selected)
+    for spec in seed_list:
+        r.seed(spec, required=True)
+    for spec in optional:
+        r.seed(spec, required=False)
+    r.close()
+    added = {n: c for n, c in r.res.selected.items() if n not in before}
+    problems = r.res.problems + r.broken(added)
+    if problems:
+        raise LockError(f"cannot add what the other variants and debian-installer need to that build's packages "
+                        f"({len(problems)} problems)", log_tail=problems,
+                        hint="the archive moved on since that build: rebuild every variant, or lock from the "
+                             "archive (python -m builder lock IMAGE.yaml)")
+    return added
 
 
 # ---------------------------------------------------------------------------------------------- check
@@ -480,5 +562,6 @@ def moved(lock: PackageLock, uni: Universe) -> list[Moved]:
     return out
 
 
-__all__ = ["INSTALLER_PACKAGES", "Moved", "Universe", "image_packages", "load_universe", "lock_from_build",
-           "lock_gaps", "moved", "provisioned", "required_seeds", "resolve", "resolve_package_lock", "seeds"]
+__all__ = ["INSTALLER_PACKAGES", "Moved", "Universe", "build_packages", "complete", "image_packages", "load_universe",
+           "lock_from_build", "lock_gaps", "moved", "provisioned", "required_seeds", "resolve", "resolve_package_lock",
+           "seeds"]

@@ -157,13 +157,19 @@ def test_relocking_changes_only_what_moved() -> None:
 
 
 def test_lock_from_a_build_is_exact(tmp_path: Path) -> None:
+    from builder.pkgresolve import required_seeds
+
     uni = universe()
     cfg = from_dict({"debian": {"mirror": "http://127.0.0.1:9/debian",
-                                "security_mirror": "http://127.0.0.1:9/debian-security"}})
+                                "security_mirror": "http://127.0.0.1:9/debian-security"},
+                     "provision": {"extra_vars": {"nvidia_driver_source": "nvidia"}}})
+    for name in required_seeds(cfg):  # what a build installs besides (test_package_lock_variants: more of it)
+        uni.add(stanza(name, "1"), "debian", "trixie", DATE)
     (tmp_path / "packages.txt").write_text("libc6 2.41-12\nmawk 1.3.4\nnvidia-driver-cuda 580.1\n")
     lock = lock_from_build(cfg, uni, tmp_path, report=lambda m: None)
-    assert [(p.name, p.version, p.suite) for p in lock.packages] == [("libc6", "2.41-12", "trixie"),
-                                                                     ("mawk", "1.3.4", "trixie")]
+    kept = [(p.name, p.version, p.suite) for p in lock.packages if p.name in ("libc6", "mawk")]
+    assert kept == [("libc6", "2.41-12", "trixie"), ("mawk", "1.3.4", "trixie")]  # not -security's libc6
+    assert {p.name for p in lock.packages} == {"libc6", "mawk", *required_seeds(cfg)}
     assert [f.name for f in lock.foreign] == ["nvidia-driver-cuda"] and lock.method == "build"
     (tmp_path / "packages.txt").write_text("libc6 2.40-1\n")
     with pytest.raises(LockError, match="no longer listed at that version") as exc:

@@ -20,7 +20,7 @@ import yaml
 
 from builder.config import ImageConfig, load_config
 from builder.errors import LockError
-from builder.pkglock import PackageLock, SignedIndex, pin_from_stanza, write_package_lock
+from builder.pkglock import PackageLock, SignedIndex, pin_from_stanza, read_package_lock, write_package_lock
 from builder.pkgresolve import Universe, image_packages, provisioned, required_seeds, seeds
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -192,14 +192,13 @@ def lock_verb(tmp_path, monkeypatch):
     from builder.events import Emitter
     from builder.lock import write_lock
 
-    def run(package_lock: str, **kw):
+    def run(package_lock: str, uni: Universe | None = None, **kw):
         cfg = load_config(image(tmp_path, package_lock=package_lock))
         installer = dataclasses.replace(sample_lock(), witnessed=True)
         write_lock(installer, cfg.lock_path)
         monkeypatch.setattr(locking, "_make_archive", lambda *a: None)
         monkeypatch.setattr(locking, "resolve_lock", lambda *a, **k: installer)
-        uni = universe_of(cfg)
-        monkeypatch.setattr(locking, "load_universe", lambda *a, **k: uni)
+        monkeypatch.setattr(locking, "load_universe", lambda *a, **k: uni or universe_of(cfg))
         return cfg, locking.write_locks(cfg, cache=None, stats=FetchStats(), emitter=Emitter(lambda e: None),  # type: ignore[arg-type]
                                         **kw)
 
@@ -207,8 +206,6 @@ def lock_verb(tmp_path, monkeypatch):
 
 
 def test_lock_writes_the_package_lock_while_builds_do_not_use_it(lock_verb):
-    from builder.pkglock import read_package_lock
-
     cfg, report = lock_verb("off")
     lock = read_package_lock(cfg.package_lock_path)
     assert "nvidia-tesla-535-kernel-dkms" in lock.by_name()
@@ -234,3 +231,90 @@ def test_lock_writes_the_package_lock_while_builds_do_not_use_it(lock_verb):
     checked = locking.check_locks(cfg, cache=None, stats=FetchStats(), emitter=Emitter(lambda e: None))  # type: ignore[arg-type]
     assert checked.lines[-1] == ("cloud-gpu-worker.packages.lock: none (create it with: python -m builder lock "
                                  "IMAGE.yaml) (not in force: debian.package_lock is off)")
+
+
+# ------------------------------------------------------------------------------------------- lock --from-build
+
+SEC_DATE = "Mon, 30 Nov 2026 00:22:33 UTC"
+
+
+def built(out: Path, names, **versions: str) -> Path:
+    """A finished build's output directory: its packages.txt (``name version``, every package at "1" unless
+    ``versions`` says otherwise)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "packages.txt").write_text("".join(f"{n} {versions.get(n, '1')}\n" for n in names))
+    return out
+
+
+def current_build(cfg: ImageConfig) -> list[str]:
+    """What a build of --only current keeps: its packages and debian-installer's, but not popularity-contest
+    (pkgsel installs it and purges it again) and no other flavour's driver."""
+    from builder.pkgresolve import INSTALLER_PACKAGES
+
+    return [*image_packages(cfg.variant("current")), *(p for p in INSTALLER_PACKAGES if p != "popularity-contest"),
+            "libc6"]
+
+
+def test_a_lock_from_a_build_of_one_variant_serves_every_variant(tmp_path):
+    from builder.pkgresolve import lock_from_build
+    from builder.stages.fetch import check_lock_covers
+
+    cfg = load_config(image(tmp_path))
+    uni = universe_of(cfg, **{"nvidia-open-kernel-dkms": {"Depends": "libc6 (>= 2.41), open-helper"},
+                              "open-helper": {}})
+    uni.add(stanza("libc6", "2.41-12"), "debian", "trixie", DATE)
+    uni.add(stanza("libc6", "2.41-12+deb13u1"), "debian-security", "trixie-security", SEC_DATE)
+    out = built(tmp_path / "out" / "cloud-gpu-worker" / "current", current_build(cfg), libc6="2.41-12")
+    said: list[str] = []
+    lock = lock_from_build(cfg, uni, out, report=said.append)
+    names = lock.by_name()
+    # exact for what the build kept: libc6 at the build's version, not -security's newer one
+    assert names["libc6"].version == "2.41-12" and names["libc6"].suite == "trixie"
+    assert set(current_build(cfg)) <= set(names)
+    # what a build installs besides: popularity-contest, the other flavours' drivers and their dependencies
+    added = sorted({"popularity-contest", "nvidia-open-kernel-dkms", "open-helper", *TESLA})
+    assert sorted(set(names) - set(current_build(cfg))) == added
+    assert lock.method == "build" and lock.seeds == (f"packages.txt of a build ({len(current_build(cfg))} packages)",
+                                                     f"+ {len(added)} resolved")
+    assert lock.notes[0].endswith(" ".join(added)) and said[-1].endswith(", ".join(added))
+    check_lock_covers(cfg, lock, provisioned(cfg))  # every variant: no gap
+    # the build's own packages are pinned as the build had them even when the archive has newer ones: a variant's
+    # package that needs the newer version cannot be added (apt in the target would fail the same way)
+    uni.add(stanza("nvidia-tesla-535-kernel-dkms", "2", Depends="libc6 (>= 2.41-12+deb13u1)"), "debian", "trixie",
+            DATE)
+    with pytest.raises(LockError, match="cannot add what the other variants") as exc:
+        lock_from_build(cfg, uni, out, report=said.append)
+    assert exc.value.log_tail == ["nvidia-tesla-535-kernel-dkms 2 depends on libc6 (>= 2.41-12+deb13u1), which the "
+                                  "build has at libc6 2.41-12"]
+
+
+def test_a_lock_from_a_build_of_variants_reads_every_variants_packages(tmp_path, lock_verb):
+    """``lock --from-build OUTPUT`` of a build of variants (OUTPUT/current/, OUTPUT/open/): both packages.txt,
+    merged; what neither built (tesla-535) resolved. Through write_locks, as the lock command runs it."""
+    from builder import locking
+
+    cfg = load_config(image(tmp_path))
+    root = tmp_path / "out" / "cloud-gpu-worker"
+    built(root / "current", current_build(cfg))
+    opened = [*current_build(cfg), *image_packages(cfg.variant("open"))]
+    built(root / "open", opened, **{"nvidia-open-kernel-dkms": "2"})
+    uni = universe_of(cfg)
+    uni.add(stanza("nvidia-open-kernel-dkms", "2"), "debian", "trixie", DATE)
+    cfg, report = lock_verb("off", uni, from_build=root)
+    lock = read_package_lock(cfg.package_lock_path)
+    assert lock.by_name()["nvidia-open-kernel-dkms"].version == "2"  # the open build's, exact
+    assert sorted(set(lock.by_name()) - set(opened)) == sorted({"popularity-contest", *TESLA})
+    assert report.lines[0].startswith(f"wrote {cfg.package_lock_path}") and "package_lock is off" in report.lines[1]
+    # two builds that disagree on a version are not one build
+    built(root / "open", opened, libc6="9")
+    with pytest.raises(LockError, match="installed 1 packages at different versions") as exc:
+        locking.write_locks(cfg, cache=None, stats=None, emitter=_quiet(), from_build=root)  # type: ignore[arg-type]
+    assert exc.value.log_tail == ["libc6: 1 and 9 (open)"]
+    with pytest.raises(LockError, match=r"cannot read .*/nothing/packages\.txt"):
+        locking.write_locks(cfg, cache=None, stats=None, emitter=_quiet(), from_build=tmp_path / "nothing")  # type: ignore[arg-type]
+
+
+def _quiet():
+    from builder.events import Emitter
+
+    return Emitter(lambda e: None)
