@@ -7,7 +7,8 @@ satisfy takes the highest listed version that does. The seeds are the base role'
 extras, ``installer.extra_packages``, the NVIDIA role's package set of every variant the image declares (each
 may pick another driver flavour), what debian-installer itself adds (kernel, boot loader, …:
 :data:`INSTALLER_PACKAGES`) and every package of priority required or important; the closure adds their
-Pre-Depends and Depends (and Recommends when the image installs them): for an alternative already satisfied,
+Pre-Depends and Depends (and Recommends where the target follows them: :func:`install_phases`, step by
+step as the target installs, :func:`resolve_phases`): for an alternative already satisfied,
 nothing; else the first alternative with a candidate that satisfies it, a real package before a virtual one, an
 already chosen provider before others.
 
@@ -257,17 +258,31 @@ class Resolution:
     skipped: list[str] = field(default_factory=list)  # optional seeds the indexes do not have
 
 
-def _relations(stanza: Mapping[str, str], recommends: bool) -> list[list[dict[str, Any]]]:
-    out: list[list[dict[str, Any]]] = []
+def _relations(stanza: Mapping[str, str], recommends: bool) -> list[tuple[list[dict[str, Any]], bool]]:
+    """Each relation group to satisfy, and whether it is hard (Pre-Depends, Depends) rather than a Recommends."""
+    out: list[tuple[list[dict[str, Any]], bool]] = []
     for fname in ("Pre-Depends", "Depends", *(("Recommends",) if recommends else ())):
-        out += _parse(stanza.get(fname, ""))
+        out += [(group, fname != "Recommends") for group in _parse(stanza.get(fname, ""))]
     return out
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One step of a build that installs packages with apt: what it names (``optional``: skipped when no index
+    lists them) and whether apt follows Recommends there. As in apt, Recommends count for what the step newly
+    installs only (a package installed before keeps its missing Recommends missing), and one nothing satisfies
+    is left out, not an error."""
+
+    what: str
+    seeds: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
+    recommends: bool = False
 
 
 class _Resolver:
     def __init__(self, uni: Universe, recommends: bool) -> None:
         self.uni = uni
-        self.recommends = recommends
+        self.recommends = recommends  # of the phase being closed
         self.res = Resolution()
         self.queue: list[str] = []
 
@@ -333,7 +348,7 @@ class _Resolver:
         out = []
         for name in names:
             stanza = self.res.selected[name].stanza
-            for group in _relations(stanza, False):
+            for group, _ in _relations(stanza, False):
                 if not any(self.satisfied(alt) for alt in group):
                     out.append(f"{name} {stanza['Version']} depends on {_group_text(group)}, which the build has at "
                                + ", ".join(f"{alt['name']} {self.res.selected[alt['name']].version}" for alt in group
@@ -344,7 +359,7 @@ class _Resolver:
         while self.queue:
             name = self.queue.pop(0)
             stanza = self.res.selected[name].stanza
-            for group in _relations(stanza, self.recommends):
+            for group, hard in _relations(stanza, self.recommends):
                 if any(self.satisfied(alt) for alt in group):
                     continue
                 for alt in group:
@@ -353,7 +368,8 @@ class _Resolver:
                         self.select(cand, name)
                         break
                 else:
-                    self.res.problems.append(f"{name} {stanza['Version']} depends on {_group_text(group)}: nothing "
+                    if hard:  # a Recommends nothing satisfies: apt leaves it out
+                        self.res.problems.append(f"{name} {stanza['Version']} depends on {_group_text(group)}: nothing "
                                              "satisfies it")
 
 
@@ -364,19 +380,52 @@ def _group_text(group: list[dict[str, Any]]) -> str:
 
 def resolve(uni: Universe, seed_list: Iterable[str], *, optional: Iterable[str] = (), recommends: bool = False,
             priorities: Iterable[str] = PRIORITIES) -> Resolution:
-    """The closure of ``seed_list`` (each must exist), ``optional`` seeds (skipped when absent) and every
-    candidate of the given priorities."""
-    r = _Resolver(uni, recommends)
+    """The closure of every candidate of the given priorities (as debootstrap installs them: no Recommends),
+    then of ``seed_list`` (each must exist) and ``optional`` seeds (skipped when absent), in one step."""
+    return resolve_phases(uni, [Phase("seeds", tuple(seed_list), tuple(optional), recommends)], priorities=priorities)
+
+
+def resolve_phases(uni: Universe, phases: Iterable[Phase], *, priorities: Iterable[str] = PRIORITIES,
+                   kept: Iterable[Candidate] = ()) -> Resolution:
+    """What the target has after ``phases``, one after the other: first every candidate of the given priorities
+    (debootstrap: without Recommends), then each phase's seeds with its own closure. ``kept``: packages taken as
+    installed before any of it (a build's: they satisfy what they can at their own version)."""
+    r = _Resolver(uni, False)
+    for cand in kept:
+        r.res.selected[cand.stanza["Package"]] = cand
+        r.res.why[cand.stanza["Package"]] = "build"
     prio = set(priorities)
     for name in sorted(uni.candidates):
         if uni.candidates[name].stanza.get("Priority") in prio:
             r.select(uni.candidates[name], "priority")
-    for spec in seed_list:
-        r.seed(spec, required=True)
-    for spec in optional:
-        r.seed(spec, required=False)
     r.close()
+    for phase in phases:
+        r.recommends = phase.recommends
+        for spec in phase.seeds:
+            r.seed(spec, required=True)
+        for spec in phase.optional:
+            r.seed(spec, required=False)
+        r.close()
     return r.res
+
+
+def install_phases(cfg: ImageConfig, *, extra: Iterable[str] = (), have: Iterable[str] = ()) -> list[Phase]:
+    """The steps of a build that install from the archive after debootstrap, as the target runs them, with
+    their Recommends: debian-installer (base-installer's kernel, pkgsel's seeds, the boot loaders:
+    ``installer.install_recommends``, which the preseed gives base-installer/install-recommends and apt-install
+    follows), then the NVIDIA role of every variant (``install_recommends: false`` on each of its apt tasks).
+    The base role installs nothing new: its ``base_packages`` are the installer's seeds, installed already, and
+    Ansible's apt module does not run apt for an installed package, so ``base_install_recommends`` adds
+    nothing. ``extra``: more optional seeds, in a last step without Recommends (a refreshed lock's names).
+    ``have``: names installed already (a build's), left out of the seeds."""
+    skip = set(have)
+    seeded = install_packages(cfg)
+    installer = tuple(p for p in seeded if p.partition("=")[0] not in skip)
+    nvidia = tuple(p for p in required_seeds(cfg) if p not in seeded and p.partition("=")[0] not in skip)
+    return [Phase("debian-installer", installer, tuple(p for p in INSTALLER_PACKAGES if p not in skip),
+                  cfg.installer.install_recommends),
+            Phase(NVIDIA_ROLE, nvidia),
+            *([Phase("the lock's own", (), tuple(p for p in extra if p not in skip))] if extra else [])]
 
 
 def now_utc() -> str:
@@ -399,7 +448,7 @@ def resolve_package_lock(cfg: ImageConfig, uni: Universe, *, extra_seeds: Iterab
     must = list(required_seeds(cfg))
     optional = [*INSTALLER_PACKAGES, *extra_seeds]
     t0 = time.monotonic()
-    res = resolve(uni, must, optional=optional, recommends=cfg.installer.install_recommends)
+    res = resolve_phases(uni, install_phases(cfg, extra=extra_seeds))
     if res.problems:
         raise LockError(f"cannot resolve the image's packages from the signed indexes ({len(res.problems)} "
                         "problems)", log_tail=res.problems, hint="check the seed lists (base_packages, "
@@ -481,17 +530,14 @@ def lock_from_build(cfg: ImageConfig, uni: Universe, output_dir: Path, *,
                              "IMAGE.yaml) or rebuild first")
     if foreign:
         say(f"not from the Debian archive (not locked): {', '.join(f.name for f in foreign)}")
-    have = {name for name, _ in installed}
-    added = complete(uni, kept, [s for s in required_seeds(cfg) if s.partition("=")[0] not in have],
-                     optional=[p for p in INSTALLER_PACKAGES if p not in have],
-                     recommends=cfg.installer.install_recommends)
+    added = complete(uni, kept, install_phases(cfg, have=[name for name, _ in installed]))
     where = ", ".join(str(f) for f in files)
     say(f"pinned the {len(kept)} packages of {where}"
         + (f"; added {len(added)} that a build installs besides (other variants, debian-installer's own): "
            f"{', '.join(sorted(added))}" if added else ""))
     notes = (f"resolved from the signed indexes besides what the build kept ({len(added)}): other variants' packages "
-             f"and what debian-installer installs and removes during a build: {' '.join(sorted(added))}",
-             ) if added else ()
+             "and what debian-installer (debootstrap too) installs and removes during a build: "
+             f"{' '.join(sorted(added))}",) if added else ()
     codename = uni.indexes[0].codename if uni.indexes else cfg.debian.suite
     return _lock_of(uni, [c.pin() for c in [*kept, *added.values()]], codename=codename, cfg=cfg, method="build",
                     seed_list=(f"packages.txt of a build ({len(installed)} packages)",
@@ -499,23 +545,17 @@ def lock_from_build(cfg: ImageConfig, uni: Universe, output_dir: Path, *,
                     foreign=tuple(foreign), notes=notes)
 
 
-def complete(uni: Universe, kept: Iterable[Candidate], seed_list: Iterable[str], *, optional: Iterable[str] = (),
-             recommends: bool = False) -> dict[str, Candidate]:
-    """What the closure of ``seed_list`` (and ``optional`` seeds, skipped when absent) adds to ``kept`` (a
-    build's packages, taken as installed: they satisfy what they can at their own version). A dependency only
-    a version other than the kept one satisfies is an error, as it would be for apt in the target."""
-    r = _Resolver(uni, recommends)
-    for cand in kept:
-        r.res.selected[cand.stanza["Package"]] = cand
-        r.res.why[cand.stanza["Package"]] = "build"
-    before = set(r.res.selected)
-    for spec in seed_list:
-        r.seed(spec, required=True)
-    for spec in optional:
-        r.seed(spec, required=False)
-    r.close()
-    added = {n: c for n, c in r.res.selected.items() if n not in before}
-    problems = r.res.problems + r.broken(added)
+def complete(uni: Universe, kept: Iterable[Candidate], phases: Iterable[Phase]) -> dict[str, Candidate]:
+    """What a build's ``phases`` (and debootstrap's priority packages) add to ``kept`` (the build's packages,
+    taken as installed: they satisfy what they can at their own version). A dependency only a version other
+    than the kept one satisfies is an error, as it would be for apt in the target."""
+    kept = list(kept)
+    before = {c.stanza["Package"] for c in kept}
+    res = resolve_phases(uni, phases, kept=kept)
+    added = {n: c for n, c in res.selected.items() if n not in before}
+    r = _Resolver(uni, False)
+    r.res = res
+    problems = res.problems + r.broken(added)
     if problems:
         raise LockError(f"cannot add what the other variants and debian-installer need to that build's packages "
                         f"({len(problems)} problems)", log_tail=problems,
@@ -562,6 +602,6 @@ def moved(lock: PackageLock, uni: Universe) -> list[Moved]:
     return out
 
 
-__all__ = ["INSTALLER_PACKAGES", "Moved", "Universe", "build_packages", "complete", "image_packages", "load_universe",
-           "lock_from_build", "lock_gaps", "moved", "provisioned", "required_seeds", "resolve", "resolve_package_lock",
-           "seeds"]
+__all__ = ["INSTALLER_PACKAGES", "Moved", "Phase", "Universe", "build_packages", "complete", "image_packages",
+           "install_phases", "load_universe", "lock_from_build", "lock_gaps", "moved", "provisioned", "required_seeds",
+           "resolve", "resolve_package_lock", "resolve_phases", "seeds"]

@@ -169,7 +169,8 @@ def test_lock_from_a_build_is_exact(tmp_path: Path) -> None:
     lock = lock_from_build(cfg, uni, tmp_path, report=lambda m: None)
     kept = [(p.name, p.version, p.suite) for p in lock.packages if p.name in ("libc6", "mawk")]
     assert kept == [("libc6", "2.41-12", "trixie"), ("mawk", "1.3.4", "trixie")]  # not -security's libc6
-    assert {p.name for p in lock.packages} == {"libc6", "mawk", *required_seeds(cfg)}
+    # besides: what a build installs that this one did not keep (the seeds; base-files: debootstrap's, priority)
+    assert {p.name for p in lock.packages} == {"libc6", "mawk", "base-files", *required_seeds(cfg)}
     assert [f.name for f in lock.foreign] == ["nvidia-driver-cuda"] and lock.method == "build"
     (tmp_path / "packages.txt").write_text("libc6 2.40-1\n")
     with pytest.raises(LockError, match="no longer listed at that version") as exc:

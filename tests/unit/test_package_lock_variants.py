@@ -318,3 +318,67 @@ def _quiet():
     from builder.events import Emitter
 
     return Emitter(lambda e: None)
+
+
+# ------------------------------------------------------------------------------------------- Recommends, per phase
+
+
+def _apt_tasks(role: str) -> list[dict]:
+    """Every ansible.builtin.apt task of a role that installs packages (has ``name``), nested blocks included."""
+    out: list[dict] = []
+
+    def walk(tasks):
+        for t in tasks or ():
+            if not isinstance(t, dict):
+                continue
+            walk(t.get("block"))
+            walk(t.get("always"))
+            walk(t.get("rescue"))
+            apt = t.get("ansible.builtin.apt")
+            if isinstance(apt, dict) and "name" in apt:
+                out.append(apt)
+
+    for f in sorted((ROOT / "roles" / role / "tasks").glob("*.yml")):
+        walk(yaml.safe_load(f.read_text()))
+    return out
+
+
+def test_the_phases_follow_what_the_roles_apt_tasks_do():
+    """The resolution's model of the roles: every apt install of the NVIDIA role passes install_recommends: false
+    (Ansible's apt module would otherwise use apt's configuration), and the base role installs only the
+    installer's seeds again (base_packages + base_extra_packages), with base_install_recommends."""
+    nvidia = _apt_tasks("nvidia-gpu-drivers")
+    assert len(nvidia) >= 5 and all(t.get("install_recommends") is False for t in nvidia), nvidia
+    (base,) = _apt_tasks("base")
+    assert base["name"] == "{{ base_packages + base_extra_packages }}"
+    assert base["install_recommends"] == "{{ base_install_recommends }}" and base["state"] == "present"
+
+
+def test_recommends_are_followed_where_the_target_follows_them(tmp_path):
+    from builder.pkgresolve import install_phases, resolve_package_lock
+
+    def lock_with(*overrides: str):
+        cfg = load_config(image(tmp_path), list(overrides))
+        uni = universe_of(cfg, **{
+            # an installer seed: its Recommends and theirs (transitively), as apt-install follows them
+            "cloud-init": {"Recommends": "eatmydata, not-in-any-index"}, "eatmydata": {"Recommends": "libeatmy"},
+            "libeatmy": {},
+            # a NVIDIA role package: never its Recommends (install_recommends: false)
+            "nvidia-kernel-dkms": {"Recommends": "nvidia-kernel-support-extra"}, "nvidia-kernel-support-extra": {},
+            # what debootstrap installs (priority important): never its Recommends
+            "apt-listchanges": {"Priority": "important", "Recommends": "python3-debianbts"}, "python3-debianbts": {},
+        })
+        return cfg, resolve_package_lock(cfg, uni, report=lambda m: None).by_name()
+
+    cfg, plain = lock_with()
+    assert not cfg.installer.install_recommends
+    assert not {"eatmydata", "libeatmy", "nvidia-kernel-support-extra", "python3-debianbts"} & set(plain)
+    cfg, rec = lock_with("installer.install_recommends=true")
+    assert {"eatmydata", "libeatmy"} <= set(rec)  # a Recommends no index lists is left out, not an error
+    assert not {"nvidia-kernel-support-extra", "python3-debianbts"} & set(rec)
+    assert [(p.what, p.recommends) for p in install_phases(cfg)] == [("debian-installer", True),
+                                                                      ("nvidia-gpu-drivers", False)]
+    # base_install_recommends: the base role's packages are installed already, and Ansible's apt module does not
+    # run apt for an installed package, so it adds nothing (the resolution ignores it)
+    _, base_rec = lock_with("provision.extra_vars.base_install_recommends=true")
+    assert set(base_rec) == set(plain)
