@@ -3,7 +3,9 @@
 The universe is the signed indexes of the suite, ``<codename>-updates`` and ``<codename>-security`` (every
 configured component, the image's architecture and ``all``); each name's candidate is its highest version
 in any of them (python-debian compares versions and parses relations); a dependency the candidate does not
-satisfy takes the highest listed version that does. The seeds are the base role's ``base_packages`` and
+satisfy takes the highest listed version that does, and a package whose highest version needs what cannot be
+had beside the packages chosen already (a build's, at their own versions) takes the highest listed version
+that fits (:meth:`_Resolver.fits`). The seeds are the base role's ``base_packages`` and
 extras, ``installer.extra_packages``, the NVIDIA role's package set of every variant the image declares (each
 may pick another driver flavour), what debian-installer itself adds (kernel, boot loader, …:
 :data:`INSTALLER_PACKAGES`) and every package of priority required or important; the closure adds their
@@ -230,13 +232,19 @@ def seeds(cfg: ImageConfig) -> tuple[str, ...]:
     return tuple(dict.fromkeys([*required_seeds(cfg), *INSTALLER_PACKAGES]))
 
 
+def seed_spec(spec: str) -> tuple[str, str]:
+    """The name and version of a seed, ``name`` (version "": any) or ``name=version`` (that one)."""
+    name, _, version = spec.partition("=")
+    return name, version
+
+
 def lock_gaps(lock: PackageLock, images: Mapping[str, ImageConfig]) -> dict[str, list[str]]:
     """Per configuration of ``images`` (variant name → its config), the packages it installs that ``lock`` does
     not hold (a ``name=version`` seed: not at that version); only those with gaps."""
     held = {p.name: p.version for p in lock.packages}
 
     def holds(spec: str) -> bool:
-        name, _, version = spec.partition("=")
+        name, version = seed_spec(spec)
         return name in held and (not version or held[name] == version)
 
     out: dict[str, list[str]] = {}
@@ -296,19 +304,39 @@ class _Resolver:
                 return True
         return False
 
-    def choose(self, alt: Mapping[str, Any]) -> Candidate | None:
+    def _providers(self, alt: Mapping[str, Any]) -> list[tuple[str, str | None]]:
+        rel = alt.get("version")
+        return [(p, v) for p, v in self.uni.provides.get(alt["name"], ())
+                if rel is None or (v is not None and satisfies(v, rel))]
+
+    def _versions(self, alt: Mapping[str, Any]) -> list[Candidate]:
+        """Every listed version of the alternative's package that satisfies it, highest first; none when the
+        package is selected already (at a version that does not: one name, one version)."""
         name, rel = alt["name"], alt.get("version")
-        cand = self.uni.candidates.get(name)
-        if cand is not None and satisfies(cand.version, rel):
-            return cand
         if name in self.res.selected:
-            return None  # chosen at another version already (a conflict apt would report too)
-        older = sorted((c for c in self.uni.versions.get(name, ()) if satisfies(c.version, rel)),
-                       key=functools.cmp_to_key(_by_version))
-        if older:  # e.g. an "=" dependency of a package locked below its candidate
-            return older[-1]
-        providers = [(p, v) for p, v in self.uni.provides.get(name, ())
-                     if rel is None or (v is not None and satisfies(v, rel))]
+            return []
+        return sorted((c for c in self.uni.versions.get(name, ()) if satisfies(c.version, rel)),
+                      key=functools.cmp_to_key(_by_version), reverse=True)
+
+    def _blocked(self, group: list[dict[str, Any]]) -> bool:
+        """Whether nothing can satisfy a relation group beside what is selected: no alternative is satisfied,
+        and none names a package that could still come in at a version it takes (or a provider)."""
+        return not any(self.satisfied(alt) or self._versions(alt)
+                       or any(p not in self.res.selected for p, _ in self._providers(alt)) for alt in group)
+
+    def fits(self, cand: Candidate) -> bool:
+        """Whether ``cand``'s hard dependencies (Pre-Depends, Depends) can all hold beside what is selected (a
+        build's packages, at their own versions)."""
+        return not any(self._blocked(group) for group, _ in _relations(cand.stanza, False))
+
+    def choose(self, alt: Mapping[str, Any]) -> Candidate | None:
+        """The candidate that satisfies one alternative: the highest listed version that satisfies it and whose
+        hard dependencies fit what is selected (:meth:`fits`; none fits: the highest, whose closure then names
+        what stands in its way), else a provider (one already chosen first)."""
+        versions = self._versions(alt)
+        if versions:  # e.g. an "=" dependency of a package locked below its candidate takes an older one
+            return next((c for c in versions if self.fits(c)), versions[0])
+        providers = self._providers(alt)
         if not providers:
             return None
         chosen = [p for p, _ in providers if p in self.res.selected]
@@ -326,51 +354,52 @@ class _Resolver:
             self.queue.append(name)
 
     def seed(self, spec: str, *, required: bool) -> None:
-        name, _, version = spec.partition("=")
+        name, version = seed_spec(spec)
+        sel = self.res.selected.get(name)
         if version:
             cand = self.uni.find(name, version)
             if cand is None:
                 self.res.problems.append(f"seed {spec}: no signed index lists {name} {version}")
-                return
-        else:
-            cand = self.choose({"name": name, "version": None})
-            if cand is None:
-                if required:
-                    self.res.problems.append(f"seed {name}: no signed index lists it")
-                else:
-                    self.res.skipped.append(name)
-                return
-        self.select(cand, "seed")
+            elif sel is not None and sel.version != version:
+                self.res.problems.append(f"seed {spec}: {self._held([name])}")
+            else:
+                self.select(cand, "seed")
+            return
+        if sel is not None:
+            return
+        found = self.choose({"name": name, "version": None})
+        if found is None:
+            if required:
+                self.res.problems.append(f"seed {name}: no signed index lists it")
+            else:
+                self.res.skipped.append(name)
+            return
+        self.select(found, "seed")
 
-    def broken(self, names: Iterable[str]) -> list[str]:
-        """The dependencies of the selected ``names`` that nothing selected satisfies (a package taken at another
-        version than one of them needs)."""
-        out = []
-        for name in names:
-            stanza = self.res.selected[name].stanza
-            for group, _ in _relations(stanza, False):
-                if not any(self.satisfied(alt) for alt in group):
-                    out.append(f"{name} {stanza['Version']} depends on {_group_text(group)}, which the build has at "
-                               + ", ".join(f"{alt['name']} {self.res.selected[alt['name']].version}" for alt in group
-                                           if alt["name"] in self.res.selected))
-        return out
+    def _held(self, names: Iterable[str]) -> str:
+        """What is selected of ``names`` already: "the build has a 1, b 2" (a build's), "the lock takes c 3"."""
+        whose: dict[str, list[str]] = {}
+        for n in names:
+            who = "the build has" if self.res.why.get(n) == "build" else "the lock takes"
+            whose.setdefault(who, []).append(f"{n} {self.res.selected[n].version}")
+        return " and ".join(f"{who} {', '.join(held)}" for who, held in whose.items())
 
     def close(self) -> None:
+        """Add the dependencies of everything queued, and theirs; a hard one nothing can satisfy is a problem,
+        named with what stands in its way (the version selected already), once."""
         while self.queue:
             name = self.queue.pop(0)
             stanza = self.res.selected[name].stanza
             for group, hard in _relations(stanza, self.recommends):
                 if any(self.satisfied(alt) for alt in group):
                     continue
-                for alt in group:
-                    cand = self.choose(alt)
-                    if cand is not None:
-                        self.select(cand, name)
-                        break
-                else:
-                    if hard:  # a Recommends nothing satisfies: apt leaves it out
-                        self.res.problems.append(f"{name} {stanza['Version']} depends on {_group_text(group)}: nothing "
-                                             "satisfies it")
+                cand = next((c for c in map(self.choose, group) if c is not None), None)
+                if cand is not None:
+                    self.select(cand, name)
+                elif hard:  # a Recommends nothing satisfies: apt leaves it out
+                    held = [alt["name"] for alt in group if alt["name"] in self.res.selected]
+                    self.res.problems.append(f"{name} {stanza['Version']} depends on {_group_text(group)}"
+                                             + (f", but {self._held(held)}" if held else ": nothing satisfies it"))
 
 
 def _group_text(group: list[dict[str, Any]]) -> str:
@@ -396,8 +425,10 @@ def resolve_phases(uni: Universe, phases: Iterable[Phase], *, priorities: Iterab
         r.res.why[cand.stanza["Package"]] = "build"
     prio = set(priorities)
     for name in sorted(uni.candidates):
-        if uni.candidates[name].stanza.get("Priority") in prio:
-            r.select(uni.candidates[name], "priority")
+        if uni.candidates[name].stanza.get("Priority") in prio and name not in r.res.selected:
+            found = r.choose({"name": name, "version": None})
+            if found is not None:
+                r.select(found, "priority")
     r.close()
     for phase in phases:
         r.recommends = phase.recommends
@@ -420,8 +451,8 @@ def install_phases(cfg: ImageConfig, *, extra: Iterable[str] = (), have: Iterabl
     ``have``: names installed already (a build's), left out of the seeds."""
     skip = set(have)
     seeded = install_packages(cfg)
-    installer = tuple(p for p in seeded if p.partition("=")[0] not in skip)
-    nvidia = tuple(p for p in required_seeds(cfg) if p not in seeded and p.partition("=")[0] not in skip)
+    installer = tuple(p for p in seeded if seed_spec(p)[0] not in skip)
+    nvidia = tuple(p for p in required_seeds(cfg) if p not in seeded and seed_spec(p)[0] not in skip)
     return [Phase("debian-installer", installer, tuple(p for p in INSTALLER_PACKAGES if p not in skip),
                   cfg.installer.install_recommends),
             Phase(NVIDIA_ROLE, nvidia),
@@ -547,15 +578,15 @@ def lock_from_build(cfg: ImageConfig, uni: Universe, output_dir: Path, *,
 
 def complete(uni: Universe, kept: Iterable[Candidate], phases: Iterable[Phase]) -> dict[str, Candidate]:
     """What a build's ``phases`` (and debootstrap's priority packages) add to ``kept`` (the build's packages,
-    taken as installed: they satisfy what they can at their own version). A dependency only a version other
-    than the kept one satisfies is an error, as it would be for apt in the target."""
+    taken as installed: they satisfy what they can at their own version). Each added package takes the highest
+    listed version whose hard dependencies fit beside the kept ones (the archive may have moved on since the
+    build: its newest grub-pc may need a newer grub-common than the build has, an older listed one not). When
+    no listed version fits, each dependency in the way is an error, as it would be for apt in the target."""
     kept = list(kept)
     before = {c.stanza["Package"] for c in kept}
     res = resolve_phases(uni, phases, kept=kept)
     added = {n: c for n, c in res.selected.items() if n not in before}
-    r = _Resolver(uni, False)
-    r.res = res
-    problems = res.problems + r.broken(added)
+    problems = res.problems
     if problems:
         raise LockError(f"cannot add what the other variants and debian-installer need to that build's packages "
                         f"({len(problems)} problems)", log_tail=problems,

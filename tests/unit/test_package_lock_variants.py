@@ -279,13 +279,17 @@ def test_a_lock_from_a_build_of_one_variant_serves_every_variant(tmp_path):
     assert lock.notes[0].endswith(" ".join(added)) and said[-1].endswith(", ".join(added))
     check_lock_covers(cfg, lock, provisioned(cfg))  # every variant: no gap
     # the build's own packages are pinned as the build had them even when the archive has newer ones: a variant's
-    # package that needs the newer version cannot be added (apt in the target would fail the same way)
+    # package whose newest version needs the newer one is added at the listed version that fits the build
     uni.add(stanza("nvidia-tesla-535-kernel-dkms", "2", Depends="libc6 (>= 2.41-12+deb13u1)"), "debian", "trixie",
             DATE)
+    assert lock_from_build(cfg, uni, out, report=said.append).by_name()["nvidia-tesla-535-kernel-dkms"].version == "1"
+    # and when no listed version fits, apt in the target would fail the same way: the lock fails, naming why
+    uni.versions["nvidia-tesla-535-kernel-dkms"] = [c for c in uni.versions["nvidia-tesla-535-kernel-dkms"]
+                                                    if c.version == "2"]
     with pytest.raises(LockError, match="cannot add what the other variants") as exc:
         lock_from_build(cfg, uni, out, report=said.append)
-    assert exc.value.log_tail == ["nvidia-tesla-535-kernel-dkms 2 depends on libc6 (>= 2.41-12+deb13u1), which the "
-                                  "build has at libc6 2.41-12"]
+    assert exc.value.log_tail == ["nvidia-tesla-535-kernel-dkms 2 depends on libc6 (>= 2.41-12+deb13u1), but the "
+                                  "build has libc6 2.41-12"]
 
 
 def test_a_lock_from_a_build_of_variants_reads_every_variants_packages(tmp_path, lock_verb):
@@ -312,6 +316,55 @@ def test_a_lock_from_a_build_of_variants_reads_every_variants_packages(tmp_path,
     assert exc.value.log_tail == ["libc6: 1 and 9 (open)"]
     with pytest.raises(LockError, match=r"cannot read .*/nothing/packages\.txt"):
         locking.write_locks(cfg, cache=None, stats=None, emitter=_quiet(), from_build=tmp_path / "nothing")  # type: ignore[arg-type]
+
+
+def test_an_added_package_takes_the_newest_listed_version_that_fits_the_build():
+    """What a build did not keep (grub-pc, which the late_command of a BIOS install of a hybrid disk purges) is added
+    at the highest listed version whose hard dependencies the build's packages satisfy: real trixie stanzas, the
+    build keeping grub-common, grub2-common and grub-pc-bin 2.12-9+deb13u4, and the archive moved on to a +deb13u5
+    of the whole source, whose grub-pc needs grub-common (= 2.12-9+deb13u5)."""
+    from trixie_index import moved_on, stanzas, universe
+
+    from builder.pkgresolve import Phase, complete
+
+    real = stanzas()
+    old, new = "2.12-9+deb13u4", "2.12-9+deb13u5"
+    grub = ["grub-pc", "grub-common", "grub2-common", "grub-pc-bin"]
+    assert all(real[n]["Version"] == old for n in grub) and f"grub-common (= {old})" in real["grub-pc"]["Depends"]
+    newer = [moved_on(real[n], old, new) for n in grub]
+    uni = universe(newer)
+    assert uni.candidates["grub-pc"].version == new  # what the resolution used to take, and fail on
+    kept = [uni.find(n, st["Version"]) for n, st in real.items() if n != "grub-pc"]
+    installer = [Phase("debian-installer", (), ("grub-pc",))]
+    added = complete(uni, kept, installer)  # type: ignore[arg-type]
+    assert {n: c.version for n, c in added.items()} == {"grub-pc": old}
+    # only the newer grub-pc listed: no version fits, and each dependency in the way is named once
+    uni.versions["grub-pc"] = [c for c in uni.versions["grub-pc"] if c.version == new]
+    with pytest.raises(LockError) as exc:
+        complete(uni, kept, installer)  # type: ignore[arg-type]
+    assert exc.value.log_tail == [f"grub-pc {new} depends on {n} (= {new}), but the build has {n} {old}"
+                                  for n in ("grub-common", "grub2-common", "grub-pc-bin")]
+
+
+def test_completion_problems_are_said_once_and_never_empty():
+    """The small archive of the review: grub-pc 2 needs grub-common (= 2) and a package no index lists, grub-pc 1
+    needs the grub-common 1 the build has. Before: grub-pc 1 was never tried, and three lines said two problems,
+    one of them "which the build has at " with nothing after it."""
+    from builder.pkgresolve import Phase, complete
+
+    uni = Universe("amd64")
+    for st in (stanza("grub-common", "1"), stanza("grub-common", "2"),
+               stanza("grub-pc", "1", Depends="grub-common (= 1)"),
+               stanza("grub-pc", "2", Depends="grub-common (= 2), missing-pkg")):
+        uni.add(st, "debian", "trixie", DATE)
+    kept = [uni.find("grub-common", "1")]
+    phases = [Phase("debian-installer", (), ("grub-pc",))]
+    assert {n: c.version for n, c in complete(uni, kept, phases).items()} == {"grub-pc": "1"}  # type: ignore[arg-type]
+    uni.versions["grub-pc"] = [c for c in uni.versions["grub-pc"] if c.version == "2"]
+    with pytest.raises(LockError) as exc:
+        complete(uni, kept, phases)  # type: ignore[arg-type]
+    assert exc.value.log_tail == ["grub-pc 2 depends on grub-common (= 2), but the build has grub-common 1",
+                                  "grub-pc 2 depends on missing-pkg: nothing satisfies it"]
 
 
 def _quiet():
