@@ -53,6 +53,27 @@ INSTALLER_PACKAGES = (
     "keyboard-configuration",
 )
 PRIORITIES = ("required", "important")
+
+
+def installer_installs(cfg: ImageConfig) -> tuple[str, ...]:
+    """What debian-installer installs on every install of ``cfg`` besides the seeds, whatever the machine
+    (each is in :data:`INSTALLER_PACKAGES`): base-installer's kernel (``base-installer/kernel/image``), pkgsel's
+    ``popularity-contest`` (purged again: ``popularity-contest/participate`` is false), grub-installer's boot
+    loader for the firmware the install VM boots (:attr:`~builder.config.ImageConfig.build_firmware`:
+    ``grub-pc`` under BIOS, which the late_command of a hybrid disk purges again; ``grub-efi-amd64`` under UEFI),
+    and what preseed/late.cfg.j2's late_command installs for ``disk.boot`` (a hybrid disk installed under BIOS
+    gets grub-efi-amd64, gdisk and mokutil; a hybrid disk grub-cloud-amd64; a uefi disk shim-signed and
+    grub-efi-amd64-signed). Under a package lock without one of them the build fails inside the installer."""
+    boot, firmware = cfg.disk.boot, cfg.build_firmware
+    out = [f"linux-image-{cfg.debian.arch}", "popularity-contest",
+           "grub-pc" if firmware == "bios" else "grub-efi-amd64"]
+    if boot == "hybrid" and firmware == "bios":
+        out += ["grub-efi-amd64", "gdisk", "mokutil"]
+    if boot == "hybrid":
+        out.append("grub-cloud-amd64")
+    elif boot == "uefi":
+        out += ["shim-signed", "grub-efi-amd64-signed"]
+    return tuple(dict.fromkeys(out))
 _PRIORITY_RANK = {"required": 0, "important": 1, "standard": 2, "optional": 3, "extra": 4}
 NVIDIA_ROLE = "nvidia-gpu-drivers"
 
@@ -238,21 +259,33 @@ def seed_spec(spec: str) -> tuple[str, str]:
     return name, version
 
 
+def _lacks(lock: PackageLock, specs: Iterable[str]) -> list[str]:
+    """The seeds of ``specs`` that ``lock`` does not hold (a ``name=version`` seed: not at that version)."""
+    held = {p.name: p.version for p in lock.packages}
+    out = []
+    for spec in specs:
+        name, version = seed_spec(spec)
+        if name not in held or (version and held[name] != version):
+            out.append(spec)
+    return out
+
+
 def lock_gaps(lock: PackageLock, images: Mapping[str, ImageConfig]) -> dict[str, list[str]]:
     """Per configuration of ``images`` (variant name → its config), the packages it installs that ``lock`` does
     not hold (a ``name=version`` seed: not at that version); only those with gaps."""
-    held = {p.name: p.version for p in lock.packages}
-
-    def holds(spec: str) -> bool:
-        name, version = seed_spec(spec)
-        return name in held and (not version or held[name] == version)
-
     out: dict[str, list[str]] = {}
     for name, icfg in images.items():
-        gaps = [spec for spec in image_packages(icfg) if not holds(spec)]
+        gaps = _lacks(lock, image_packages(icfg))
         if gaps:
             out[name] = gaps
     return out
+
+
+def installer_gaps(lock: PackageLock, cfg: ImageConfig) -> list[str]:
+    """What debian-installer installs on every install of ``cfg`` (:func:`installer_installs`) that ``lock`` does
+    not hold: a lock made from a build before completion existed lacks popularity-contest and, for a hybrid disk
+    installed under BIOS, grub-pc (both installed and removed again during the install)."""
+    return _lacks(lock, installer_installs(cfg))
 
 
 # ---------------------------------------------------------------------------------------------- resolution
@@ -634,5 +667,6 @@ def moved(lock: PackageLock, uni: Universe) -> list[Moved]:
 
 
 __all__ = ["INSTALLER_PACKAGES", "Moved", "Phase", "Universe", "build_packages", "complete", "image_packages",
-           "install_phases", "load_universe", "lock_from_build", "lock_gaps", "moved", "provisioned", "required_seeds",
-           "resolve", "resolve_package_lock", "resolve_phases", "seeds"]
+           "install_phases", "installer_gaps", "installer_installs", "load_universe", "lock_from_build", "lock_gaps",
+           "moved", "provisioned", "required_seeds", "resolve", "resolve_package_lock", "resolve_phases", "seed_spec",
+           "seeds"]

@@ -31,7 +31,7 @@ from ..installer import efi, netboot
 from ..lock import UDEB_INDEX, FilePin, Lock, UdebOverride, read_lock, resolve_lock
 from ..pkgfetch import TargetInputs, package_lock_in_force, target_inputs
 from ..pkglock import PackageLock
-from ..pkgresolve import lock_gaps
+from ..pkgresolve import installer_gaps, lock_gaps
 
 if TYPE_CHECKING:
     from ..context import BuildContext
@@ -293,17 +293,24 @@ __all__ = ["UDEB_INDEX", "InstallerInputs", "check_lock_covers", "fetch_inputs"]
 
 
 def check_lock_covers(cfg: ImageConfig, plock: PackageLock, images: Mapping[str, ImageConfig]) -> None:
-    """LockError naming, per variant of ``images`` (name → config; "" the image itself), every package it
-    installs that the package lock in force does not hold: under the lock the target sees only locked packages,
-    so the install or provisioning would fail on them, an hour into the build."""
+    """LockError naming every package the build installs that the package lock in force does not hold: what
+    debian-installer installs on every install of ``cfg`` (the one install the variants share:
+    :func:`~builder.pkgresolve.installer_installs`), then, per variant of ``images`` (name → config; "" the
+    image itself), its seeds and NVIDIA packages. Under the lock the target sees only locked packages, so the
+    install or provisioning would fail on them, an hour into the build."""
+    installer = installer_gaps(plock, cfg)
     gaps = lock_gaps(plock, images)
-    if not gaps:
+    if not installer and not gaps:
         return
-    parts = [f"{f'variant {name}' if name else cfg.name} installs {', '.join(pkgs)}" for name, pkgs in gaps.items()]
+    firmware = "BIOS" if cfg.build_firmware == "bios" else "UEFI"
+    parts = ([f"debian-installer installs {', '.join(installer)} (disk.boot {cfg.disk.boot}, installed under "
+              f"{firmware})"] if installer else [])
+    parts += [f"{f'variant {name}' if name else cfg.name} installs {', '.join(pkgs)}" for name, pkgs in gaps.items()]
     raise LockError(f"the package lock {cfg.package_lock_path.name} lacks packages the build needs: "
                     + "; ".join(parts),
                     hint="python -m builder lock IMAGE.yaml --update adds them (the lock is seeded with every "
-                         "variant's packages), or build without the lock (debian.package_lock: off)")
+                         "variant's packages and what debian-installer installs), as does lock --from-build; or "
+                         "build without the lock (debian.package_lock: off)")
 
 
 def run(ctx: BuildContext, images: Mapping[str, ImageConfig] | None = None) -> InstallerInputs:

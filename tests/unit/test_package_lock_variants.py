@@ -21,7 +21,15 @@ import yaml
 from builder.config import ImageConfig, load_config
 from builder.errors import LockError
 from builder.pkglock import PackageLock, SignedIndex, pin_from_stanza, read_package_lock, write_package_lock
-from builder.pkgresolve import Universe, image_packages, provisioned, required_seeds, seeds
+from builder.pkgresolve import (
+    INSTALLER_PACKAGES,
+    Universe,
+    image_packages,
+    installer_installs,
+    provisioned,
+    required_seeds,
+    seeds,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 DATE = "Sat, 21 Nov 2026 09:15:44 UTC"
@@ -62,8 +70,14 @@ def universe_of(cfg: ImageConfig, **extra: dict[str, str]) -> Universe:
     return uni
 
 
+def variant_lock(cfg: ImageConfig, variant: str, *more: str) -> PackageLock:
+    """A lock holding what debian-installer installs for ``cfg`` and what ``variant`` installs (and ``more``)."""
+    return lock_holding([*installer_installs(cfg), *image_packages(cfg.variant(variant)), *more])
+
+
 def lock_holding(names: list[str]) -> PackageLock:
-    pins = tuple(sorted((pin_from_stanza(stanza(n), archive="debian", suite="trixie", date=DATE) for n in names),
+    pins = tuple(sorted((pin_from_stanza(stanza(n), archive="debian", suite="trixie", date=DATE)
+                         for n in dict.fromkeys(names)),
                         key=lambda p: p.name))
     return PackageLock("trixie", "trixie", "amd64", "2026-12-01T00:00:00Z", "resolve",
                        (SignedIndex("debian", "trixie", "trixie", DATE, "a" * 64),), pins)
@@ -125,7 +139,7 @@ def test_fetch_stops_a_build_whose_lock_lacks_a_selected_variants_packages(tmp_p
     monkeypatch.setattr(fetch, "fetch_inputs", no_fetching)
     cfg = load_config(image(tmp_path))
     # a lock made from a build of --only current: none of the other flavours' packages
-    write_package_lock(lock_holding(list(image_packages(cfg.variant("current")))), cfg.package_lock_path)
+    write_package_lock(variant_lock(cfg, "current"), cfg.package_lock_path)
     with ExitStack() as stack:
         ctx = _ctx(cfg, tmp_path, stack)
         with pytest.raises(AssertionError, match="fetched although"):  # --only current: the lock serves it
@@ -141,9 +155,71 @@ def test_fetch_stops_a_build_whose_lock_lacks_a_selected_variants_packages(tmp_p
     with ExitStack() as stack, pytest.raises(AssertionError, match="fetched although"):
         fetch.run(_ctx(off, tmp_path, stack), {"open": off.variant("open")})
     pinned = load_config(image(tmp_path), ["installer.extra_packages=[jq=9]"])
-    write_package_lock(lock_holding([*image_packages(cfg.variant("current")), "jq"]), cfg.package_lock_path)
+    write_package_lock(variant_lock(cfg, "current", "jq"), cfg.package_lock_path)
     with ExitStack() as stack, pytest.raises(LockError, match=r"variant current installs jq=9$"):
         fetch.run(_ctx(pinned, tmp_path, stack), {"current": pinned.variant("current")})
+
+
+@pytest.mark.parametrize(("boot", "firmware"), [("hybrid", "bios"), ("hybrid", "uefi"), ("uefi", "uefi"),
+                                                ("bios", "bios")])
+def test_what_debian_installer_installs_is_what_the_preseed_makes_it_install(tmp_path, boot, firmware):
+    """installer_installs is the preseed's: its kernel, popularity-contest (pkgsel; its question preseeded), the
+    boot loader grub-installer installs under that firmware (grub-pc under BIOS, purged again by the late_command
+    of a hybrid disk) and every package the late_command installs with apt-get; all of them seeds of the lock."""
+    import re
+
+    from builder.installer.preseed import PreseedContext, render_preseed
+
+    cfg = load_config(image(tmp_path), [f"disk.boot={boot}", f"vm.firmware={firmware}"])
+    assert cfg.build_firmware == firmware
+    got = installer_installs(cfg)
+    assert set(got) <= set(INSTALLER_PACKAGES) and set(got) <= set(seeds(cfg))
+    text = render_preseed(PreseedContext(config=cfg, mirror_host="127.0.0.1:8000"))
+    late = {p for m in re.finditer(r"apt-get -y (?:-o \S+ )*install ([a-z0-9.+ -]+?);", text)
+            for p in m.group(1).split()}
+    assert late <= set(got) and bool(late) == (boot != "bios")  # a bios disk: the late_command installs nothing
+    assert f"d-i base-installer/kernel/image string {got[0]}" in text
+    assert "popularity-contest popularity-contest/participate boolean false" in text and "popularity-contest" in got
+    assert ("grub-pc" in got) == (firmware == "bios") and ("grub-efi-amd64" in got) == (boot != "bios")
+    assert ("dpkg --purge grub-pc" in text) == (boot == "hybrid" and firmware == "bios")
+
+
+def test_fetch_stops_a_build_whose_lock_lacks_what_debian_installer_installs(tmp_path, monkeypatch):
+    """A lock made before completion from a BIOS install of a hybrid disk lacks popularity-contest and grub-pc
+    (installed and removed again during the install): it passed fetch and failed inside debian-installer. Now
+    fetch names them in the one error, with the variants' gaps; a lock --from-build of today has them."""
+    from builder.pkgresolve import lock_from_build
+    from builder.stages import fetch
+
+    monkeypatch.setattr(fetch, "fetch_inputs", lambda *a, **kw: (_ for _ in ()).throw(AssertionError("fetched")))
+    bios = load_config(image(tmp_path), ["vm.firmware=bios"])
+    assert bios.disk.boot == "hybrid"
+    everything = {n: bios.variant(n) for n in bios.variants}
+    kept = [p for p in current_build(bios) if p != "grub-pc"]  # what packages.txt of that build has
+    write_package_lock(lock_holding([*kept, *required_seeds(bios)]), bios.package_lock_path)
+    with ExitStack() as stack, pytest.raises(LockError) as exc:
+        fetch.run(_ctx(bios, tmp_path, stack), everything)
+    assert str(exc.value) == ("the package lock cloud-gpu-worker.packages.lock lacks packages the build needs: "
+                              "debian-installer installs popularity-contest, grub-pc (disk.boot hybrid, installed "
+                              "under BIOS)")
+    assert "lock IMAGE.yaml --update" in (exc.value.hint or "") and exc.value.exit_code == 1
+    # with a variant's gaps: one error names both
+    write_package_lock(lock_holding(kept), bios.package_lock_path)
+    with ExitStack() as stack, pytest.raises(LockError) as exc:
+        fetch.run(_ctx(bios, tmp_path, stack), everything)
+    assert str(exc.value).startswith("the package lock cloud-gpu-worker.packages.lock lacks packages the build needs: "
+                                     "debian-installer installs popularity-contest, grub-pc (disk.boot hybrid, "
+                                     "installed under BIOS); variant open installs nvidia-open-kernel-dkms; ")
+    # installed under UEFI (the default for a hybrid disk) grub-pc is not needed
+    uefi = load_config(image(tmp_path))
+    write_package_lock(lock_holding([*kept, "popularity-contest", *required_seeds(uefi)]), uefi.package_lock_path)
+    with ExitStack() as stack, pytest.raises(AssertionError, match="fetched"):
+        fetch.run(_ctx(uefi, tmp_path, stack), {n: uefi.variant(n) for n in uefi.variants})
+    # lock --from-build of that build adds both
+    out = built(tmp_path / "out" / "cloud-gpu-worker" / "current", kept)
+    write_package_lock(lock_from_build(bios, universe_of(bios), out, report=lambda m: None), bios.package_lock_path)
+    with ExitStack() as stack, pytest.raises(AssertionError, match="fetched"):
+        fetch.run(_ctx(bios, tmp_path, stack), everything)
 
 
 WRAPPER = """
@@ -164,7 +240,7 @@ def test_the_build_command_fails_on_it_with_one_error_and_exit_1(tmp_path):
     code 1, no traceback, and neither fetching nor a VM (both would end the process with another message)."""
     path = image(tmp_path)
     cfg = load_config(path)
-    write_package_lock(lock_holding(list(image_packages(cfg.variant("current")))), cfg.package_lock_path)
+    write_package_lock(variant_lock(cfg, "current"), cfg.package_lock_path)
     env = dict(os.environ, BUILDER_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(ROOT))
     p = subprocess.run([sys.executable, "-c", WRAPPER, "build", str(path), "--except", "current"],
                        capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path)
