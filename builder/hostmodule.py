@@ -294,7 +294,11 @@ class Sources:
         view (builder/gateway/target.py), signed by the build's key alone. Verified the way apt in the target
         verifies them then: ``keyring`` is Debian's archive keyring plus that key (the target trusts it as
         ``KEY_FILE``), and only a signature by ``fingerprint`` (the build's key) counts, so an index the lock did
-        not make is refused rather than built against."""
+        not make is refused rather than built against. The build root's apt gets ``keyring`` as each source's
+        ``signed-by`` (:meth:`apt_lines`), so it trusts that file for these sources and nothing else."""
+        if not keyring.is_absolute() or re.search(r"[\s\]]", str(keyring)):
+            raise HostModuleError(f"the target's keyring {keyring} cannot be an apt source's signed-by: it must be "
+                                  "an absolute path without blanks or ']'", hint="use another work directory")
         return replace(self, keyring=keyring, fingerprints=(fingerprint,), security_fingerprints=(fingerprint,),
                        locked=True)
 
@@ -305,9 +309,13 @@ class Sources:
                 (self.security_mirror, f"{self.suite}-security", self.security_fingerprints)]
 
     def apt_lines(self) -> list[str]:
-        """One-line apt sources for mmdebstrap: given a mirror, it adds no -updates or -security itself."""
+        """One-line apt sources for mmdebstrap: given a mirror, it adds no -updates or -security itself. Under a
+        lock each names the target's keyring as its ``signed-by``: apt then checks these sources with that file
+        alone (mmdebstrap's ``--keyring=FILE`` would make it apt's legacy ``trusted.gpg``, which apt warns about
+        and deprecates, and leave the host's ``trusted.gpg.d`` trusted besides)."""
         comps = " ".join(self.components)
-        return [f"deb {url} {suite} {comps}" for url, suite, _ in self.archives()]
+        opts = f"[signed-by={self.keyring}] " if self.locked else ""
+        return [f"deb {opts}{url} {suite} {comps}" for url, suite, _ in self.archives()]
 
     def hosts(self) -> list[str]:
         return list(dict.fromkeys(urllib.parse.urlsplit(url).hostname or "" for url, _, _ in self.archives()))
@@ -442,7 +450,8 @@ def mmdebstrap_argv(plan: ModulePlan, sources: Sources, *, mode: str, script: Pa
     build-essential, g++, libc6-dev and fakeroot are not among them (the image does not install them): the root
     is ``--variant=apt`` (Essential and apt, which every lock holds: debian-installer installs them) with the
     plan's packages and the :data:`BUILD_ROOT_TOOLS` the lock holds, each pinned, and their hard dependencies —
-    what the guest itself compiles with. (Seeding the lock with buildd's set instead would pin packages the
+    what the guest itself compiles with — and the view's keyring is each source's ``signed-by``, not
+    ``--keyring``. (Seeding the lock with buildd's set instead would pin packages the
     image never installs, and break again with a ``lock --from-build`` lock, which holds only what a build
     installed.) mmdebstrap installs no Recommends, as the NVIDIA role does not."""
     q = shlex.quote
@@ -470,7 +479,9 @@ def mmdebstrap_argv(plan: ModulePlan, sources: Sources, *, mode: str, script: Pa
                 if h in ("localhost", "::1") or h.startswith("127.")]
     return [
         "mmdebstrap", f"--mode={mode}", f"--variant={'apt' if sources.locked else 'buildd'}",
-        f"--architectures={sources.arch}", f"--keyring={sources.keyring}",
+        f"--architectures={sources.arch}",
+        # under a lock the keyring is each source's signed-by (Sources.apt_lines)
+        *([] if sources.locked else [f"--keyring={sources.keyring}"]),
         f"--include={','.join(plan.includes(tools=sources.locked))}",
         *aptopts,
         "--dpkgopt=path-exclude=/usr/share/man/*", "--dpkgopt=path-exclude=/usr/share/locale/*",

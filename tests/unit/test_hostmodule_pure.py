@@ -245,9 +245,25 @@ def test_mmdebstrap_argv_under_a_package_lock(tmp_path):
     assert view.fingerprints == view.security_fingerprints == ("F" * 40,) and view.mirror == sources().mirror
     locked = hm.mmdebstrap_argv(plan, view, mode="unshare", script=tmp_path / "s", outdir=tmp_path / "o")
     assert locked[:4] == ["mmdebstrap", "--mode=unshare", "--variant=apt", "--architectures=amd64"]
-    assert f"--keyring={tmp_path / 'target.gpg'}" in locked
     assert f"--include={base},kmod=34.2-2,zstd=1.5.7+dfsg-1" in locked
-    assert [a for a in locked if "hook" in a] == [a for a in unlocked if "hook" in a]
+    # the view's keyring is each source's signed-by: no --keyring (apt's legacy trusted.gpg, and the host's
+    # trusted.gpg.d trusted besides)
+    assert not [a for a in locked if a.startswith("--keyring")]
+    comps = "main contrib non-free non-free-firmware"
+    ring = tmp_path / "target.gpg"
+    assert locked[-3:] == [f"deb [signed-by={ring}] http://127.0.0.1:4711/debian trixie {comps}",
+                           f"deb [signed-by={ring}] http://127.0.0.1:4711/debian trixie-updates {comps}",
+                           f"deb [signed-by={ring}] http://127.0.0.1:4711/debian-security trixie-security {comps}"]
+    # everything else as without a lock
+    differ = {"--variant=apt", f"--include={base},kmod=34.2-2,zstd=1.5.7+dfsg-1", *locked[-3:]}
+    assert [a for a in locked if a not in differ] == [a for a in unlocked if a != "--variant=buildd"
+                                                      and not a.startswith(("--keyring=", "--include=", "deb "))]
+    assert unlocked[-3:] == [f"deb http://127.0.0.1:4711/debian trixie {comps}",
+                             f"deb http://127.0.0.1:4711/debian trixie-updates {comps}",
+                             f"deb http://127.0.0.1:4711/debian-security trixie-security {comps}"]
+    for bad in (Path("relative.gpg"), tmp_path / "a b.gpg", tmp_path / "x]y.gpg"):
+        with pytest.raises(HostModuleError, match="cannot be an apt source's signed-by"):
+            sources().locked_view(bad, "F" * 40)
 
 
 def make_tarball(path: Path, module: str = "m", version: str = "1", kver: str = KVER,

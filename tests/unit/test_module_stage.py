@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
+import shutil
+import subprocess
 import threading
 from contextlib import ExitStack
 from pathlib import Path
@@ -341,12 +344,58 @@ def test_under_a_lock_the_build_root_is_apt_with_only_locked_packages(locked_ctx
     assert first.origin == "host-built" and first.kver == KVER
     (argv,) = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
     assert "--variant=apt" in argv and "--variant=buildd" not in argv
-    assert f"--keyring={ctx.workdir / module.TARGET_KEYRING}" in argv
+    ring = ctx.workdir / module.TARGET_KEYRING
+    assert not [a for a in argv if a.startswith("--keyring")]
+    assert [a.split()[:2] for a in argv[-3:]] == [["deb", f"[signed-by={ring}]"]] * 3
     assert (f"--include=dkms=3.2.2-1~deb13u1,gcc-14=14.2.0-19,linux-headers-{KVER}=6.12.118-1,"
             "nvidia-kernel-dkms=550.163.01-2,kmod=34.2-2,findutils=4.10.0-3,zstd=1.5.7+dfsg-1") in argv
     assert not [a for a in argv if "build-essential" in a]
     second = build()
     assert second.origin == "cache" and second.key == first.key
+
+
+def apt_update(root: Path, lines: list[str], *, trusted: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """The host's real ``apt-get update`` in an apt tree of its own under ``root`` (nothing of the host's apt
+    configuration, no key trusted but ``trusted`` as apt's trusted.gpg), on the sources ``lines``."""
+    etc = root / "etc" / "apt"
+    for d in (etc / "apt.conf.d", etc / "trusted.gpg.d", etc / "sources.list.d", etc / "preferences.d",
+              root / "var/lib/apt/lists/partial", root / "var/cache/apt/archives/partial", root / "var/lib/dpkg",
+              root / "var/log/apt"):
+        d.mkdir(parents=True, exist_ok=True)
+    (root / "var/lib/dpkg/status").write_text("")
+    (etc / "sources.list").write_text("\n".join(lines) + "\n")
+    conf = root / "apt.conf"
+    conf.write_text(f'Dir "{root}/";\nDir::State::status "{root}/var/lib/dpkg/status";\n'
+                    f'Dir::Etc::Trusted "{trusted or etc / "trusted.gpg"}";\n'
+                    'APT::Architecture "amd64";\nAPT::Architectures { "amd64"; };\nAPT::Sandbox::User "root";\n'
+                    'Acquire::Languages "none";\nAcquire::http::Proxy "DIRECT";\nDebug::NoLocking "true";\n')
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    return subprocess.run(["apt-get", "update"], env={**env, "APT_CONFIG": str(conf), "LC_ALL": "C"},
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(shutil.which("apt-get") is None or shutil.which("gpgv") is None, reason="no apt-get, no gpgv")
+def test_apt_reads_the_locked_view_through_signed_by_alone(locked_ctx, tmp_path):
+    """The build root's sources as mmdebstrap gives them to apt under a lock (Sources.apt_lines), read by the
+    host's real apt-get update (gpgv) from the real gateway, in an apt tree that trusts no key of its own: each
+    line's signed-by (the target's keyring: Debian's plus the build key) verifies the view, with no warning. The
+    same keyring as apt's trusted.gpg, what mmdebstrap --keyring=FILE makes of it, draws apt's legacy-keyring
+    warning; without either apt refuses the view."""
+    sources = module.gateway_sources(locked_ctx)
+    ring = sources.keyring
+    ok = apt_update(tmp_path / "signed-by", sources.apt_lines())
+    said = ok.stdout + ok.stderr
+    assert ok.returncode == 0 and "W:" not in said and "E:" not in said, said
+    lists = sorted(p.name for p in (tmp_path / "signed-by/var/lib/apt/lists").iterdir() if p.is_file())
+    assert any(n.endswith("_dists_trixie_InRelease") for n in lists), lists
+    assert any(n.endswith("_dists_trixie_main_binary-amd64_Packages") for n in lists), lists
+    plain = [line.replace(f"[signed-by={ring}] ", "") for line in sources.apt_lines()]
+    assert plain == dataclasses.replace(sources, locked=False).apt_lines()
+    legacy = apt_update(tmp_path / "keyring", plain, trusted=ring)
+    assert legacy.returncode == 0 and "legacy trusted.gpg keyring" in legacy.stdout + legacy.stderr
+    refused = apt_update(tmp_path / "none", plain)
+    assert refused.returncode != 0 and "NO_PUBKEY" in refused.stdout + refused.stderr
 
 
 def test_under_a_lock_both_host_builds_get_the_locked_sources(locked_ctx, monkeypatch):
