@@ -7,7 +7,8 @@ DKMS source package, ``linux-headers-<kver>`` of the image's kernel and the comp
 the version apt in the target will pick (resolved up front from the verified Packages indexes: the highest
 across the suite, ``-updates`` and ``-security``). Without a package lock the root is ``--variant=buildd``;
 under one the gateway serves the lock's view, signed by the build's key, and the root is ``--variant=apt`` with
-only packages the lock holds (:meth:`Sources.locked_view`, :func:`mmdebstrap_argv`). Inside it, the
+only packages the lock holds (:meth:`Sources.locked_view`, :func:`mmdebstrap_argv`), their closure checked
+against the view before mmdebstrap runs (:func:`build_root_closure`). Inside it, the
 package is installed with DKMS's autoinstall suppressed, then built explicitly (``dkms build -m -v -k``) and
 packed as a binaries-only DKMS tarball (``dkms mktarball --binaries-only``), which the role
 ``nvidia-gpu-drivers`` loads into the guest (``nvidia_dkms_tarball``) with ``dkms ldtarball``.
@@ -55,6 +56,7 @@ from .archive.http import FetchStats
 from .archive.packages import iter_stanzas
 from .config import DebianConfig
 from .errors import BuilderError, HostModuleError
+from .pkgresolve import Phase, Resolution, Universe, resolve_phases
 from .run import run, spawn, tail
 
 log = logging.getLogger(__name__)
@@ -319,6 +321,26 @@ class Sources:
 
     def hosts(self) -> list[str]:
         return list(dict.fromkeys(urllib.parse.urlsplit(url).hostname or "" for url, _, _ in self.archives()))
+
+
+def build_root_closure(indexes: Sequence[LabelledIndex], plan: ModulePlan, *, arch: str = "amd64") -> Resolution:
+    """Under a package lock: what the ``--variant=apt`` build root installs, resolved from ``indexes`` (the view's,
+    read whole) as the lock's own resolution does (:func:`builder.pkgresolve.resolve_phases`; no Recommends:
+    mmdebstrap installs none): its Essential packages, apt, the plan's packages and tools
+    (``includes(tools=True)``) and their Pre-Depends and Depends. Its ``unmet`` is what the view cannot give (one
+    relation or package each), its ``problems`` name who needs each."""
+    uni = Universe(arch)
+    for label, index in indexes:
+        for st in index.values():
+            uni.add(st, "debian", label.split("/", 1)[0], "")
+    essential = sorted(n for n, c in uni.candidates.items() if c.stanza.get("Essential") == "yes")
+    return resolve_phases(uni, [Phase("build root", (*essential, "apt", *plan.includes(tools=True)))], priorities=())
+
+
+def everything(name: str) -> bool:
+    """Every package of an index: a package lock's view is small (only what the lock holds), and the build root's
+    closure is checked against all of it (:func:`build_root_closure`)."""
+    return True
 
 
 def wanted(name: str) -> bool:
@@ -608,7 +630,8 @@ def build_module(
             if not Path(p).is_file():
                 raise HostModuleError(f"module signing: {p} is not a file")
         signing = (Path(signing_key).resolve(), Path(signing_cert).resolve())
-    plan = plan_module(load_indexes(sources, cache, stats=stats), dkms_package, kver=kver, flavour=sources.arch,
+    indexes = load_indexes(sources, cache, stats=stats, keep=everything if sources.locked else wanted)
+    plan = plan_module(indexes, dkms_package, kver=kver, flavour=sources.arch,
                        signing_cert=signing[1] if signing else None)
     key = plan.cache_key()
     hit = modules.lookup(key)
@@ -625,6 +648,15 @@ def build_module(
     if cancel is not None and cancel.is_set():  # the build ended while the indexes were read
         raise HostModuleError("the host-side module build was cancelled")
     mode = mmdebstrap_mode()
+    if sources.locked:  # the view holds only what the lock holds: what the build root lacks fails here, not in apt
+        root = build_root_closure(indexes, plan, arch=sources.arch)
+        if root.unmet:
+            raise HostModuleError(
+                f"the package lock's view cannot make the build root of {plan.dkms_package.pin} for {plan.kver}: it "
+                f"lacks {', '.join(dict.fromkeys(root.unmet))}", log_tail=root.problems,
+                hint="the build root installs Essential, apt, dkms, the compiler, the headers and the DKMS package, "
+                     "with their dependencies, from the lock: refresh it (python -m builder lock IMAGE.yaml "
+                     "--update), or compile in the guest (provision.host_module: off)")
     workdir = Path(workdir)
     _remove(workdir)
     (workdir / "tmp").mkdir(parents=True, mode=0o700)
@@ -679,5 +711,5 @@ def build_module(
 
 
 __all__ = ["BUILD_SCRIPT", "HostModule", "ModuleCache", "ModulePlan", "Resolved", "Sources", "build_module",
-           "check_tarball", "compiler_of", "highest", "image_kernel", "load_indexes", "mmdebstrap_argv",
-           "mmdebstrap_mode", "plan_module"]
+           "build_root_closure", "check_tarball", "compiler_of", "highest", "image_kernel", "load_indexes",
+           "mmdebstrap_argv", "mmdebstrap_mode", "plan_module"]

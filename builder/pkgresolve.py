@@ -297,6 +297,8 @@ class Resolution:
     why: dict[str, str] = field(default_factory=dict)  # name -> what pulled it in
     problems: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # optional seeds the indexes do not have
+    # what no listed package gives, one each problem: a hard relation ("cpp-14 (= 14.2.0-19)") or a seed
+    unmet: list[str] = field(default_factory=list)
 
 
 def _relations(stanza: Mapping[str, str], recommends: bool) -> list[tuple[list[dict[str, Any]], bool]]:
@@ -393,6 +395,7 @@ class _Resolver:
             cand = self.uni.find(name, version)
             if cand is None:
                 self.res.problems.append(f"seed {spec}: no signed index lists {name} {version}")
+                self.res.unmet.append(spec)
             elif sel is not None and sel.version != version:
                 self.res.problems.append(f"seed {spec}: {self._held([name])}")
             else:
@@ -404,6 +407,7 @@ class _Resolver:
         if found is None:
             if required:
                 self.res.problems.append(f"seed {name}: no signed index lists it")
+                self.res.unmet.append(name)
             else:
                 self.res.skipped.append(name)
             return
@@ -431,6 +435,7 @@ class _Resolver:
                     self.select(cand, name)
                 elif hard:  # a Recommends nothing satisfies: apt leaves it out
                     held = [alt["name"] for alt in group if alt["name"] in self.res.selected]
+                    self.res.unmet.append(_group_text(group))
                     self.res.problems.append(f"{name} {stanza['Version']} depends on {_group_text(group)}"
                                              + (f", but {self._held(held)}" if held else ": nothing satisfies it"))
 

@@ -9,7 +9,7 @@ import os
 import shutil
 import subprocess
 import threading
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
@@ -240,14 +240,32 @@ LOCKED = {  # name -> (version, component, Depends): what a host build of nvidia
     "kmod": ("34.2-2", "main", ""),
     "findutils": ("4.10.0-3", "main", ""),
     "zstd": ("1.5.7+dfsg-1", "main", ""),
+    "apt": ("3.0.3", "main", ""),
 }
+DATE = "Sat, 21 Nov 2026 09:15:44 UTC"
 
 
-@pytest.fixture
-def locked_ctx(tmp_path, events, monkeypatch):
-    """A build context with a package lock in force: the real gateway (services.gateway_for) serving the lock's
-    view of the three suites, signed by a real ephemeral key, on 127.0.0.1; the mirrors are never asked."""
-    from test_package_lock import _inputs, make_deb
+def synthetic_stanzas() -> list[dict[str, str]]:
+    """LOCKED as index stanzas, each of a real (minimal) .deb made from its control fields."""
+    from test_package_lock import make_deb
+
+    out = []
+    for name, (version, comp, depends) in LOCKED.items():
+        control = {"Package": name, "Version": version, "Architecture": "amd64", **({"Depends": depends} if depends
+                                                                                     else {})}
+        deb = make_deb(control)
+        out.append({**control, "Filename": f"pool/{comp}/{name[0]}/{name}/{name}_{version}_amd64.deb",
+                    "Size": str(len(deb)), "SHA256": hashlib.sha256(deb).hexdigest()})
+    return out
+
+
+@contextmanager
+def locked_build(tmp_path: Path, events: list, stanzas: list[dict[str, str]], *overrides: str, suite: str = "trixie",
+                 codename: str = "trixie"):
+    """A build context with a package lock of ``stanzas`` in force: the real gateway (services.gateway_for)
+    serving the lock's view of the three suites (``suite``, ``<codename>-updates``, ``<codename>-security``),
+    signed by a real ephemeral key, on 127.0.0.1; the mirrors are never asked."""
+    from test_package_lock import _inputs
 
     from builder import services
     from builder.archive.cache import ContentCache
@@ -255,23 +273,18 @@ def locked_ctx(tmp_path, events, monkeypatch):
     from builder.gateway.signing import EphemeralKey
     from builder.gateway.target import target_views, view_pins, view_stanza
     from builder.pkgfetch import TargetInputs
-    from builder.pkglock import PackageLock, PackagePin, SignedIndex
+    from builder.pkglock import PackageLock, SignedIndex, pin_from_stanza
 
-    monkeypatch.setenv("BUILDER_CACHE_DIR", str(tmp_path / "cache"))
-    pins, stanzas = [], {}
-    for name, (version, comp, depends) in LOCKED.items():
-        control = {"Package": name, "Version": version, "Architecture": "amd64", **({"Depends": depends} if depends
-                                                                                     else {})}
-        deb = make_deb(control)
-        pin = PackagePin(name, version, "amd64", f"pool/{comp}/{name[0]}/{name}/{name}_{version}_amd64.deb", len(deb),
-                         hashlib.sha256(deb).hexdigest(), "debian", "trixie", "Sat, 21 Nov 2026 09:15:44 UTC")
+    pins, texts = [], {}
+    for st in stanzas:
+        pin = pin_from_stanza(st, archive="debian", suite=suite, date=DATE)
         pins.append(pin)
-        stanzas[pin.key] = view_stanza(control, pin)
-    index = SignedIndex("debian", "trixie", "trixie", "Sat, 21 Nov 2026 09:15:44 UTC", "a" * 64, "Debian", "Debian",
-                        "stable", "13.8")
-    plock = PackageLock("trixie", "trixie", "amd64", "2026-12-01T00:00:00Z", "resolve", (index,), tuple(pins))
-    c = cfg("debian.mirror=http://127.0.0.1:9/debian", "debian.security_mirror=http://127.0.0.1:9/debian-security")
-    target = TargetInputs(plock, target_views(plock, stanzas, components=c.debian.components),
+        texts[pin.key] = view_stanza({k: v for k, v in st.items() if k not in ("Filename", "Size", "SHA256")}, pin)
+    index = SignedIndex("debian", suite, codename, DATE, "a" * 64, "Debian", "Debian", "stable", "13.8")
+    plock = PackageLock(suite, codename, "amd64", "2026-12-01T00:00:00Z", "resolve", (index,), tuple(pins))
+    c = cfg("debian.mirror=http://127.0.0.1:9/debian", "debian.security_mirror=http://127.0.0.1:9/debian-security",
+            f"debian.suite={suite}", *overrides)
+    target = TargetInputs(plock, target_views(plock, texts, components=c.debian.components),
                           {k: Pin(*v) for k, v in view_pins(plock).items()}, 0)
     with ExitStack() as stack:
         key = stack.enter_context(EphemeralKey("builder test build key", home_parent=tmp_path / "keys"))
@@ -279,6 +292,14 @@ def locked_ctx(tmp_path, events, monkeypatch):
                             None, cache=ContentCache(tmp_path / "gateway-blobs"))  # type: ignore[arg-type]
         gw = stack.enter_context(services.gateway_for(base, _inputs(tmp_path, target), key))  # type: ignore[arg-type]
         yield base.with_(services=Services(gw, key, None, None, plock))  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def locked_ctx(tmp_path, events, monkeypatch):
+    """A build context with a package lock of LOCKED in force (:func:`locked_build`)."""
+    monkeypatch.setenv("BUILDER_CACHE_DIR", str(tmp_path / "cache"))
+    with locked_build(tmp_path, events, synthetic_stanzas()) as ctx:
+        yield ctx
 
 
 @pytest.mark.timeout(60)
@@ -312,13 +333,11 @@ def test_under_a_lock_the_host_build_reads_the_view_with_the_targets_keyring(loc
     assert module.gateway_sources(unlocked) == plain and not plain.locked
 
 
-@pytest.mark.timeout(60)
-def test_under_a_lock_the_build_root_is_apt_with_only_locked_packages(locked_ctx, tmp_path, monkeypatch):
-    """build_module through the locked view, with a stand-in mmdebstrap on PATH: the plan (made before the
-    module-cache lookup) comes from the view, the build root is --variant=apt with the plan and the tools the lock
-    holds, pinned, verified with the target's keyring; the second call is a cache hit."""
+def fake_mmdebstrap(ctx: BuildContext, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kver: str):
+    """A stand-in mmdebstrap on PATH (test_hostmodule_pure.FAKE_MMDEBSTRAP: it records its argv and leaves a
+    module tarball for ``kver``); returns build() (build_module of nvidia-kernel-dkms through ``ctx``'s gateway)
+    and calls() (every argv it got)."""
     import json
-    import os
 
     from test_hostmodule_pure import FAKE_MMDEBSTRAP, make_tarball
 
@@ -330,19 +349,32 @@ def test_under_a_lock_the_build_root_is_apt_with_only_locked_packages(locked_ctx
     (bindir / "mmdebstrap").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("FAKE_LOG", str(tmp_path / "calls.jsonl"))
-    monkeypatch.setenv("FAKE_TARBALL", str(make_tarball(tmp_path / "built.tar.gz", kver=KVER)))
+    monkeypatch.setenv("FAKE_TARBALL", str(make_tarball(tmp_path / "built.tar.gz", kver=kver)))
     monkeypatch.setenv("FAKE_RESULT", "ok")
     monkeypatch.setattr(hm, "mmdebstrap_mode", lambda: "unshare")
-    ctx = locked_ctx
 
     def build():
         return hm.build_module(module.gateway_sources(ctx), "nvidia-kernel-dkms", workdir=ctx.workdir / "hostmodule",
                                cache=module.gateway_client_cache(ctx), modules=hm.ModuleCache(tmp_path / "modules"),
                                niceness=None)
 
+    def calls() -> list[list[str]]:
+        log = tmp_path / "calls.jsonl"
+        return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+    return build, calls
+
+
+@pytest.mark.timeout(60)
+def test_under_a_lock_the_build_root_is_apt_with_only_locked_packages(locked_ctx, tmp_path, monkeypatch):
+    """build_module through the locked view, with a stand-in mmdebstrap on PATH: the plan (made before the
+    module-cache lookup) comes from the view, the build root is --variant=apt with the plan and the tools the lock
+    holds, pinned, verified with the target's keyring; the second call is a cache hit."""
+    ctx = locked_ctx
+    build, calls = fake_mmdebstrap(ctx, tmp_path, monkeypatch, KVER)
     first = build()
     assert first.origin == "host-built" and first.kver == KVER
-    (argv,) = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    (argv,) = calls()
     assert "--variant=apt" in argv and "--variant=buildd" not in argv
     ring = ctx.workdir / module.TARGET_KEYRING
     assert not [a for a in argv if a.startswith("--keyring")]
@@ -352,6 +384,63 @@ def test_under_a_lock_the_build_root_is_apt_with_only_locked_packages(locked_ctx
     assert not [a for a in argv if "build-essential" in a]
     second = build()
     assert second.origin == "cache" and second.key == first.key
+
+
+def test_the_build_roots_closure_resolves_from_real_trixie_stanzas():
+    """build_root_closure over real trixie stanzas (trixie_index) and the plan made from them: Essential, apt, the
+    DKMS package, dkms, gcc-14, the headers and the tools, with their hard dependencies, all there; a view
+    without cpp-14 and patch names both and who needs them."""
+    from trixie_index import KVER as REAL_KVER
+    from trixie_index import stanzas
+
+    from builder import hostmodule as hm
+
+    real = stanzas()
+    indexes = [("trixie/main", real)]
+    plan = hm.plan_module(indexes, "nvidia-kernel-dkms")
+    assert plan.kver == REAL_KVER and plan.compiler.pin == "gcc-14=14.2.0-19"
+    assert [t.name for t in plan.tools] == list(hm.BUILD_ROOT_TOOLS)
+    root = hm.build_root_closure(indexes, plan)
+    assert root.unmet == [] and root.problems == []
+    assert {"apt", "dpkg", "libc6", "binutils", "cpp-14", "make", "patch", "nvidia-kernel-support"} <= set(
+        root.selected)
+    less = {n: st for n, st in real.items() if n not in ("cpp-14", "patch")}
+    root = hm.build_root_closure([("trixie/main", less)], plan)
+    assert root.unmet == ["patch", "cpp-14 (= 14.2.0-19)", "patch (>= 2.7)"]
+    assert root.problems == ["dkms 3.2.2-1~deb13u1 depends on patch: nothing satisfies it",
+                             "gcc-14 14.2.0-19 depends on cpp-14 (= 14.2.0-19): nothing satisfies it",
+                             "dpkg-dev 1.22.22 depends on patch (>= 2.7): nothing satisfies it"]
+
+
+@pytest.mark.timeout(120)
+def test_under_a_lock_a_view_that_cannot_make_the_build_root_fails_before_mmdebstrap(tmp_path, events, monkeypatch):
+    """Real trixie stanzas as the lock's view, served by the real gateway and read with the target's keyring: with
+    the build root's whole closure the (stand-in) mmdebstrap runs; with a lock that lacks cpp-14 and patch the
+    host build stops before mmdebstrap would run, in one HostModuleError naming them (not an apt error from inside
+    mmdebstrap), and its log names who needs them."""
+    from trixie_index import KVER as REAL_KVER
+    from trixie_index import stanzas
+
+    monkeypatch.setenv("BUILDER_CACHE_DIR", str(tmp_path / "cache"))
+    real = list(stanzas().values())
+    with locked_build(tmp_path / "whole", events, real) as ctx:
+        build, calls = fake_mmdebstrap(ctx, tmp_path / "whole", monkeypatch, REAL_KVER)
+        assert build().origin == "host-built"
+        assert [a for a in calls()[0] if a.startswith("--include=")] == [
+            "--include=dkms=3.2.2-1~deb13u1,gcc-14=14.2.0-19,linux-headers-6.12.117+deb13-amd64=6.12.117-1,"
+            "nvidia-kernel-dkms=550.163.01-2,kmod=34.2-2,findutils=4.10.0-3,xz-utils=5.8.1-1+deb13u2,zstd=1.5.7+dfsg-1"]
+    less = [st for st in real if st["Package"] not in ("cpp-14", "patch")]
+    with locked_build(tmp_path / "less", events, less) as ctx:
+        build, calls = fake_mmdebstrap(ctx, tmp_path / "less", monkeypatch, REAL_KVER)
+        with pytest.raises(HostModuleError) as exc:
+            build()
+        assert calls() == []
+    assert exc.value.message == ("the package lock's view cannot make the build root of nvidia-kernel-dkms="
+                                 f"550.163.01-2 for {REAL_KVER}: it lacks patch, cpp-14 (= 14.2.0-19), patch (>= 2.7)")
+    assert exc.value.log_tail == ["dkms 3.2.2-1~deb13u1 depends on patch: nothing satisfies it",
+                                  "gcc-14 14.2.0-19 depends on cpp-14 (= 14.2.0-19): nothing satisfies it",
+                                  "dpkg-dev 1.22.22 depends on patch (>= 2.7): nothing satisfies it"]
+    assert exc.value.missing_tool is None and "provision.host_module: off" in (exc.value.hint or "")
 
 
 def apt_update(root: Path, lines: list[str], *, trusted: Path | None = None) -> subprocess.CompletedProcess[str]:
