@@ -210,19 +210,27 @@ def _role_vars(cfg: ImageConfig, role: str) -> dict[str, Any]:
 
 
 def nvidia_packages(cfg: ImageConfig) -> tuple[str, ...]:
-    """What the NVIDIA role installs from Debian for the configured source and flavour (none for NVIDIA's
-    repository, which is not a Debian archive and not locked): ``roles/nvidia-gpu-drivers/tasks/install.yml``'s
-    ``_nvidia_packages`` (dkms, the flavour's DKMS package and user space, ``nvidia_extra_packages``), CUDA when
-    asked, the headers metapackage, and openssl when ``secure_boot`` gives a signing key (``signing.yml``)."""
+    """What the NVIDIA role installs from Debian for the configured source and flavour. ``nvidia_driver_source:
+    debian``: ``roles/nvidia-gpu-drivers/tasks/install.yml``'s ``_nvidia_packages`` (dkms, the flavour's DKMS
+    package and user space, ``nvidia_extra_packages``) and CUDA when asked. ``nvidia``: the driver comes from
+    NVIDIA's repository (not a Debian archive, not locked), but ``nvidia_repo.yml`` installs ca-certificates and
+    gpg from Debian to fetch and check its key, and ``_nvidia_packages`` names dkms. Either way the headers
+    metapackage (``prerequisites.yml``) and openssl when ``secure_boot`` gives a signing key
+    (``signing.yml``)."""
     v = _role_vars(cfg, NVIDIA_ROLE)
-    if not v or v.get("nvidia_driver_source", "debian") != "debian":
+    source = v.get("nvidia_driver_source", "debian") if v else None
+    if source == "debian":
+        flavor = (v.get("nvidia_debian_flavors") or {}).get(v.get("nvidia_driver_flavor", "current"))
+        if not isinstance(flavor, dict):
+            return ()
+        out = ["dkms", flavor.get("dkms_package", ""), *flavor.get("packages", []),
+               *v.get("nvidia_extra_packages", [])]
+        if v.get("nvidia_install_cuda"):
+            out += list(v.get("nvidia_debian_cuda_packages", []))
+    elif source == "nvidia":
+        out = ["ca-certificates", "gpg", "dkms"]
+    else:
         return ()
-    flavor = (v.get("nvidia_debian_flavors") or {}).get(v.get("nvidia_driver_flavor", "current"))
-    if not isinstance(flavor, dict):
-        return ()
-    out = ["dkms", flavor.get("dkms_package", ""), *flavor.get("packages", []), *v.get("nvidia_extra_packages", [])]
-    if v.get("nvidia_install_cuda"):
-        out += list(v.get("nvidia_debian_cuda_packages", []))
     if v.get("nvidia_install_headers_metapackage", True):
         out.append("linux-headers-amd64")
     if cfg.signing_paths is not None:

@@ -100,6 +100,39 @@ def test_the_seeds_are_the_union_of_every_variants_packages(tmp_path):
     assert "nvidia-tesla-535-kernel-dkms" in required_seeds(plain) and "nvidia-kernel-dkms" not in required_seeds(plain)
 
 
+def test_with_nvidias_repository_the_lock_still_holds_what_the_role_takes_from_debian(tmp_path, monkeypatch):
+    """nvidia_driver_source: nvidia takes the driver from NVIDIA's repository (not locked), but nvidia_repo.yml
+    installs ca-certificates and gpg from Debian first (each of its apt tasks' names), install.yml names dkms, and
+    the headers metapackage and, with a signing key, openssl come from Debian as with the Debian source: they
+    are seeds, the resolved lock holds them, and fetch stops a build whose lock lacks one."""
+    from builder.pkgresolve import nvidia_packages, resolve_package_lock
+    from builder.stages import fetch
+
+    repo_tasks = [t for t in _apt_tasks("nvidia-gpu-drivers")
+                  if t["name"] in (["ca-certificates", "gpg"], "{{ _nvidia_packages }}")]
+    assert ["ca-certificates", "gpg"] in [t["name"] for t in repo_tasks]
+    extra = ["provision.extra_vars.nvidia_driver_source=nvidia"]
+    cfg = load_config(image(tmp_path), extra)
+    for name in cfg.variants:
+        got = nvidia_packages(cfg.variant(name))
+        assert got == ("ca-certificates", "gpg", "dkms", "linux-headers-amd64"), (name, got)
+        assert "gpg" in image_packages(cfg.variant(name)) and not [p for p in got if "nvidia" in p]
+    from builder.secureboot import write_pair
+
+    pair = write_pair(tmp_path / "mok", "test")
+    signed = load_config(image(tmp_path), [*extra, f"secure_boot.signing_key={pair.key_path}",
+                                           f"secure_boot.signing_cert={pair.cert_path}"])
+    assert nvidia_packages(signed.variant("open"))[-1] == "openssl"
+    lock = resolve_package_lock(cfg, universe_of(cfg), report=lambda m: None)
+    assert {"ca-certificates", "gpg", "dkms", "linux-headers-amd64"} <= set(lock.by_name())
+    monkeypatch.setattr(fetch, "fetch_inputs", lambda *a, **kw: (_ for _ in ()).throw(AssertionError("fetched")))
+    write_package_lock(lock_holding([n for n in lock.by_name() if n != "gpg"]), cfg.package_lock_path)
+    with ExitStack() as stack, pytest.raises(LockError) as exc:
+        fetch.run(_ctx(cfg, tmp_path, stack), {n: cfg.variant(n) for n in cfg.variants})
+    assert str(exc.value).endswith(": variant current installs gpg; variant open installs gpg; variant tesla-535 "
+                                   "installs gpg")
+
+
 def test_the_resolved_lock_holds_every_variants_driver(tmp_path):
     from builder.pkgresolve import resolve_package_lock
 
