@@ -283,6 +283,7 @@ class Sources:
     security_fingerprints: tuple[str, ...]
     arch: str = "amd64"
     locked: bool = False  # the package lock's view (locked_view): the build root holds only what the lock holds
+    codename: str = ""  # what -updates and -security are named after ("": the suite, as a mirror's aliases allow)
 
     @classmethod
     def of(cls, debian: DebianConfig, *, mirror: str = "", security_mirror: str = "") -> Sources:
@@ -291,9 +292,11 @@ class Sources:
                    debian.components, debian.keyring, debian.trusted_fingerprints, debian.security_fingerprints,
                    debian.arch)
 
-    def locked_view(self, keyring: Path, fingerprint: str) -> Sources:
+    def locked_view(self, keyring: Path, fingerprint: str, *, suite: str, codename: str) -> Sources:
         """These archives as the build's gateway serves them under a package lock: all three suites are the lock's
-        view (builder/gateway/target.py), signed by the build's key alone. Verified the way apt in the target
+        view (builder/gateway/target.py), named as the lock names them — ``dists/<suite>`` (the lock's
+        ``suite``), ``<codename>-updates`` and ``<codename>-security`` (its ``codename``; the view has no
+        ``stable-updates`` alias) — and signed by the build's key alone. Verified the way apt in the target
         verifies them then: ``keyring`` is Debian's archive keyring plus that key (the target trusts it as
         ``KEY_FILE``), and only a signature by ``fingerprint`` (the build's key) counts, so an index the lock did
         not make is refused rather than built against. The build root's apt gets ``keyring`` as each source's
@@ -301,14 +304,16 @@ class Sources:
         if not keyring.is_absolute() or re.search(r"[\s\]]", str(keyring)):
             raise HostModuleError(f"the target's keyring {keyring} cannot be an apt source's signed-by: it must be "
                                   "an absolute path without blanks or ']'", hint="use another work directory")
-        return replace(self, keyring=keyring, fingerprints=(fingerprint,), security_fingerprints=(fingerprint,),
-                       locked=True)
+        return replace(self, suite=suite, codename=codename, keyring=keyring, fingerprints=(fingerprint,),
+                       security_fingerprints=(fingerprint,), locked=True)
 
     def archives(self) -> list[tuple[str, str, tuple[str, ...]]]:
-        """(URL, suite, accepted signers) of each archive, in apt's order."""
+        """(URL, suite, accepted signers) of each archive, in apt's order: the suite, then ``-updates`` and
+        ``-security`` of the codename (under a lock: the lock's) or else of the suite."""
+        base = self.codename or self.suite
         return [(self.mirror, self.suite, self.fingerprints),
-                (self.mirror, f"{self.suite}-updates", self.fingerprints),
-                (self.security_mirror, f"{self.suite}-security", self.security_fingerprints)]
+                (self.mirror, f"{base}-updates", self.fingerprints),
+                (self.security_mirror, f"{base}-security", self.security_fingerprints)]
 
     def apt_lines(self) -> list[str]:
         """One-line apt sources for mmdebstrap: given a mirror, it adds no -updates or -security itself. Under a

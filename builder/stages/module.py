@@ -219,7 +219,8 @@ def gateway_client_cache(ctx: BuildContext) -> ContentCache:
 def gateway_sources(ctx: BuildContext) -> Sources:
     """The image's archives as the build's gateway serves them on this host. Under a package lock the gateway
     serves the lock's view, signed by the build's key: verified, as apt in the target verifies it, with Debian's
-    keyring plus that key (written once to the work directory), and the build root holds only locked packages."""
+    keyring plus that key (written once to the work directory), under the suite names the view has (the lock's
+    suite, its codename's -updates and -security), and the build root holds only locked packages."""
     gw = ctx.gateway
     sources = Sources.of(ctx.config.debian, mirror=gw.url("debian"), security_mirror=gw.url("debian-security"))
     services = ctx.services
@@ -228,7 +229,8 @@ def gateway_sources(ctx: BuildContext) -> Sources:
     keyring = ctx.workdir / TARGET_KEYRING
     if not keyring.is_file():  # the same bytes whichever job writes them (atomic_write: safe across threads)
         atomic_write(keyring, combined_keyring(ctx.config.debian.keyring, services.signing_key.public_key()))
-    return sources.locked_view(keyring, services.signing_key.fingerprint)
+    lock = services.package_lock
+    return sources.locked_view(keyring, services.signing_key.fingerprint, suite=lock.suite, codename=lock.codename)
 
 
 def _fallback(ctx: BuildContext, exc: HostModuleError, *, warn: bool) -> None:

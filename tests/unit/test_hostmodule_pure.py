@@ -241,7 +241,7 @@ def test_mmdebstrap_argv_under_a_package_lock(tmp_path):
     base = ",".join(hm.plan_module(trixie_like(), "nvidia-kernel-dkms").includes())
     unlocked = hm.mmdebstrap_argv(plan, sources(), mode="unshare", script=tmp_path / "s", outdir=tmp_path / "o")
     assert "--variant=buildd" in unlocked and f"--include={base}" in unlocked
-    view = sources().locked_view(tmp_path / "target.gpg", "F" * 40)
+    view = sources().locked_view(tmp_path / "target.gpg", "F" * 40, suite="trixie", codename="trixie")
     assert view.fingerprints == view.security_fingerprints == ("F" * 40,) and view.mirror == sources().mirror
     locked = hm.mmdebstrap_argv(plan, view, mode="unshare", script=tmp_path / "s", outdir=tmp_path / "o")
     assert locked[:4] == ["mmdebstrap", "--mode=unshare", "--variant=apt", "--architectures=amd64"]
@@ -263,7 +263,19 @@ def test_mmdebstrap_argv_under_a_package_lock(tmp_path):
                              f"deb http://127.0.0.1:4711/debian-security trixie-security {comps}"]
     for bad in (Path("relative.gpg"), tmp_path / "a b.gpg", tmp_path / "x]y.gpg"):
         with pytest.raises(HostModuleError, match="cannot be an apt source's signed-by"):
-            sources().locked_view(bad, "F" * 40)
+            sources().locked_view(bad, "F" * 40, suite="trixie", codename="trixie")
+
+
+def test_under_a_lock_the_suites_are_named_as_the_lock_names_them(tmp_path):
+    """debian.suite may be an alias (stable): the mirror has stable-updates and stable-security too, the lock's
+    view only dists/<lock suite>, <codename>-updates and <codename>-security. Without a lock nothing changes."""
+    deb = DebianConfig(suite="stable", mirror="http://x", security_mirror="http://x")
+    plain = hm.Sources.of(deb, mirror="http://127.0.0.1:4711/debian",
+                          security_mirror="http://127.0.0.1:4711/debian-security")
+    assert [s for _, s, _ in plain.archives()] == ["stable", "stable-updates", "stable-security"]
+    view = plain.locked_view(tmp_path / "t.gpg", "F" * 40, suite="stable", codename="trixie")
+    assert [s for _, s, _ in view.archives()] == ["stable", "trixie-updates", "trixie-security"]
+    assert [line.split()[3] for line in view.apt_lines()] == ["stable", "trixie-updates", "trixie-security"]
 
 
 def make_tarball(path: Path, module: str = "m", version: str = "1", kver: str = KVER,

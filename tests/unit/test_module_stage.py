@@ -487,6 +487,30 @@ def test_apt_reads_the_locked_view_through_signed_by_alone(locked_ctx, tmp_path)
     assert refused.returncode != 0 and "NO_PUBKEY" in refused.stdout + refused.stderr
 
 
+@pytest.mark.timeout(60)
+def test_under_a_lock_with_a_suite_alias_the_host_build_reads_the_views_suites(tmp_path, events, monkeypatch):
+    """debian.suite: stable, and a lock made from it (suite stable, codename trixie): the gateway serves the view at
+    dists/stable, dists/trixie-updates and dists/trixie-security only. The host build reads exactly those (it asked
+    for stable-updates and stable-security, which the view does not have) and plans from the view."""
+    from builder import hostmodule as hm
+
+    monkeypatch.setenv("BUILDER_CACHE_DIR", str(tmp_path / "cache"))
+    with locked_build(tmp_path, events, synthetic_stanzas(), suite="stable", codename="trixie") as ctx:
+        assert ctx.config.debian.suite == "stable" and ctx.services.package_lock.codename == "trixie"
+        sources = module.gateway_sources(ctx)
+        assert [s for _, s, _ in sources.archives()] == ["stable", "trixie-updates", "trixie-security"]
+        indexes = hm.load_indexes(sources, module.gateway_client_cache(ctx))
+        assert list(dict.fromkeys(label.split("/")[0] for label, _ in indexes)) == ["stable", "trixie-updates",
+                                                                                    "trixie-security"]
+        assert hm.plan_module(indexes, "nvidia-kernel-dkms").kver == KVER
+        # what it asked for before is not the view: the gateway has no such suite of its own (it passes the
+        # request on to the mirror, here none)
+        views = {p.split("/dists/")[1].split("/")[0] for p in ctx.services.gateway.generated if "/dists/" in p}
+        assert views - {"builder-installer"} == {"stable", "trixie-updates", "trixie-security"}  # and the udebs
+        before = dataclasses.replace(sources, codename="")
+        assert [s for _, s, _ in before.archives()] == ["stable", "stable-updates", "stable-security"]
+
+
 def test_under_a_lock_both_host_builds_get_the_locked_sources(locked_ctx, monkeypatch):
     """The job started while the installer runs and the rebuild for another guest kernel (for_kernel)."""
     seen = []
