@@ -35,7 +35,7 @@ from debian.debian_support import version_compare
 from .archive.cache import ContentCache
 from .archive.client import Archive
 from .archive.http import FetchStats
-from .config import ImageConfig, install_packages
+from .config import BASE_ROLE, ImageConfig, install_packages, seed_packages
 from .errors import ConfigError, FetchError, LockError
 from .pkglock import ForeignPackage, PackageLock, PackagePin, SignedIndex, pin_from_stanza
 
@@ -490,18 +490,29 @@ def install_phases(cfg: ImageConfig, *, extra: Iterable[str] = (), have: Iterabl
     """The steps of a build that install from the archive after debootstrap, as the target runs them, with
     their Recommends: debian-installer (base-installer's kernel, pkgsel's seeds, the boot loaders:
     ``installer.install_recommends``, which the preseed gives base-installer/install-recommends and apt-install
-    follows), then the NVIDIA role of every variant (``install_recommends: false`` on each of its apt tasks).
-    The base role installs nothing new: its ``base_packages`` are the installer's seeds, installed already, and
-    Ansible's apt module does not run apt for an installed package, so ``base_install_recommends`` adds
-    nothing. ``extra``: more optional seeds, in a last step without Recommends (a refreshed lock's names).
-    ``have``: names installed already (a build's), left out of the seeds."""
+    follows), then the base role of each variant whose own base role (a ``provision.roles_path`` of its own)
+    names packages the installer did not install (``base_packages + base_extra_packages``, with that variant's
+    ``base_install_recommends``, as the role's apt task passes it), then the NVIDIA role of every variant
+    (``install_recommends: false`` on each of its apt tasks). The image's own base role installs nothing new: its
+    packages are the installer's seeds, installed already, and Ansible's apt module runs apt only for what is
+    not installed, so its ``base_install_recommends`` adds nothing. ``extra``: more optional seeds, in a last step
+    without Recommends (a refreshed lock's names). ``have``: names installed already (a build's), left out of the
+    seeds."""
     skip = set(have)
     seeded = install_packages(cfg)
-    installer = tuple(p for p in seeded if seed_spec(p)[0] not in skip)
-    nvidia = tuple(p for p in required_seeds(cfg) if p not in seeded and seed_spec(p)[0] not in skip)
-    return [Phase("debian-installer", installer, tuple(p for p in INSTALLER_PACKAGES if p not in skip),
-                  cfg.installer.install_recommends),
-            Phase(NVIDIA_ROLE, nvidia),
+    installed = {seed_spec(p)[0] for p in seeded}
+    phases = [Phase("debian-installer", tuple(p for p in seeded if seed_spec(p)[0] not in skip),
+                    tuple(p for p in INSTALLER_PACKAGES if p not in skip), cfg.installer.install_recommends)]
+    by_base: set[str] = set()
+    for name, vcfg in provisioned(cfg).items():
+        own = tuple(p for p in seed_packages(vcfg) if seed_spec(p)[0] not in installed | skip)
+        if own:
+            phases.append(Phase(f"{BASE_ROLE} ({name})" if name else BASE_ROLE, own,
+                                recommends=_role_vars(vcfg, BASE_ROLE).get("base_install_recommends") is True))
+            by_base.update(own)
+    nvidia = tuple(p for p in required_seeds(cfg)
+                   if p not in seeded and p not in by_base and seed_spec(p)[0] not in skip)
+    return [*phases, Phase(NVIDIA_ROLE, nvidia),
             *([Phase("the lock's own", (), tuple(p for p in extra if p not in skip))] if extra else [])]
 
 
@@ -617,8 +628,7 @@ def lock_from_build(cfg: ImageConfig, uni: Universe, output_dir: Path, *,
              f"{' '.join(sorted(added))}",) if added else ()
     codename = uni.indexes[0].codename if uni.indexes else cfg.debian.suite
     return _lock_of(uni, [c.pin() for c in [*kept, *added.values()]], codename=codename, cfg=cfg, method="build",
-                    seed_list=(f"packages.txt of a build ({len(installed)} packages)",
-                               *((f"+ {len(added)} resolved",) if added else ())),
+                    seed_list=(f"packages.txt of a build ({len(installed)} packages)", *sorted(added)),
                     foreign=tuple(foreign), notes=notes)
 
 

@@ -383,8 +383,10 @@ def test_a_lock_from_a_build_of_one_variant_serves_every_variant(tmp_path):
     # what a build installs besides: popularity-contest, the other flavours' drivers and their dependencies
     added = sorted({"popularity-contest", "nvidia-open-kernel-dkms", "open-helper", *TESLA})
     assert sorted(set(names) - set(current_build(cfg))) == added
+    # seeds: the build's packages.txt (counted), then every added package by name
     assert lock.method == "build" and lock.seeds == (f"packages.txt of a build ({len(current_build(cfg))} packages)",
-                                                     f"+ {len(added)} resolved")
+                                                     *added)
+    assert read_back(lock, tmp_path).seeds == lock.seeds
     assert lock.notes[0].endswith(" ".join(added)) and said[-1].endswith(", ".join(added))
     check_lock_covers(cfg, lock, provisioned(cfg))  # every variant: no gap
     # the build's own packages are pinned as the build had them even when the archive has newer ones: a variant's
@@ -476,6 +478,11 @@ def test_completion_problems_are_said_once_and_never_empty():
                                   "grub-pc 2 depends on missing-pkg: nothing satisfies it"]
 
 
+def read_back(lock: PackageLock, tmp_path: Path) -> PackageLock:
+    write_package_lock(lock, tmp_path / "x.packages.lock")
+    return read_package_lock(tmp_path / "x.packages.lock")
+
+
 def _quiet():
     from builder.events import Emitter
 
@@ -514,6 +521,42 @@ def test_the_phases_follow_what_the_roles_apt_tasks_do():
     (base,) = _apt_tasks("base")
     assert base["name"] == "{{ base_packages + base_extra_packages }}"
     assert base["install_recommends"] == "{{ base_install_recommends }}" and base["state"] == "present"
+
+
+def test_a_variants_own_base_role_installs_with_its_own_recommends(tmp_path):
+    """A variant may not set base_packages or base_extra_packages, but it may have a base role of its own (its
+    provision.roles_path): what that role names beyond the installer's seeds is installed when the variant is
+    provisioned, by the base role's apt task with the variant's base_install_recommends, not by the NVIDIA role
+    (no Recommends). The phases say so, and the lock holds those Recommends."""
+    import shutil
+
+    from builder.pkgresolve import install_phases, resolve_package_lock
+
+    roles = tmp_path / "variant-roles"
+    shutil.copytree(ROOT / "roles" / "base", roles / "base")
+    defaults = roles / "base" / "defaults" / "main.yml"
+    text = defaults.read_text()
+    assert "base_extra_packages: []" in text and "base_install_recommends: false" in text
+    defaults.write_text(text.replace("base_extra_packages: []", "base_extra_packages: [jq]")
+                        .replace("base_install_recommends: false", "base_install_recommends: true"))
+    path = image(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    data["variants"]["open"]["provision"]["roles_path"] = [str(roles), str(ROOT / "roles")]
+    path.write_text(yaml.safe_dump(data))
+    cfg = load_config(path)
+    assert "jq" in image_packages(cfg.variant("open")) and "jq" not in image_packages(cfg.variant("current"))
+    phases = install_phases(cfg)
+    assert [(p.what, p.recommends) for p in phases] == [("debian-installer", False), ("base (open)", True),
+                                                        ("nvidia-gpu-drivers", False)]
+    assert phases[1].seeds == ("jq",) and "jq" not in phases[2].seeds
+    uni = universe_of(cfg, jq={"Recommends": "libjq-extra"}, **{"libjq-extra": {}, "nvidia-open-kernel-dkms": {
+        "Recommends": "open-extra"}, "open-extra": {}})
+    names = resolve_package_lock(cfg, uni, report=lambda m: None).by_name()
+    assert "jq" in names and "libjq-extra" in names and "open-extra" not in names
+    # without base_install_recommends the variant's base role follows none
+    defaults.write_text(text.replace("base_extra_packages: []", "base_extra_packages: [jq]"))
+    names = resolve_package_lock(load_config(path), uni, report=lambda m: None).by_name()
+    assert "jq" in names and "libjq-extra" not in names
 
 
 def test_recommends_are_followed_where_the_target_follows_them(tmp_path):
