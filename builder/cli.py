@@ -63,7 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     how.add_argument("--update", action="store_true",
                      help="refresh both locks: the package lock keeps its package set, at the current versions")
     how.add_argument("--from-build", type=Path, metavar="OUTPUT_DIR",
-                     help="pin exactly the packages a finished build installed (its packages.txt)")
+                     help="pin exactly the packages a finished build installed (its packages.txt; every "
+                          "variant's in a build of variants), plus what the variants it did not make and "
+                          "debian-installer install besides, resolved")
     sp = image_cmd("fetch", "download and verify every installer input into the cache")
     sp.add_argument("--all-udebs", action="store_true", help="also cache every udeb of the installer suite")
     sp.add_argument("--all", action="store_true",

@@ -169,7 +169,7 @@ class DebianConfig(_Model):
         return v.rstrip("/")
 
     # The package lock (images/NAME.packages.lock): auto uses it when it exists, required fails without it,
-    # off builds from the archive as it is (the target then gets whatever is newest).
+    # off builds from the archive as it is (the target then gets whatever is newest); `lock` writes the file anyway.
     package_lock: Literal["auto", "required", "off"] = "auto"
 
     # Primary-key fingerprints accepted on the security archive's InRelease (trixie and bookworm security

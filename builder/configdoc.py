@@ -32,7 +32,8 @@ MEANING: dict[str, str] = {
     "debian.package_lock": "The package lock `NAME.packages.lock` next to the image file (every package of the "
                            "image, pinned; `python -m builder lock` writes it): `auto` uses it when it exists, "
                            "`required` fails the build without it, `off` ignores it (the target installs the newest "
-                           "packages). With a lock the target sees only the locked versions (docs/package-lock.md).",
+                           "packages; `lock` still writes the file). With a lock the target sees only the locked "
+                           "versions (docs/package-lock.md).",
     "disk.size": "Virtual size of the image's disk (cloud-init grows the root file system to the real disk).",
     "disk.compression": "qcow2 compression of the published image: zlib (portable), zstd (QEMU >= 5.1), none.",
     "vm.backend": "How build VMs run: `qemu` (a child process) or `libvirt` (transient domains).",

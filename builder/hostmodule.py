@@ -1,11 +1,14 @@
 """A DKMS kernel module compiled once on the build host instead of in the emulated guest.
 
 Under TCG the NVIDIA module's DKMS compile takes ~45 minutes in the guest; natively it takes minutes. This
-module makes a throw-away build root of the image's own suite with mmdebstrap (``--variant=buildd``, apt
-through the build's archive gateway, verified with the configured Debian keyring), holding exactly what the
-guest would compile with: the DKMS source package, ``linux-headers-<kver>`` of the image's kernel and the
-compiler those headers name, each at the version apt in the target will pick (resolved up front from the
-verified Packages indexes: the highest across the suite, ``-updates`` and ``-security``). Inside it, the
+module makes a throw-away build root of the image's own suite with mmdebstrap (apt through the build's archive
+gateway, verified with the configured Debian keyring), holding exactly what the guest would compile with: the
+DKMS source package, ``linux-headers-<kver>`` of the image's kernel and the compiler those headers name, each at
+the version apt in the target will pick (resolved up front from the verified Packages indexes: the highest
+across the suite, ``-updates`` and ``-security``). Without a package lock the root is ``--variant=buildd``;
+under one the gateway serves the lock's view, signed by the build's key, and the root is ``--variant=apt`` with
+only packages the lock holds (:meth:`Sources.locked_view`, :func:`mmdebstrap_argv`), their closure checked
+against the view before mmdebstrap runs (:func:`build_root_closure`). Inside it, the
 package is installed with DKMS's autoinstall suppressed, then built explicitly (``dkms build -m -v -k``) and
 packed as a binaries-only DKMS tarball (``dkms mktarball --binaries-only``), which the role
 ``nvidia-gpu-drivers`` loads into the guest (``nvidia_dkms_tarball``) with ``dkms ldtarball``.
@@ -46,7 +49,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -59,6 +62,7 @@ from .archive.packages import iter_stanzas
 from .config import DebianConfig
 from .dkmspatches import DkmsPatch, script_args
 from .errors import BuilderError, HostModuleError
+from .pkgresolve import Phase, Resolution, Universe, resolve_phases
 from .run import run, spawn, tail
 
 log = logging.getLogger(__name__)
@@ -77,6 +81,10 @@ PATCHES_INSIDE = "/tmp/builder-dkms-patches"  # the patch files, by name
 PATCH_SCRIPT_INSIDE = "/tmp/builder-dkms-patches.sh"
 _DEP_NAME = re.compile(r"^\s*([a-z0-9][a-z0-9+.-]+)")
 _KVER_RE = re.compile(r"[0-9][A-Za-z0-9.+~_-]*")
+# What the build root runs besides dkms and the compiler: modinfo (kmod) and find (findutils) in BUILD_SCRIPT, and
+# what dkms compresses a module with (xz-utils, zstd: the kernel's CONFIG_MODULE_COMPRESS_*). A buildd root has
+# them anyway; a package lock's --variant=apt root gets each one the lock holds (mmdebstrap_argv).
+BUILD_ROOT_TOOLS = ("kmod", "findutils", "xz-utils", "zstd")
 
 # Runs inside the build root (mmdebstrap --customize-hook, chroot): PACKAGE KVER OUTDIR KEY CERT [PATCH MATCH]...
 # (KEY and CERT '' when unsigned; each PATCH a file, for dkms-patches.sh). It always exits 0 so that the results
@@ -181,6 +189,8 @@ class ModulePlan:
     dkms: Resolved  # the dkms tool itself
     signing: str = "unsigned"  # the signing certificate's sha256, or "unsigned"
     patches: tuple[DkmsPatch, ...] = ()  # source patches DKMS applies (PATCH[] in dkms.conf)
+    # BUILD_ROOT_TOOLS the indexes list: not in the cache key (they decide no byte of the module)
+    tools: tuple[Resolved, ...] = ()
 
     def cache_key(self) -> str:
         """What decides the module's bytes: the DKMS source package and version, the kernel and its headers,
@@ -199,9 +209,11 @@ class ModulePlan:
             data["dkms_patches"] = [p.key() for p in self.patches]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:32]
 
-    def includes(self) -> tuple[str, ...]:
-        """mmdebstrap's ``--include``: every package pinned to its resolved version."""
-        return tuple(p.pin for p in (self.dkms, self.compiler, self.headers, self.dkms_package))
+    def includes(self, *, tools: bool = False) -> tuple[str, ...]:
+        """mmdebstrap's ``--include``: every package pinned to its resolved version (``tools``: and the
+        :data:`BUILD_ROOT_TOOLS` the indexes list)."""
+        return tuple(p.pin for p in (self.dkms, self.compiler, self.headers, self.dkms_package,
+                                     *(self.tools if tools else ())))
 
 
 # ---------------------------------------------------------------------------------------------- resolution (pure)
@@ -275,7 +287,8 @@ def plan_module(indexes: Sequence[LabelledIndex], dkms_package: str, *, kver: st
     compiler = resolve(indexes, compiler_of(headers), f"the compiler of the {kver} headers")
     dkms = resolve(indexes, "dkms", "the DKMS framework")
     signing = sha256_file(signing_cert) if signing_cert is not None else "unsigned"
-    return ModulePlan(source, kver, headers, compiler, dkms, signing, tuple(patches))
+    tools = tuple(t for t in (highest(indexes, name) for name in BUILD_ROOT_TOOLS) if t is not None)
+    return ModulePlan(source, kver, headers, compiler, dkms, signing, patches=tuple(patches), tools=tools)
 
 
 # ---------------------------------------------------------------------------------------------- the archives
@@ -294,6 +307,8 @@ class Sources:
     fingerprints: tuple[str, ...]
     security_fingerprints: tuple[str, ...]
     arch: str = "amd64"
+    locked: bool = False  # the package lock's view (locked_view): the build root holds only what the lock holds
+    codename: str = ""  # what -updates and -security are named after ("": the suite, as a mirror's aliases allow)
 
     @classmethod
     def of(cls, debian: DebianConfig, *, mirror: str = "", security_mirror: str = "") -> Sources:
@@ -302,24 +317,66 @@ class Sources:
                    debian.components, debian.keyring, debian.trusted_fingerprints, debian.security_fingerprints,
                    debian.arch)
 
+    def locked_view(self, keyring: Path, fingerprint: str, *, suite: str, codename: str) -> Sources:
+        """These archives as the build's gateway serves them under a package lock: all three suites are the lock's
+        view (builder/gateway/target.py), named as the lock names them — ``dists/<suite>`` (the lock's
+        ``suite``), ``<codename>-updates`` and ``<codename>-security`` (its ``codename``; the view has no
+        ``stable-updates`` alias) — and signed by the build's key alone. Verified the way apt in the target
+        verifies them then: ``keyring`` is Debian's archive keyring plus that key (the target trusts it as
+        ``KEY_FILE``), and only a signature by ``fingerprint`` (the build's key) counts, so an index the lock did
+        not make is refused rather than built against. The build root's apt gets ``keyring`` as each source's
+        ``signed-by`` (:meth:`apt_lines`), so it trusts that file for these sources and nothing else."""
+        if not keyring.is_absolute() or re.search(r"[\s\]]", str(keyring)):
+            raise HostModuleError(f"the target's keyring {keyring} cannot be an apt source's signed-by: it must be "
+                                  "an absolute path without blanks or ']'", hint="use another work directory")
+        return replace(self, suite=suite, codename=codename, keyring=keyring, fingerprints=(fingerprint,),
+                       security_fingerprints=(fingerprint,), locked=True)
+
     def archives(self) -> list[tuple[str, str, tuple[str, ...]]]:
-        """(URL, suite, accepted signers) of each archive, in apt's order."""
+        """(URL, suite, accepted signers) of each archive, in apt's order: the suite, then ``-updates`` and
+        ``-security`` of the codename (under a lock: the lock's) or else of the suite."""
+        base = self.codename or self.suite
         return [(self.mirror, self.suite, self.fingerprints),
-                (self.mirror, f"{self.suite}-updates", self.fingerprints),
-                (self.security_mirror, f"{self.suite}-security", self.security_fingerprints)]
+                (self.mirror, f"{base}-updates", self.fingerprints),
+                (self.security_mirror, f"{base}-security", self.security_fingerprints)]
 
     def apt_lines(self) -> list[str]:
-        """One-line apt sources for mmdebstrap: given a mirror, it adds no -updates or -security itself."""
+        """One-line apt sources for mmdebstrap: given a mirror, it adds no -updates or -security itself. Under a
+        lock each names the target's keyring as its ``signed-by``: apt then checks these sources with that file
+        alone (mmdebstrap's ``--keyring=FILE`` would make it apt's legacy ``trusted.gpg``, which apt warns about
+        and deprecates, and leave the host's ``trusted.gpg.d`` trusted besides)."""
         comps = " ".join(self.components)
-        return [f"deb {url} {suite} {comps}" for url, suite, _ in self.archives()]
+        opts = f"[signed-by={self.keyring}] " if self.locked else ""
+        return [f"deb {opts}{url} {suite} {comps}" for url, suite, _ in self.archives()]
 
     def hosts(self) -> list[str]:
         return list(dict.fromkeys(urllib.parse.urlsplit(url).hostname or "" for url, _, _ in self.archives()))
 
 
+def build_root_closure(indexes: Sequence[LabelledIndex], plan: ModulePlan, *, arch: str = "amd64") -> Resolution:
+    """Under a package lock: what the ``--variant=apt`` build root installs, resolved from ``indexes`` (the view's,
+    read whole) as the lock's own resolution does (:func:`builder.pkgresolve.resolve_phases`; no Recommends:
+    mmdebstrap installs none): its Essential packages, apt, the plan's packages and tools
+    (``includes(tools=True)``) and their Pre-Depends and Depends. Its ``unmet`` is what the view cannot give (one
+    relation or package each), its ``problems`` name who needs each."""
+    uni = Universe(arch)
+    for label, index in indexes:
+        for st in index.values():
+            uni.add(st, "debian", label.split("/", 1)[0], "")
+    essential = sorted(n for n, c in uni.candidates.items() if c.stanza.get("Essential") == "yes")
+    return resolve_phases(uni, [Phase("build root", (*essential, "apt", *plan.includes(tools=True)))], priorities=())
+
+
+def everything(name: str) -> bool:
+    """Every package of an index: a package lock's view is small (only what the lock holds), and the build root's
+    closure is checked against all of it (:func:`build_root_closure`)."""
+    return True
+
+
 def wanted(name: str) -> bool:
     """Whether a package can take part in a plan (the rest of an index is not kept: ~65k stanzas)."""
-    return name.startswith(("linux-image-", "linux-headers-", "gcc-")) or name.endswith("-dkms") or name == "dkms"
+    return (name.startswith(("linux-image-", "linux-headers-", "gcc-")) or name.endswith("-dkms") or name == "dkms"
+            or name in BUILD_ROOT_TOOLS)
 
 
 def load_indexes(sources: Sources, cache: ContentCache, *, stats: FetchStats | None = None,
@@ -437,9 +494,19 @@ def _user_name() -> str:
 
 def mmdebstrap_argv(plan: ModulePlan, sources: Sources, *, mode: str, script: Path, outdir: Path,
                     signing: tuple[Path, Path] | None = None, patch_script: Path | None = None) -> list[str]:
-    """The mmdebstrap command line: a buildd build root holding the plan's packages, in which ``script``
-    builds the module and whose results land in ``outdir/builder-out``; the root itself is thrown away. With
-    the plan's patches, ``patch_script`` (dkms-patches.sh) and the patch files are uploaded too."""
+    """The mmdebstrap command line: a build root holding the plan's packages, in which ``script`` builds the
+    module and whose results land in ``outdir/builder-out``; the root itself is thrown away.
+
+    Without a package lock it is a buildd root (Essential, priority required, build-essential), as a Debian
+    build chroot is. Under a lock (``sources.locked``) the gateway serves only the locked packages, and buildd's
+    build-essential, g++, libc6-dev and fakeroot are not among them (the image does not install them): the root
+    is ``--variant=apt`` (Essential and apt, which every lock holds: debian-installer installs them) with the
+    plan's packages and the :data:`BUILD_ROOT_TOOLS` the lock holds, each pinned, and their hard dependencies —
+    what the guest itself compiles with — and the view's keyring is each source's ``signed-by``, not
+    ``--keyring``. (Seeding the lock with buildd's set instead would pin packages the
+    image never installs, and break again with a ``lock --from-build`` lock, which holds only what a build
+    installed.) mmdebstrap installs no Recommends, as the NVIDIA role does not. With the plan's patches,
+    ``patch_script`` (dkms-patches.sh) and the patch files are uploaded too."""
     q = shlex.quote
     hooks = [
         # before any --include package is installed: the DKMS package's postinst must add and build nothing
@@ -474,8 +541,11 @@ def mmdebstrap_argv(plan: ModulePlan, sources: Sources, *, mode: str, script: Pa
     aptopts += [f'--aptopt=Acquire::http::Proxy::{h} "DIRECT"' for h in sources.hosts()
                 if h in ("localhost", "::1") or h.startswith("127.")]
     return [
-        "mmdebstrap", f"--mode={mode}", "--variant=buildd", f"--architectures={sources.arch}",
-        f"--keyring={sources.keyring}", f"--include={','.join(plan.includes())}",
+        "mmdebstrap", f"--mode={mode}", f"--variant={'apt' if sources.locked else 'buildd'}",
+        f"--architectures={sources.arch}",
+        # under a lock the keyring is each source's signed-by (Sources.apt_lines)
+        *([] if sources.locked else [f"--keyring={sources.keyring}"]),
+        f"--include={','.join(plan.includes(tools=sources.locked))}",
         *aptopts,
         "--dpkgopt=path-exclude=/usr/share/man/*", "--dpkgopt=path-exclude=/usr/share/locale/*",
         "--dpkgopt=path-exclude=/usr/share/doc/*",
@@ -606,7 +676,8 @@ def build_module(
             if not Path(p).is_file():
                 raise HostModuleError(f"module signing: {p} is not a file")
         signing = (Path(signing_key).resolve(), Path(signing_cert).resolve())
-    plan = plan_module(load_indexes(sources, cache, stats=stats), dkms_package, kver=kver, flavour=sources.arch,
+    indexes = load_indexes(sources, cache, stats=stats, keep=everything if sources.locked else wanted)
+    plan = plan_module(indexes, dkms_package, kver=kver, flavour=sources.arch,
                        signing_cert=signing[1] if signing else None, patches=patches)
     key = plan.cache_key()
     hit = modules.lookup(key)
@@ -623,6 +694,15 @@ def build_module(
     if cancel is not None and cancel.is_set():  # the build ended while the indexes were read
         raise HostModuleError("the host-side module build was cancelled")
     mode = mmdebstrap_mode()
+    if sources.locked:  # the view holds only what the lock holds: what the build root lacks fails here, not in apt
+        root = build_root_closure(indexes, plan, arch=sources.arch)
+        if root.unmet:
+            raise HostModuleError(
+                f"the package lock's view cannot make the build root of {plan.dkms_package.pin} for {plan.kver}: it "
+                f"lacks {', '.join(dict.fromkeys(root.unmet))}", log_tail=root.problems,
+                hint="the build root installs Essential, apt, dkms, the compiler, the headers and the DKMS package, "
+                     "with their dependencies, from the lock: refresh it (python -m builder lock IMAGE.yaml "
+                     "--update), or compile in the guest (provision.host_module: off)")
     workdir = Path(workdir)
     _remove(workdir)
     (workdir / "tmp").mkdir(parents=True, mode=0o700)
@@ -682,5 +762,5 @@ def build_module(
 
 
 __all__ = ["BUILD_SCRIPT", "HostModule", "ModuleCache", "ModulePlan", "Resolved", "Sources", "build_module",
-           "check_tarball", "compiler_of", "highest", "image_kernel", "load_indexes", "mmdebstrap_argv",
-           "mmdebstrap_mode", "plan_module"]
+           "build_root_closure", "check_tarball", "compiler_of", "highest", "image_kernel", "load_indexes",
+           "mmdebstrap_argv", "mmdebstrap_mode", "plan_module"]

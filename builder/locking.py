@@ -1,8 +1,9 @@
 """The ``lock`` verb: write, refresh and check both locks of an image.
 
 * ``IMAGE.lock.json`` (:mod:`builder.lock`): the installer's inputs;
-* ``IMAGE.packages.lock`` (:mod:`builder.pkglock`): every package the image ends up with (not with
-  ``debian.package_lock: off``).
+* ``IMAGE.packages.lock`` (:mod:`builder.pkglock`): every package the image ends up with. ``lock`` writes it
+  whatever ``debian.package_lock`` says: that setting decides whether builds use it (``off``: they do not), not
+  whether asking for a lock makes one.
 
 ``lock`` resolves both from the verified archive; ``lock --from-build DIR`` pins the packages a finished build
 installed (exact); ``lock --update`` refreshes the package lock keeping its package set (new versions, new
@@ -58,9 +59,16 @@ def write_locks(cfg: ImageConfig, *, cache: ContentCache, stats: FetchStats, emi
                                  f"root of trust): {', '.join(alone)}")
         else:
             out.lines.append(f"{cfg.lock_path.name}: unchanged")
-    if cfg.debian.package_lock == "off" and from_build is None:
-        out.lines.append("debian.package_lock is off: no package lock written")
-        return out
+    out.lines += _package_lock(cfg, cache=cache, stats=stats, emitter=emitter, from_build=from_build, update=update)
+    if cfg.debian.package_lock == "off":  # written all the same: asking for a lock is what `lock` is for
+        out.lines.append(off_note(cfg))
+    return out
+
+
+def _package_lock(cfg: ImageConfig, *, cache: ContentCache, stats: FetchStats, emitter: Emitter,
+                  from_build: Path | None, update: bool) -> list[str]:
+    """Write (or leave as it is) ``IMAGE.packages.lock``; what was done, one line each."""
+    lines: list[str] = []
     old = read_package_lock(cfg.package_lock_path) if cfg.package_lock_path.is_file() else None
     uni = load_universe(cfg, cache, stats, report=emitter.info)
     if from_build is not None:
@@ -71,16 +79,22 @@ def write_locks(cfg: ImageConfig, *, cache: ContentCache, stats: FetchStats, emi
         if old is not None and update:
             plock = _keep_method(plock, old)
     if old is not None:
-        out.lines += [f"packages: {d}" for d in differences(old, plock)]
+        lines += [f"packages: {d}" for d in differences(old, plock)]
         plock = keep_unchanged(old, plock)
         if plock is old:
-            out.lines.append(f"{cfg.package_lock_path.name}: unchanged ({len(old.packages)} packages)")
-            return out
+            return [*lines, f"{cfg.package_lock_path.name}: unchanged ({len(old.packages)} packages)"]
     write_package_lock(plock, cfg.package_lock_path)
     s = summary(plock)
-    out.lines.append(f"wrote {cfg.package_lock_path} ({s['packages']} packages, {s['bytes'] >> 20} MiB, "
-                     + ", ".join(f"{n} from {suite}" for suite, n in sorted(s["per_suite"].items())) + ")")
-    return out
+    return [*lines, f"wrote {cfg.package_lock_path} ({s['packages']} packages, {s['bytes'] >> 20} MiB, "
+            + ", ".join(f"{n} from {suite}" for suite, n in sorted(s["per_suite"].items())) + ")"]
+
+
+def off_note(cfg: ImageConfig) -> str:
+    """What to do with a package lock the image does not use yet (``debian.package_lock: off``)."""
+    where = cfg.source.name if cfg.source is not None else "the image definition"
+    return (f"debian.package_lock is off: builds do not use {cfg.package_lock_path.name}; to build with it, set "
+            f"debian.package_lock: auto (use it when it exists) or required (fail without it) in {where}, or pass "
+            "--var debian.package_lock=auto")
 
 
 def _keep_method(new: PackageLock, old: PackageLock) -> PackageLock:
@@ -101,13 +115,13 @@ def check_locks(cfg: ImageConfig, *, cache: ContentCache, stats: FetchStats, emi
     out.lines += [f"  {d}" for d in diffs]
     out.lines.append(f"{cfg.lock_path.name}: " + ("differs from the archive" if diffs else "up to date"))
     out.changed = bool(diffs)
-    if not cfg.package_lock_path.is_file():
-        if cfg.debian.package_lock != "off":
-            out.lines.append(f"{cfg.package_lock_path.name}: none (create it with: python -m builder lock IMAGE.yaml)")
-        return out
-    # a lock file that exists is checked even while the image does not use it (debian.package_lock: off): it is
-    # what turning the lock on would install
+    # a lock file is checked even while the image does not use it (debian.package_lock: off): it is what turning
+    # the lock on would install
     off = " (not in force: debian.package_lock is off)" if cfg.debian.package_lock == "off" else ""
+    if not cfg.package_lock_path.is_file():
+        out.lines.append(f"{cfg.package_lock_path.name}: none (create it with: python -m builder lock IMAGE.yaml)"
+                         + off)
+        return out
     plock = read_package_lock(cfg.package_lock_path)
     uni = load_universe(cfg, cache, stats, report=emitter.info)
     found = moved(plock, uni)

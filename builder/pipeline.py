@@ -153,7 +153,7 @@ def _base(cfg: ImageConfig, options: BuildOptions, emitter: Emitter, stack: Exit
     ctx = BuildContext(cfg, options, workdir.path, emitter, stack, diagnostics)
     stack.push(_FailureHandler(ctx, workdir))  # runs once VMs and services are stopped, before the work dir goes
     with emitter.stage("fetch"):
-        inputs = fetch.run(ctx)
+        inputs = fetch.run(ctx, images)
     with emitter.stage("prepare"):
         ctx = services.start(ctx, inputs)
         # the NVIDIA module, compiled on this host while the installer runs (one build root at a time)

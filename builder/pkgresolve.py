@@ -3,12 +3,16 @@
 The universe is the signed indexes of the suite, ``<codename>-updates`` and ``<codename>-security`` (every
 configured component, the image's architecture and ``all``); each name's candidate is its highest version
 in any of them (python-debian compares versions and parses relations); a dependency the candidate does not
-satisfy takes the highest listed version that does. The seeds are the base role's
-``base_packages`` and extras, ``installer.extra_packages``, the NVIDIA role's package set for the configured
-flavour, what debian-installer itself adds (kernel, boot loader, …: :data:`INSTALLER_PACKAGES`) and every
-package of priority required or important; the closure adds their Pre-Depends and Depends (and Recommends when
-the image installs them): for an alternative already satisfied, nothing; else the first alternative with a
-candidate that satisfies it, a real package before a virtual one, an already chosen provider before others.
+satisfy takes the highest listed version that does, and a package whose highest version needs what cannot be
+had beside the packages chosen already (a build's, at their own versions) takes the highest listed version
+that fits (:meth:`_Resolver.fits`). The seeds are the base role's ``base_packages`` and
+extras, ``installer.extra_packages``, the NVIDIA role's package set of every variant the image declares (each
+may pick another driver flavour), what debian-installer itself adds (kernel, boot loader, …:
+:data:`INSTALLER_PACKAGES`) and every package of priority required or important; the closure adds their
+Pre-Depends and Depends (and Recommends where the target follows them: :func:`install_phases`, step by
+step as the target installs, :func:`resolve_phases`): for an alternative already satisfied,
+nothing; else the first alternative with a candidate that satisfies it, a real package before a virtual one, an
+already chosen provider before others.
 
 This is apt's choice for a fresh install in all but corner cases (Conflicts are not solved). The exact set is
 what a finished build installed: ``lock --from-build OUTPUT_DIR`` (:func:`lock_from_build`).
@@ -31,7 +35,7 @@ from debian.debian_support import version_compare
 from .archive.cache import ContentCache
 from .archive.client import Archive
 from .archive.http import FetchStats
-from .config import ImageConfig, install_packages
+from .config import BASE_ROLE, ImageConfig, install_packages, seed_packages
 from .errors import ConfigError, FetchError, LockError
 from .pkglock import ForeignPackage, PackageLock, PackagePin, SignedIndex, pin_from_stanza
 
@@ -49,6 +53,27 @@ INSTALLER_PACKAGES = (
     "keyboard-configuration",
 )
 PRIORITIES = ("required", "important")
+
+
+def installer_installs(cfg: ImageConfig) -> tuple[str, ...]:
+    """What debian-installer installs on every install of ``cfg`` besides the seeds, whatever the machine
+    (each is in :data:`INSTALLER_PACKAGES`): base-installer's kernel (``base-installer/kernel/image``), pkgsel's
+    ``popularity-contest`` (purged again: ``popularity-contest/participate`` is false), grub-installer's boot
+    loader for the firmware the install VM boots (:attr:`~builder.config.ImageConfig.build_firmware`:
+    ``grub-pc`` under BIOS, which the late_command of a hybrid disk purges again; ``grub-efi-amd64`` under UEFI),
+    and what preseed/late.cfg.j2's late_command installs for ``disk.boot`` (a hybrid disk installed under BIOS
+    gets grub-efi-amd64, gdisk and mokutil; a hybrid disk grub-cloud-amd64; a uefi disk shim-signed and
+    grub-efi-amd64-signed). Under a package lock without one of them the build fails inside the installer."""
+    boot, firmware = cfg.disk.boot, cfg.build_firmware
+    out = [f"linux-image-{cfg.debian.arch}", "popularity-contest",
+           "grub-pc" if firmware == "bios" else "grub-efi-amd64"]
+    if boot == "hybrid" and firmware == "bios":
+        out += ["grub-efi-amd64", "gdisk", "mokutil"]
+    if boot == "hybrid":
+        out.append("grub-cloud-amd64")
+    elif boot == "uefi":
+        out += ["shim-signed", "grub-efi-amd64-signed"]
+    return tuple(dict.fromkeys(out))
 _PRIORITY_RANK = {"required": 0, "important": 1, "standard": 2, "optional": 3, "extra": 4}
 NVIDIA_ROLE = "nvidia-gpu-drivers"
 
@@ -185,26 +210,90 @@ def _role_vars(cfg: ImageConfig, role: str) -> dict[str, Any]:
 
 
 def nvidia_packages(cfg: ImageConfig) -> tuple[str, ...]:
-    """What the NVIDIA role installs from Debian for the configured source and flavour (none for NVIDIA's
-    repository, which is not a Debian archive and not locked)."""
+    """What the NVIDIA role installs from Debian for the configured source and flavour. ``nvidia_driver_source:
+    debian``: ``roles/nvidia-gpu-drivers/tasks/install.yml``'s ``_nvidia_packages`` (dkms, the flavour's DKMS
+    package and user space, ``nvidia_extra_packages``) and CUDA when asked. ``nvidia``: the driver comes from
+    NVIDIA's repository (not a Debian archive, not locked), but ``nvidia_repo.yml`` installs ca-certificates and
+    gpg from Debian to fetch and check its key, and ``_nvidia_packages`` names dkms. Either way the headers
+    metapackage (``prerequisites.yml``) and openssl when ``secure_boot`` gives a signing key
+    (``signing.yml``)."""
     v = _role_vars(cfg, NVIDIA_ROLE)
-    if not v or v.get("nvidia_driver_source", "debian") != "debian":
+    source = v.get("nvidia_driver_source", "debian") if v else None
+    if source == "debian":
+        flavor = (v.get("nvidia_debian_flavors") or {}).get(v.get("nvidia_driver_flavor", "current"))
+        if not isinstance(flavor, dict):
+            return ()
+        out = ["dkms", flavor.get("dkms_package", ""), *flavor.get("packages", []),
+               *v.get("nvidia_extra_packages", [])]
+        if v.get("nvidia_install_cuda"):
+            out += list(v.get("nvidia_debian_cuda_packages", []))
+    elif source == "nvidia":
+        out = ["ca-certificates", "gpg", "dkms"]
+    else:
         return ()
-    flavor = (v.get("nvidia_debian_flavors") or {}).get(v.get("nvidia_driver_flavor", "current"))
-    if not isinstance(flavor, dict):
-        return ()
-    out = ["dkms", flavor.get("dkms_package", ""), *flavor.get("packages", []), *v.get("nvidia_extra_packages", [])]
-    if v.get("nvidia_install_cuda"):
-        out += list(v.get("nvidia_debian_cuda_packages", []))
     if v.get("nvidia_install_headers_metapackage", True):
         out.append("linux-headers-amd64")
+    if cfg.signing_paths is not None:
+        out.append("openssl")
     return tuple(dict.fromkeys(p for p in out if isinstance(p, str) and p))
+
+
+def provisioned(cfg: ImageConfig) -> dict[str, ImageConfig]:
+    """Every configuration a build of the image provisions, by variant name: each variant's (``provision.*``
+    may pick another driver flavour), or the image's own under "" when it declares none (an image with
+    variants is built as its variants)."""
+    return {name: cfg.variant(name) for name in cfg.variants} or {"": cfg}
+
+
+def image_packages(cfg: ImageConfig) -> tuple[str, ...]:
+    """What one configuration installs from Debian by name: the installer's packages and, when it provisions,
+    the NVIDIA role's."""
+    return tuple(dict.fromkeys([*install_packages(cfg), *(nvidia_packages(cfg) if cfg.provision.enabled else ())]))
+
+
+def required_seeds(cfg: ImageConfig) -> tuple[str, ...]:
+    """The seeds that must resolve: :func:`image_packages` of every variant, in order (duplicates dropped)."""
+    return tuple(dict.fromkeys(p for c in provisioned(cfg).values() for p in image_packages(c)))
 
 
 def seeds(cfg: ImageConfig) -> tuple[str, ...]:
     """The seed list of the closure, in order (duplicates dropped)."""
-    pkgs = [*install_packages(cfg), *(nvidia_packages(cfg) if cfg.provision.enabled else ()), *INSTALLER_PACKAGES]
-    return tuple(dict.fromkeys(pkgs))
+    return tuple(dict.fromkeys([*required_seeds(cfg), *INSTALLER_PACKAGES]))
+
+
+def seed_spec(spec: str) -> tuple[str, str]:
+    """The name and version of a seed, ``name`` (version "": any) or ``name=version`` (that one)."""
+    name, _, version = spec.partition("=")
+    return name, version
+
+
+def _lacks(lock: PackageLock, specs: Iterable[str]) -> list[str]:
+    """The seeds of ``specs`` that ``lock`` does not hold (a ``name=version`` seed: not at that version)."""
+    held = {p.name: p.version for p in lock.packages}
+    out = []
+    for spec in specs:
+        name, version = seed_spec(spec)
+        if name not in held or (version and held[name] != version):
+            out.append(spec)
+    return out
+
+
+def lock_gaps(lock: PackageLock, images: Mapping[str, ImageConfig]) -> dict[str, list[str]]:
+    """Per configuration of ``images`` (variant name → its config), the packages it installs that ``lock`` does
+    not hold (a ``name=version`` seed: not at that version); only those with gaps."""
+    out: dict[str, list[str]] = {}
+    for name, icfg in images.items():
+        gaps = _lacks(lock, image_packages(icfg))
+        if gaps:
+            out[name] = gaps
+    return out
+
+
+def installer_gaps(lock: PackageLock, cfg: ImageConfig) -> list[str]:
+    """What debian-installer installs on every install of ``cfg`` (:func:`installer_installs`) that ``lock`` does
+    not hold: a lock made from a build before completion existed lacks popularity-contest and, for a hybrid disk
+    installed under BIOS, grub-pc (both installed and removed again during the install)."""
+    return _lacks(lock, installer_installs(cfg))
 
 
 # ---------------------------------------------------------------------------------------------- resolution
@@ -216,19 +305,35 @@ class Resolution:
     why: dict[str, str] = field(default_factory=dict)  # name -> what pulled it in
     problems: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # optional seeds the indexes do not have
+    # what no listed package gives, one each problem: a hard relation ("cpp-14 (= 14.2.0-19)") or a seed
+    unmet: list[str] = field(default_factory=list)
 
 
-def _relations(stanza: Mapping[str, str], recommends: bool) -> list[list[dict[str, Any]]]:
-    out: list[list[dict[str, Any]]] = []
+def _relations(stanza: Mapping[str, str], recommends: bool) -> list[tuple[list[dict[str, Any]], bool]]:
+    """Each relation group to satisfy, and whether it is hard (Pre-Depends, Depends) rather than a Recommends."""
+    out: list[tuple[list[dict[str, Any]], bool]] = []
     for fname in ("Pre-Depends", "Depends", *(("Recommends",) if recommends else ())):
-        out += _parse(stanza.get(fname, ""))
+        out += [(group, fname != "Recommends") for group in _parse(stanza.get(fname, ""))]
     return out
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One step of a build that installs packages with apt: what it names (``optional``: skipped when no index
+    lists them) and whether apt follows Recommends there. As in apt, Recommends count for what the step newly
+    installs only (a package installed before keeps its missing Recommends missing), and one nothing satisfies
+    is left out, not an error."""
+
+    what: str
+    seeds: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
+    recommends: bool = False
 
 
 class _Resolver:
     def __init__(self, uni: Universe, recommends: bool) -> None:
         self.uni = uni
-        self.recommends = recommends
+        self.recommends = recommends  # of the phase being closed
         self.res = Resolution()
         self.queue: list[str] = []
 
@@ -242,19 +347,39 @@ class _Resolver:
                 return True
         return False
 
-    def choose(self, alt: Mapping[str, Any]) -> Candidate | None:
+    def _providers(self, alt: Mapping[str, Any]) -> list[tuple[str, str | None]]:
+        rel = alt.get("version")
+        return [(p, v) for p, v in self.uni.provides.get(alt["name"], ())
+                if rel is None or (v is not None and satisfies(v, rel))]
+
+    def _versions(self, alt: Mapping[str, Any]) -> list[Candidate]:
+        """Every listed version of the alternative's package that satisfies it, highest first; none when the
+        package is selected already (at a version that does not: one name, one version)."""
         name, rel = alt["name"], alt.get("version")
-        cand = self.uni.candidates.get(name)
-        if cand is not None and satisfies(cand.version, rel):
-            return cand
         if name in self.res.selected:
-            return None  # chosen at another version already (a conflict apt would report too)
-        older = sorted((c for c in self.uni.versions.get(name, ()) if satisfies(c.version, rel)),
-                       key=functools.cmp_to_key(_by_version))
-        if older:  # e.g. an "=" dependency of a package locked below its candidate
-            return older[-1]
-        providers = [(p, v) for p, v in self.uni.provides.get(name, ())
-                     if rel is None or (v is not None and satisfies(v, rel))]
+            return []
+        return sorted((c for c in self.uni.versions.get(name, ()) if satisfies(c.version, rel)),
+                      key=functools.cmp_to_key(_by_version), reverse=True)
+
+    def _blocked(self, group: list[dict[str, Any]]) -> bool:
+        """Whether nothing can satisfy a relation group beside what is selected: no alternative is satisfied,
+        and none names a package that could still come in at a version it takes (or a provider)."""
+        return not any(self.satisfied(alt) or self._versions(alt)
+                       or any(p not in self.res.selected for p, _ in self._providers(alt)) for alt in group)
+
+    def fits(self, cand: Candidate) -> bool:
+        """Whether ``cand``'s hard dependencies (Pre-Depends, Depends) can all hold beside what is selected (a
+        build's packages, at their own versions)."""
+        return not any(self._blocked(group) for group, _ in _relations(cand.stanza, False))
+
+    def choose(self, alt: Mapping[str, Any]) -> Candidate | None:
+        """The candidate that satisfies one alternative: the highest listed version that satisfies it and whose
+        hard dependencies fit what is selected (:meth:`fits`; none fits: the highest, whose closure then names
+        what stands in its way), else a provider (one already chosen first)."""
+        versions = self._versions(alt)
+        if versions:  # e.g. an "=" dependency of a package locked below its candidate takes an older one
+            return next((c for c in versions if self.fits(c)), versions[0])
+        providers = self._providers(alt)
         if not providers:
             return None
         chosen = [p for p, _ in providers if p in self.res.selected]
@@ -272,55 +397,123 @@ class _Resolver:
             self.queue.append(name)
 
     def seed(self, spec: str, *, required: bool) -> None:
-        name, _, version = spec.partition("=")
+        name, version = seed_spec(spec)
+        sel = self.res.selected.get(name)
         if version:
             cand = self.uni.find(name, version)
             if cand is None:
                 self.res.problems.append(f"seed {spec}: no signed index lists {name} {version}")
-                return
-        else:
-            cand = self.choose({"name": name, "version": None})
-            if cand is None:
-                if required:
-                    self.res.problems.append(f"seed {name}: no signed index lists it")
-                else:
-                    self.res.skipped.append(name)
-                return
-        self.select(cand, "seed")
+                self.res.unmet.append(spec)
+            elif sel is not None and sel.version != version:
+                self.res.problems.append(f"seed {spec}: {self._held([name])}")
+            else:
+                self.select(cand, "seed")
+            return
+        if sel is not None:
+            return
+        found = self.choose({"name": name, "version": None})
+        if found is None:
+            if required:
+                self.res.problems.append(f"seed {name}: no signed index lists it")
+                self.res.unmet.append(name)
+            else:
+                self.res.skipped.append(name)
+            return
+        self.select(found, "seed")
+
+    def _held(self, names: Iterable[str]) -> str:
+        """What is selected of ``names`` already: "the build has a 1, b 2" (a build's), "the lock takes c 3"."""
+        whose: dict[str, list[str]] = {}
+        for n in names:
+            who = "the build has" if self.res.why.get(n) == "build" else "the lock takes"
+            whose.setdefault(who, []).append(f"{n} {self.res.selected[n].version}")
+        return " and ".join(f"{who} {', '.join(held)}" for who, held in whose.items())
 
     def close(self) -> None:
+        """Add the dependencies of everything queued, and theirs; a hard one nothing can satisfy is a problem,
+        named with what stands in its way (the version selected already), once."""
         while self.queue:
             name = self.queue.pop(0)
             stanza = self.res.selected[name].stanza
-            for group in _relations(stanza, self.recommends):
+            for group, hard in _relations(stanza, self.recommends):
                 if any(self.satisfied(alt) for alt in group):
                     continue
-                for alt in group:
-                    cand = self.choose(alt)
-                    if cand is not None:
-                        self.select(cand, name)
-                        break
-                else:
-                    text = " | ".join(alt["name"] + (f" ({alt['version'][0]} {alt['version'][1]})"
-                                                     if alt.get("version") else "") for alt in group)
-                    self.res.problems.append(f"{name} {stanza['Version']} depends on {text}: nothing satisfies it")
+                cand = next((c for c in map(self.choose, group) if c is not None), None)
+                if cand is not None:
+                    self.select(cand, name)
+                elif hard:  # a Recommends nothing satisfies: apt leaves it out
+                    held = [alt["name"] for alt in group if alt["name"] in self.res.selected]
+                    self.res.unmet.append(_group_text(group))
+                    self.res.problems.append(f"{name} {stanza['Version']} depends on {_group_text(group)}"
+                                             + (f", but {self._held(held)}" if held else ": nothing satisfies it"))
+
+
+def _group_text(group: list[dict[str, Any]]) -> str:
+    return " | ".join(alt["name"] + (f" ({alt['version'][0]} {alt['version'][1]})" if alt.get("version") else "")
+                      for alt in group)
 
 
 def resolve(uni: Universe, seed_list: Iterable[str], *, optional: Iterable[str] = (), recommends: bool = False,
             priorities: Iterable[str] = PRIORITIES) -> Resolution:
-    """The closure of ``seed_list`` (each must exist), ``optional`` seeds (skipped when absent) and every
-    candidate of the given priorities."""
-    r = _Resolver(uni, recommends)
+    """The closure of every candidate of the given priorities (as debootstrap installs them: no Recommends),
+    then of ``seed_list`` (each must exist) and ``optional`` seeds (skipped when absent), in one step."""
+    return resolve_phases(uni, [Phase("seeds", tuple(seed_list), tuple(optional), recommends)], priorities=priorities)
+
+
+def resolve_phases(uni: Universe, phases: Iterable[Phase], *, priorities: Iterable[str] = PRIORITIES,
+                   kept: Iterable[Candidate] = ()) -> Resolution:
+    """What the target has after ``phases``, one after the other: first every candidate of the given priorities
+    (debootstrap: without Recommends), then each phase's seeds with its own closure. ``kept``: packages taken as
+    installed before any of it (a build's: they satisfy what they can at their own version)."""
+    r = _Resolver(uni, False)
+    for cand in kept:
+        r.res.selected[cand.stanza["Package"]] = cand
+        r.res.why[cand.stanza["Package"]] = "build"
     prio = set(priorities)
     for name in sorted(uni.candidates):
-        if uni.candidates[name].stanza.get("Priority") in prio:
-            r.select(uni.candidates[name], "priority")
-    for spec in seed_list:
-        r.seed(spec, required=True)
-    for spec in optional:
-        r.seed(spec, required=False)
+        if uni.candidates[name].stanza.get("Priority") in prio and name not in r.res.selected:
+            found = r.choose({"name": name, "version": None})
+            if found is not None:
+                r.select(found, "priority")
     r.close()
+    for phase in phases:
+        r.recommends = phase.recommends
+        for spec in phase.seeds:
+            r.seed(spec, required=True)
+        for spec in phase.optional:
+            r.seed(spec, required=False)
+        r.close()
     return r.res
+
+
+def install_phases(cfg: ImageConfig, *, extra: Iterable[str] = (), have: Iterable[str] = ()) -> list[Phase]:
+    """The steps of a build that install from the archive after debootstrap, as the target runs them, with
+    their Recommends: debian-installer (base-installer's kernel, pkgsel's seeds, the boot loaders:
+    ``installer.install_recommends``, which the preseed gives base-installer/install-recommends and apt-install
+    follows), then the base role of each variant whose own base role (a ``provision.roles_path`` of its own)
+    names packages the installer did not install (``base_packages + base_extra_packages``, with that variant's
+    ``base_install_recommends``, as the role's apt task passes it), then the NVIDIA role of every variant
+    (``install_recommends: false`` on each of its apt tasks). The image's own base role installs nothing new: its
+    packages are the installer's seeds, installed already, and Ansible's apt module runs apt only for what is
+    not installed, so its ``base_install_recommends`` adds nothing. ``extra``: more optional seeds, in a last step
+    without Recommends (a refreshed lock's names). ``have``: names installed already (a build's), left out of the
+    seeds."""
+    skip = set(have)
+    seeded = install_packages(cfg)
+    installed = {seed_spec(p)[0] for p in seeded}
+    phases = [Phase("debian-installer", tuple(p for p in seeded if seed_spec(p)[0] not in skip),
+                    tuple(p for p in INSTALLER_PACKAGES if p not in skip), cfg.installer.install_recommends)]
+    by_base: set[str] = set()
+    for name, vcfg in provisioned(cfg).items():
+        own = tuple(p for p in seed_packages(vcfg) if seed_spec(p)[0] not in installed | skip)
+        if own:
+            phases.append(Phase(f"{BASE_ROLE} ({name})" if name else BASE_ROLE, own,
+                                recommends=_role_vars(vcfg, BASE_ROLE).get("base_install_recommends") is True))
+            by_base.update(own)
+    nvidia = tuple(p for p in required_seeds(cfg)
+                   if p not in seeded and p not in by_base and seed_spec(p)[0] not in skip)
+    return [*phases, Phase(NVIDIA_ROLE, nvidia),
+            *([Phase("the lock's own", (), tuple(p for p in extra if p not in skip))] if extra else [])]
 
 
 def now_utc() -> str:
@@ -340,14 +533,14 @@ def resolve_package_lock(cfg: ImageConfig, uni: Universe, *, extra_seeds: Iterab
     """The package lock of ``cfg`` from the verified indexes: the closure of the seeds (and ``extra_seeds``,
     e.g. the names of the lock being refreshed)."""
     say = report or (lambda m: log.info("%s", m))
-    must = [*install_packages(cfg), *(nvidia_packages(cfg) if cfg.provision.enabled else ())]
+    must = list(required_seeds(cfg))
     optional = [*INSTALLER_PACKAGES, *extra_seeds]
     t0 = time.monotonic()
-    res = resolve(uni, must, optional=optional, recommends=cfg.installer.install_recommends)
+    res = resolve_phases(uni, install_phases(cfg, extra=extra_seeds))
     if res.problems:
         raise LockError(f"cannot resolve the image's packages from the signed indexes ({len(res.problems)} "
                         "problems)", log_tail=res.problems, hint="check the seed lists (base_packages, "
-                        "installer.extra_packages, the NVIDIA role's flavour) and the mirror")
+                        "installer.extra_packages, the NVIDIA role's flavour of each variant) and the mirror")
     say(f"resolved {len(res.selected)} packages in {time.monotonic() - t0:.1f} s"
         + (f"; not in the indexes (skipped): {', '.join(res.skipped)}" if res.skipped else ""))
     codename = uni.indexes[0].codename if uni.indexes else cfg.debian.suite
@@ -375,16 +568,44 @@ def read_packages_txt(path: Path) -> list[tuple[str, str]]:
     return out
 
 
+def build_packages(output_dir: Path) -> tuple[list[tuple[str, str]], list[Path]]:
+    """(name, version) of what the build in ``output_dir`` installed, and the files read: its packages.txt, or,
+    for the output directory of a build of variants (one directory per variant), every variant's, merged (they
+    share one installed disk and one archive; a package at two versions is an error)."""
+    own = output_dir / "packages.txt"
+    files = [own] if own.is_file() else sorted(output_dir.glob("*/packages.txt"))
+    if not files:
+        return read_packages_txt(own), [own]  # the error that names it
+    merged: dict[str, str] = {}
+    clash = []
+    for f in files:
+        for name, version in read_packages_txt(f):
+            if merged.setdefault(name, version) != version:
+                clash.append(f"{name}: {merged[name]} and {version} ({f.parent.name})")
+    if clash:
+        raise LockError(f"the builds in {output_dir} installed {len(clash)} packages at different versions: they are "
+                        "not one build", log_tail=clash, hint="lock from one build's output directory")
+    return list(merged.items()), files
+
+
 def lock_from_build(cfg: ImageConfig, uni: Universe, output_dir: Path, *,
                     report: Report | None = None) -> PackageLock:
-    """The package lock of exactly what the build in ``output_dir`` installed (its packages.txt)."""
+    """The package lock of exactly what the build in ``output_dir`` installed (its packages.txt, or every
+    variant's: :func:`build_packages`), completed with what a build of the image installs besides: the packages
+    of the variants that build did not make (a build of ``--only current`` has no other flavour's driver) and what
+    debian-installer installs and removes again before the end (``popularity-contest``, which pkgsel installs and
+    purges; ``grub-pc`` of a BIOS install of a hybrid disk), resolved from the signed indexes on top of the
+    build's packages (:data:`INSTALLER_PACKAGES`, :func:`required_seeds`). Without them the target's view would
+    lack what a build asks for, and that build would fail."""
     say = report or (lambda m: log.info("%s", m))
-    installed = read_packages_txt(Path(output_dir) / "packages.txt")
-    pins, foreign, gone = [], [], []
+    output_dir = Path(output_dir)
+    installed, files = build_packages(output_dir)
+    kept: list[Candidate] = []
+    foreign, gone = [], []
     for name, version in installed:
         cand = uni.find(name, version)
         if cand is not None:
-            pins.append(cand.pin())
+            kept.append(cand)
         elif name in uni.versions:
             now = ", ".join(sorted({c.version for c in uni.versions[name]}))
             gone.append(f"{name} {version} (the indexes list {now})")
@@ -397,10 +618,37 @@ def lock_from_build(cfg: ImageConfig, uni: Universe, output_dir: Path, *,
                              "IMAGE.yaml) or rebuild first")
     if foreign:
         say(f"not from the Debian archive (not locked): {', '.join(f.name for f in foreign)}")
-    say(f"pinned the {len(pins)} packages of {output_dir}/packages.txt")
+    added = complete(uni, kept, install_phases(cfg, have=[name for name, _ in installed]))
+    where = ", ".join(str(f) for f in files)
+    say(f"pinned the {len(kept)} packages of {where}"
+        + (f"; added {len(added)} that a build installs besides (other variants, debian-installer's own): "
+           f"{', '.join(sorted(added))}" if added else ""))
+    notes = (f"resolved from the signed indexes besides what the build kept ({len(added)}): other variants' packages "
+             "and what debian-installer (debootstrap too) installs and removes during a build: "
+             f"{' '.join(sorted(added))}",) if added else ()
     codename = uni.indexes[0].codename if uni.indexes else cfg.debian.suite
-    return _lock_of(uni, pins, codename=codename, cfg=cfg, method="build",
-                    seed_list=(f"packages.txt of a build ({len(installed)} packages)",), foreign=tuple(foreign))
+    return _lock_of(uni, [c.pin() for c in [*kept, *added.values()]], codename=codename, cfg=cfg, method="build",
+                    seed_list=(f"packages.txt of a build ({len(installed)} packages)", *sorted(added)),
+                    foreign=tuple(foreign), notes=notes)
+
+
+def complete(uni: Universe, kept: Iterable[Candidate], phases: Iterable[Phase]) -> dict[str, Candidate]:
+    """What a build's ``phases`` (and debootstrap's priority packages) add to ``kept`` (the build's packages,
+    taken as installed: they satisfy what they can at their own version). Each added package takes the highest
+    listed version whose hard dependencies fit beside the kept ones (the archive may have moved on since the
+    build: its newest grub-pc may need a newer grub-common than the build has, an older listed one not). When
+    no listed version fits, each dependency in the way is an error, as it would be for apt in the target."""
+    kept = list(kept)
+    before = {c.stanza["Package"] for c in kept}
+    res = resolve_phases(uni, phases, kept=kept)
+    added = {n: c for n, c in res.selected.items() if n not in before}
+    problems = res.problems
+    if problems:
+        raise LockError(f"cannot add what the other variants and debian-installer need to that build's packages "
+                        f"({len(problems)} problems)", log_tail=problems,
+                        hint="the archive moved on since that build: rebuild every variant, or lock from the "
+                             "archive (python -m builder lock IMAGE.yaml)")
+    return added
 
 
 # ---------------------------------------------------------------------------------------------- check
@@ -441,5 +689,7 @@ def moved(lock: PackageLock, uni: Universe) -> list[Moved]:
     return out
 
 
-__all__ = ["INSTALLER_PACKAGES", "Moved", "Universe", "load_universe", "lock_from_build", "moved", "resolve",
-           "resolve_package_lock", "seeds"]
+__all__ = ["INSTALLER_PACKAGES", "Moved", "Phase", "Universe", "build_packages", "complete", "image_packages",
+           "install_phases", "installer_gaps", "installer_installs", "load_universe", "lock_from_build", "lock_gaps",
+           "moved", "provisioned", "required_seeds", "resolve", "resolve_package_lock", "resolve_phases", "seed_spec",
+           "seeds"]

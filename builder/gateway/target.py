@@ -3,9 +3,10 @@
 The gateway serves the installed system (debootstrap, base-installer, pkgsel, apt in the build VM) not the
 mirror's ``dists/`` but suites that list exactly the locked packages: ``dists/<suite>`` lists every one (the
 base system and all its updates come from there, so debootstrap already installs the locked versions), and
-``<codename>-updates`` and ``<codename>-security`` are empty, so nothing newer appears. Each stanza is the
-locked .deb's own control file (its sha256 is the lock's pin) with the index's Priority and Section recorded in
-the lock and the pinned Filename, Size and SHA256. The Release keeps the upstream suite's Origin, Label, Suite,
+``<codename>-updates`` and ``<codename>-security`` are empty, so nothing newer appears; each component has its
+``binary-<arch>/Release`` too (choose-mirror checks it). Each stanza is the locked .deb's own control file (its
+sha256 is the lock's pin) with the index's Priority and Section recorded in the lock and the pinned Filename,
+Size and SHA256. The Release keeps the upstream suite's Origin, Label, Suite,
 Codename, Version and Date as the lock recorded them (apt refuses a Release whose identity changes), so the
 view is a function of the lock alone; it is signed by the build's ephemeral key, which the target trusts for
 the build only (see docs/package-lock.md).
@@ -57,9 +58,21 @@ def view_stanza(control: Mapping[str, str], pin: PackagePin) -> str:
     return format_stanza(fields)
 
 
+def component_release(release: ReleaseFields, component: str, arch: str) -> bytes:
+    """``dists/<suite>/<component>/binary-<arch>/Release``, as Debian's archive has it (without Acquire-By-Hash:
+    the view serves no by-hash paths). debian-installer's choose-mirror reads its Architecture to accept the
+    mirror for the installer's architecture; without it, it falls through to another mirror (offline: none)."""
+    lines = [("Archive", release.suite), ("Origin", release.origin), ("Label", release.label),
+             *((("Version", release.version),) if release.version else ()), ("Component", component),
+             ("Architecture", arch)]
+    return "".join(f"{k}: {v}\n" for k, v in lines).encode()
+
+
 def suite_view(stanzas: Iterable[tuple[PackagePin, str]], *, release: ReleaseFields, date: str,
                components: Sequence[str], arch: str, prefix: str, suite: str) -> SuiteView:
-    """One suite: a Packages index per component (arch-all packages in binary-<arch>, as Debian does)."""
+    """One suite: a Packages index per component (arch-all packages in binary-<arch>, as Debian does) and its
+    per-component Release (:func:`component_release`), all listed with size and SHA256 in the suite's
+    Release."""
     per: dict[str, list[str]] = {c: [] for c in components}
     for pin, text in sorted(stanzas, key=lambda ps: (ps[0].name, ps[0].architecture)):
         if pin.component not in per:
@@ -70,6 +83,7 @@ def suite_view(stanzas: Iterable[tuple[PackagePin, str]], *, release: ReleaseFie
     for comp in components:
         body = ("\n\n".join(per[comp]) + "\n").encode() if per[comp] else b""
         files.update(index_variants(f"{comp}/binary-{arch}/Packages", body))
+        files[f"{comp}/binary-{arch}/Release"] = component_release(release, comp, arch)
     header = [("Origin", release.origin), ("Label", release.label), ("Suite", release.suite),
               ("Codename", release.codename)]
     if release.version:
@@ -107,4 +121,5 @@ def view_pins(lock: PackageLock) -> dict[str, tuple[str, int, str]]:
     return {f"debian/{p.filename}": (p.sha256, p.size, f"{p.archive}/{p.filename}") for p in lock.packages}
 
 
-__all__ = ["KEY_FILE", "ReleaseFields", "SuiteView", "suite_view", "target_views", "view_pins", "view_stanza"]
+__all__ = ["KEY_FILE", "ReleaseFields", "SuiteView", "component_release", "suite_view", "target_views", "view_pins",
+           "view_stanza"]

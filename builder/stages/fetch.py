@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import lzma
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,6 +31,7 @@ from ..installer import efi, netboot
 from ..lock import UDEB_INDEX, FilePin, Lock, UdebOverride, read_lock, resolve_lock
 from ..pkgfetch import TargetInputs, package_lock_in_force, target_inputs
 from ..pkglock import PackageLock
+from ..pkgresolve import installer_gaps, lock_gaps
 
 if TYPE_CHECKING:
     from ..context import BuildContext
@@ -287,17 +289,43 @@ def _netboot_images(cfg: ImageConfig, lock: Lock, main: Archive, cache: ContentC
     return kernel, initrd
 
 
-__all__ = ["UDEB_INDEX", "InstallerInputs", "fetch_inputs"]
+__all__ = ["UDEB_INDEX", "InstallerInputs", "check_lock_covers", "fetch_inputs"]
 
 
-def run(ctx: BuildContext) -> InstallerInputs:
-    """The stage: the verified installer inputs of ``ctx.config`` (from the cache when it has them)."""
+def check_lock_covers(cfg: ImageConfig, plock: PackageLock, images: Mapping[str, ImageConfig]) -> None:
+    """LockError naming every package the build installs that the package lock in force does not hold: what
+    debian-installer installs on every install of ``cfg`` (the one install the variants share:
+    :func:`~builder.pkgresolve.installer_installs`), then, per variant of ``images`` (name → config; "" the
+    image itself), its seeds and NVIDIA packages. Under the lock the target sees only locked packages, so the
+    install or provisioning would fail on them, an hour into the build."""
+    installer = installer_gaps(plock, cfg)
+    gaps = lock_gaps(plock, images)
+    if not installer and not gaps:
+        return
+    firmware = "BIOS" if cfg.build_firmware == "bios" else "UEFI"
+    parts = ([f"debian-installer installs {', '.join(installer)} (disk.boot {cfg.disk.boot}, installed under "
+              f"{firmware})"] if installer else [])
+    parts += [f"{f'variant {name}' if name else cfg.name} installs {', '.join(pkgs)}" for name, pkgs in gaps.items()]
+    raise LockError(f"the package lock {cfg.package_lock_path.name} lacks packages the build needs: "
+                    + "; ".join(parts),
+                    hint="python -m builder lock IMAGE.yaml --update adds them (the lock is seeded with every "
+                         "variant's packages and what debian-installer installs), as does lock --from-build; or "
+                         "build without the lock (debian.package_lock: off)")
+
+
+def run(ctx: BuildContext, images: Mapping[str, ImageConfig] | None = None) -> InstallerInputs:
+    """The stage: the verified installer inputs of ``ctx.config`` (from the cache when it has them). ``images``:
+    the configurations the build provisions (variant name → config; default: the image itself), whose packages
+    the package lock in force must hold (checked first, before anything is fetched)."""
     cfg = ctx.config
-    if ctx.options.offline and package_lock_in_force(cfg) is None:
+    plock = package_lock_in_force(cfg)
+    if ctx.options.offline and plock is None:
         raise LockError("an offline build needs a package lock: without one, what the target installs is not known "
                         f"in advance, and the mirror is not there to ask ({cfg.package_lock_path.name})",
                         hint="online, run: python -m builder lock IMAGE.yaml, then: python -m builder fetch "
                              "IMAGE.yaml --all")
+    if plock is not None:
+        check_lock_covers(cfg, plock, images if images is not None else {"": cfg})
     inputs = fetch_inputs(cfg, ctx.cache, ctx.stats, ctx.emitter, packages=True, offline=ctx.options.offline)
     if inputs.target is not None:
         t = inputs.target.lock

@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import dkmspatches
-from ..archive.cache import ContentCache
+from ..archive.cache import ContentCache, atomic_write
 from ..config import ImageConfig, read_role_yaml, role_file
 from ..dkmspatches import DkmsPatch
 from ..errors import HostModuleError
+from ..gateway.signing import combined_keyring
 from ..hostmodule import HostModule, Sources, build_module
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ NVIDIA_ROLE = "nvidia-gpu-drivers"
 TARBALL_VAR = "nvidia_dkms_tarball"  # the role's variable: the prebuilt module's tarball on the controller
 REPORT_VAR = "nvidia_module_report"  # the role's variable: where it records what it did
 NICENESS = 10  # the build root yields the CPU to the installer VM it runs beside
+TARGET_KEYRING = "target-apt-keyring.gpg"  # in the work directory: what apt in the target trusts under a lock
 
 
 def role_vars(cfg: ImageConfig) -> dict[str, Any] | None:
@@ -261,9 +263,20 @@ def gateway_client_cache(ctx: BuildContext) -> ContentCache:
 
 
 def gateway_sources(ctx: BuildContext) -> Sources:
-    """The image's archives as the build's gateway serves them on this host."""
+    """The image's archives as the build's gateway serves them on this host. Under a package lock the gateway
+    serves the lock's view, signed by the build's key: verified, as apt in the target verifies it, with Debian's
+    keyring plus that key (written once to the work directory), under the suite names the view has (the lock's
+    suite, its codename's -updates and -security), and the build root holds only locked packages."""
     gw = ctx.gateway
-    return Sources.of(ctx.config.debian, mirror=gw.url("debian"), security_mirror=gw.url("debian-security"))
+    sources = Sources.of(ctx.config.debian, mirror=gw.url("debian"), security_mirror=gw.url("debian-security"))
+    services = ctx.services
+    if services is None or services.package_lock is None:
+        return sources
+    keyring = ctx.workdir / TARGET_KEYRING
+    if not keyring.is_file():  # the same bytes whichever job writes them (atomic_write: safe across threads)
+        atomic_write(keyring, combined_keyring(ctx.config.debian.keyring, services.signing_key.public_key()))
+    lock = services.package_lock
+    return sources.locked_view(keyring, services.signing_key.fingerprint, suite=lock.suite, codename=lock.codename)
 
 
 def _fallback(ctx: BuildContext, exc: HostModuleError, *, warn: bool) -> None:

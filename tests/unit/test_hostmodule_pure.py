@@ -231,6 +231,53 @@ def test_mmdebstrap_argv(tmp_path):
     assert shooks[-2].endswith(" /etc/dkms/builder-signing/signing.key /etc/dkms/builder-signing/signing.crt")
 
 
+def test_mmdebstrap_argv_under_a_package_lock(tmp_path):
+    """The lock's view has no build-essential: an apt root with the plan and the tools the view lists (pinned),
+    verified with the keyring and signer of the view; without a lock the tools stay out (buildd has them)."""
+    idx = [*trixie_like(), ("trixie/extra", index(stanza("kmod", "34.2-2"), stanza("zstd", "1.5.7+dfsg-1")))]
+    plan = hm.plan_module(idx, "nvidia-kernel-dkms")
+    assert [t.pin for t in plan.tools] == ["kmod=34.2-2", "zstd=1.5.7+dfsg-1"]
+    assert plan.cache_key() == hm.plan_module(trixie_like(), "nvidia-kernel-dkms").cache_key()  # no byte of it
+    base = ",".join(hm.plan_module(trixie_like(), "nvidia-kernel-dkms").includes())
+    unlocked = hm.mmdebstrap_argv(plan, sources(), mode="unshare", script=tmp_path / "s", outdir=tmp_path / "o")
+    assert "--variant=buildd" in unlocked and f"--include={base}" in unlocked
+    view = sources().locked_view(tmp_path / "target.gpg", "F" * 40, suite="trixie", codename="trixie")
+    assert view.fingerprints == view.security_fingerprints == ("F" * 40,) and view.mirror == sources().mirror
+    locked = hm.mmdebstrap_argv(plan, view, mode="unshare", script=tmp_path / "s", outdir=tmp_path / "o")
+    assert locked[:4] == ["mmdebstrap", "--mode=unshare", "--variant=apt", "--architectures=amd64"]
+    assert f"--include={base},kmod=34.2-2,zstd=1.5.7+dfsg-1" in locked
+    # the view's keyring is each source's signed-by: no --keyring (apt's legacy trusted.gpg, and the host's
+    # trusted.gpg.d trusted besides)
+    assert not [a for a in locked if a.startswith("--keyring")]
+    comps = "main contrib non-free non-free-firmware"
+    ring = tmp_path / "target.gpg"
+    assert locked[-3:] == [f"deb [signed-by={ring}] http://127.0.0.1:4711/debian trixie {comps}",
+                           f"deb [signed-by={ring}] http://127.0.0.1:4711/debian trixie-updates {comps}",
+                           f"deb [signed-by={ring}] http://127.0.0.1:4711/debian-security trixie-security {comps}"]
+    # everything else as without a lock
+    differ = {"--variant=apt", f"--include={base},kmod=34.2-2,zstd=1.5.7+dfsg-1", *locked[-3:]}
+    assert [a for a in locked if a not in differ] == [a for a in unlocked if a != "--variant=buildd"
+                                                      and not a.startswith(("--keyring=", "--include=", "deb "))]
+    assert unlocked[-3:] == [f"deb http://127.0.0.1:4711/debian trixie {comps}",
+                             f"deb http://127.0.0.1:4711/debian trixie-updates {comps}",
+                             f"deb http://127.0.0.1:4711/debian-security trixie-security {comps}"]
+    for bad in (Path("relative.gpg"), tmp_path / "a b.gpg", tmp_path / "x]y.gpg"):
+        with pytest.raises(HostModuleError, match="cannot be an apt source's signed-by"):
+            sources().locked_view(bad, "F" * 40, suite="trixie", codename="trixie")
+
+
+def test_under_a_lock_the_suites_are_named_as_the_lock_names_them(tmp_path):
+    """debian.suite may be an alias (stable): the mirror has stable-updates and stable-security too, the lock's
+    view only dists/<lock suite>, <codename>-updates and <codename>-security. Without a lock nothing changes."""
+    deb = DebianConfig(suite="stable", mirror="http://x", security_mirror="http://x")
+    plain = hm.Sources.of(deb, mirror="http://127.0.0.1:4711/debian",
+                          security_mirror="http://127.0.0.1:4711/debian-security")
+    assert [s for _, s, _ in plain.archives()] == ["stable", "stable-updates", "stable-security"]
+    view = plain.locked_view(tmp_path / "t.gpg", "F" * 40, suite="stable", codename="trixie")
+    assert [s for _, s, _ in view.archives()] == ["stable", "trixie-updates", "trixie-security"]
+    assert [line.split()[3] for line in view.apt_lines()] == ["stable", "trixie-updates", "trixie-security"]
+
+
 def make_tarball(path: Path, module: str = "m", version: str = "1", kver: str = KVER,
                  extra: dict[str, bytes] | None = None) -> Path:
     files = {"./dkms_binaries_only/PACKAGE_NAME": f"{module}\n".encode(),

@@ -3,8 +3,13 @@ playbook and the manifest. No build root: the host build is replaced where it wo
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import os
+import shutil
+import subprocess
 import threading
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
@@ -13,7 +18,8 @@ from builder.config import load_config
 from builder.context import BuildContext, BuildOptions
 from builder.errors import HostModuleError
 from builder.events import Emitter
-from builder.hostmodule import HostModule
+from builder.gateway.server import Pin
+from builder.hostmodule import HostModule, Sources
 from builder.secureboot import write_pair
 from builder.stages import module
 from builder.stages.provision import playbook_vars
@@ -241,3 +247,305 @@ def test_a_client_in_the_build_reads_through_its_gateway_from_a_cold_cache(tmp_p
             archive.release()
             index = archive.index("main/binary-amd64/Packages")
     assert b"Package: hello" in index
+
+
+# ---------------------------------------------------------------------------------------------- under a package lock
+
+LOCKED = {  # name -> (version, component, Depends): what a host build of nvidia-kernel-dkms needs, and tools
+    "linux-image-amd64": ("6.12.118-1", "main", f"linux-image-{KVER} (= 6.12.118-1)"),
+    f"linux-image-{KVER}": ("6.12.118-1", "main", "kmod"),
+    f"linux-headers-{KVER}": ("6.12.118-1", "main", "gcc-14"),
+    "gcc-14": ("14.2.0-19", "main", ""),
+    "dkms": ("3.2.2-1~deb13u1", "main", "kmod"),
+    "nvidia-kernel-dkms": ("550.163.01-2", "non-free", "dkms (>= 3.0.11)"),
+    "kmod": ("34.2-2", "main", ""),
+    "findutils": ("4.10.0-3", "main", ""),
+    "zstd": ("1.5.7+dfsg-1", "main", ""),
+    "apt": ("3.0.3", "main", ""),
+}
+DATE = "Sat, 21 Nov 2026 09:15:44 UTC"
+
+
+def synthetic_stanzas() -> list[dict[str, str]]:
+    """LOCKED as index stanzas, each of a real (minimal) .deb made from its control fields."""
+    from test_package_lock import make_deb
+
+    out = []
+    for name, (version, comp, depends) in LOCKED.items():
+        control = {"Package": name, "Version": version, "Architecture": "amd64", **({"Depends": depends} if depends
+                                                                                     else {})}
+        deb = make_deb(control)
+        out.append({**control, "Filename": f"pool/{comp}/{name[0]}/{name}/{name}_{version}_amd64.deb",
+                    "Size": str(len(deb)), "SHA256": hashlib.sha256(deb).hexdigest()})
+    return out
+
+
+@contextmanager
+def locked_build(tmp_path: Path, events: list, stanzas: list[dict[str, str]], *overrides: str, suite: str = "trixie",
+                 codename: str = "trixie"):
+    """A build context with a package lock of ``stanzas`` in force: the real gateway (services.gateway_for)
+    serving the lock's view of the three suites (``suite``, ``<codename>-updates``, ``<codename>-security``),
+    signed by a real ephemeral key, on 127.0.0.1; the mirrors are never asked."""
+    from test_package_lock import _inputs
+
+    from builder import services
+    from builder.archive.cache import ContentCache
+    from builder.context import Services
+    from builder.gateway.signing import EphemeralKey
+    from builder.gateway.target import target_views, view_pins, view_stanza
+    from builder.pkgfetch import TargetInputs
+    from builder.pkglock import PackageLock, SignedIndex, pin_from_stanza
+
+    pins, texts = [], {}
+    for st in stanzas:
+        pin = pin_from_stanza(st, archive="debian", suite=suite, date=DATE)
+        pins.append(pin)
+        texts[pin.key] = view_stanza({k: v for k, v in st.items() if k not in ("Filename", "Size", "SHA256")}, pin)
+    index = SignedIndex("debian", suite, codename, DATE, "a" * 64, "Debian", "Debian", "stable", "13.8")
+    plock = PackageLock(suite, codename, "amd64", "2026-12-01T00:00:00Z", "resolve", (index,), tuple(pins))
+    c = cfg("debian.mirror=http://127.0.0.1:9/debian", "debian.security_mirror=http://127.0.0.1:9/debian-security",
+            f"debian.suite={suite}", *overrides)
+    target = TargetInputs(plock, target_views(plock, texts, components=c.debian.components),
+                          {k: Pin(*v) for k, v in view_pins(plock).items()}, 0)
+    with ExitStack() as stack:
+        key = stack.enter_context(EphemeralKey("builder test build key", home_parent=tmp_path / "keys"))
+        base = BuildContext(c, BuildOptions(tmp_path / "out"), tmp_path / "work", Emitter(events.append), stack,
+                            None, cache=ContentCache(tmp_path / "gateway-blobs"))  # type: ignore[arg-type]
+        gw = stack.enter_context(services.gateway_for(base, _inputs(tmp_path, target), key))  # type: ignore[arg-type]
+        yield base.with_(services=Services(gw, key, None, None, plock))  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def locked_ctx(tmp_path, events, monkeypatch):
+    """A build context with a package lock of LOCKED in force (:func:`locked_build`)."""
+    monkeypatch.setenv("BUILDER_CACHE_DIR", str(tmp_path / "cache"))
+    with locked_build(tmp_path, events, synthetic_stanzas()) as ctx:
+        yield ctx
+
+
+@pytest.mark.timeout(60)
+def test_under_a_lock_the_host_build_reads_the_view_with_the_targets_keyring(locked_ctx):
+    """The view is signed by the build's key: read with Debian's keyring alone (what the host build did) every
+    suite is refused; read as apt in the target reads it (Debian's keyring plus the build key, the build key's
+    signature required) it gives the plan, from the locked versions."""
+    from builder import hostmodule as hm
+    from builder.gateway.signing import combined_keyring
+
+    ctx = locked_ctx
+    gw, key = ctx.services.gateway, ctx.services.signing_key
+    plain = Sources.of(ctx.config.debian, mirror=gw.url("debian"), security_mirror=gw.url("debian-security"))
+    with pytest.raises(HostModuleError, match="signature verification failed"):
+        hm.load_indexes(plain, module.gateway_client_cache(ctx))
+    sources = module.gateway_sources(ctx)
+    assert sources.locked and sources.mirror == plain.mirror and sources.security_mirror == plain.security_mirror
+    assert sources.keyring == ctx.workdir / module.TARGET_KEYRING
+    assert sources.keyring.read_bytes() == combined_keyring(ctx.config.debian.keyring, key.public_key())
+    assert sources.fingerprints == sources.security_fingerprints == (key.fingerprint,)
+    plan = hm.plan_module(hm.load_indexes(sources, module.gateway_client_cache(ctx)), "nvidia-kernel-dkms")
+    assert plan.kver == KVER and plan.dkms_package.pin == "nvidia-kernel-dkms=550.163.01-2"
+    assert [t.name for t in plan.tools] == ["kmod", "findutils", "zstd"]  # the lock holds no xz-utils
+    # Debian's own signature is not what the view is: a Debian-signed index through the same sources is refused
+    debian_only = dataclasses.replace(sources, fingerprints=ctx.config.debian.trusted_fingerprints,
+                                      security_fingerprints=ctx.config.debian.security_fingerprints)
+    with pytest.raises(HostModuleError, match="no signature by a trusted key"):
+        hm.load_indexes(debian_only, module.gateway_client_cache(ctx))
+    # without a lock: the image's keyring and signers, as before
+    unlocked = ctx.with_(services=dataclasses.replace(ctx.services, package_lock=None))
+    assert module.gateway_sources(unlocked) == plain and not plain.locked
+
+
+def fake_mmdebstrap(ctx: BuildContext, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kver: str):
+    """A stand-in mmdebstrap on PATH (test_hostmodule_pure.FAKE_MMDEBSTRAP: it records its argv and leaves a
+    module tarball for ``kver``); returns build() (build_module of nvidia-kernel-dkms through ``ctx``'s gateway)
+    and calls() (every argv it got)."""
+    import json
+
+    from test_hostmodule_pure import FAKE_MMDEBSTRAP, make_tarball
+
+    from builder import hostmodule as hm
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "mmdebstrap").write_text(FAKE_MMDEBSTRAP)
+    (bindir / "mmdebstrap").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_LOG", str(tmp_path / "calls.jsonl"))
+    monkeypatch.setenv("FAKE_TARBALL", str(make_tarball(tmp_path / "built.tar.gz", kver=kver)))
+    monkeypatch.setenv("FAKE_RESULT", "ok")
+    monkeypatch.setattr(hm, "mmdebstrap_mode", lambda: "unshare")
+
+    def build():
+        return hm.build_module(module.gateway_sources(ctx), "nvidia-kernel-dkms", workdir=ctx.workdir / "hostmodule",
+                               cache=module.gateway_client_cache(ctx), modules=hm.ModuleCache(tmp_path / "modules"),
+                               niceness=None)
+
+    def calls() -> list[list[str]]:
+        log = tmp_path / "calls.jsonl"
+        return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+    return build, calls
+
+
+@pytest.mark.timeout(60)
+def test_under_a_lock_the_build_root_is_apt_with_only_locked_packages(locked_ctx, tmp_path, monkeypatch):
+    """build_module through the locked view, with a stand-in mmdebstrap on PATH: the plan (made before the
+    module-cache lookup) comes from the view, the build root is --variant=apt with the plan and the tools the lock
+    holds, pinned, verified with the target's keyring; the second call is a cache hit."""
+    ctx = locked_ctx
+    build, calls = fake_mmdebstrap(ctx, tmp_path, monkeypatch, KVER)
+    first = build()
+    assert first.origin == "host-built" and first.kver == KVER
+    (argv,) = calls()
+    assert "--variant=apt" in argv and "--variant=buildd" not in argv
+    ring = ctx.workdir / module.TARGET_KEYRING
+    assert not [a for a in argv if a.startswith("--keyring")]
+    assert [a.split()[:2] for a in argv[-3:]] == [["deb", f"[signed-by={ring}]"]] * 3
+    assert (f"--include=dkms=3.2.2-1~deb13u1,gcc-14=14.2.0-19,linux-headers-{KVER}=6.12.118-1,"
+            "nvidia-kernel-dkms=550.163.01-2,kmod=34.2-2,findutils=4.10.0-3,zstd=1.5.7+dfsg-1") in argv
+    assert not [a for a in argv if "build-essential" in a]
+    second = build()
+    assert second.origin == "cache" and second.key == first.key
+
+
+def test_the_build_roots_closure_resolves_from_real_trixie_stanzas():
+    """build_root_closure over real trixie stanzas (trixie_index) and the plan made from them: Essential, apt, the
+    DKMS package, dkms, gcc-14, the headers and the tools, with their hard dependencies, all there; a view
+    without cpp-14 and patch names both and who needs them."""
+    from trixie_index import KVER as REAL_KVER
+    from trixie_index import stanzas
+
+    from builder import hostmodule as hm
+
+    real = stanzas()
+    indexes = [("trixie/main", real)]
+    plan = hm.plan_module(indexes, "nvidia-kernel-dkms")
+    assert plan.kver == REAL_KVER and plan.compiler.pin == "gcc-14=14.2.0-19"
+    assert [t.name for t in plan.tools] == list(hm.BUILD_ROOT_TOOLS)
+    root = hm.build_root_closure(indexes, plan)
+    assert root.unmet == [] and root.problems == []
+    assert {"apt", "dpkg", "libc6", "binutils", "cpp-14", "make", "patch", "nvidia-kernel-support"} <= set(
+        root.selected)
+    less = {n: st for n, st in real.items() if n not in ("cpp-14", "patch")}
+    root = hm.build_root_closure([("trixie/main", less)], plan)
+    assert root.unmet == ["patch", "cpp-14 (= 14.2.0-19)", "patch (>= 2.7)"]
+    assert root.problems == ["dkms 3.2.2-1~deb13u1 depends on patch: nothing satisfies it",
+                             "gcc-14 14.2.0-19 depends on cpp-14 (= 14.2.0-19): nothing satisfies it",
+                             "dpkg-dev 1.22.22 depends on patch (>= 2.7): nothing satisfies it"]
+
+
+@pytest.mark.timeout(120)
+def test_under_a_lock_a_view_that_cannot_make_the_build_root_fails_before_mmdebstrap(tmp_path, events, monkeypatch):
+    """Real trixie stanzas as the lock's view, served by the real gateway and read with the target's keyring: with
+    the build root's whole closure the (stand-in) mmdebstrap runs; with a lock that lacks cpp-14 and patch the
+    host build stops before mmdebstrap would run, in one HostModuleError naming them (not an apt error from inside
+    mmdebstrap), and its log names who needs them."""
+    from trixie_index import KVER as REAL_KVER
+    from trixie_index import stanzas
+
+    monkeypatch.setenv("BUILDER_CACHE_DIR", str(tmp_path / "cache"))
+    real = list(stanzas().values())
+    with locked_build(tmp_path / "whole", events, real) as ctx:
+        build, calls = fake_mmdebstrap(ctx, tmp_path / "whole", monkeypatch, REAL_KVER)
+        assert build().origin == "host-built"
+        assert [a for a in calls()[0] if a.startswith("--include=")] == [
+            "--include=dkms=3.2.2-1~deb13u1,gcc-14=14.2.0-19,linux-headers-6.12.117+deb13-amd64=6.12.117-1,"
+            "nvidia-kernel-dkms=550.163.01-2,kmod=34.2-2,findutils=4.10.0-3,xz-utils=5.8.1-1+deb13u2,zstd=1.5.7+dfsg-1"]
+    less = [st for st in real if st["Package"] not in ("cpp-14", "patch")]
+    with locked_build(tmp_path / "less", events, less) as ctx:
+        build, calls = fake_mmdebstrap(ctx, tmp_path / "less", monkeypatch, REAL_KVER)
+        with pytest.raises(HostModuleError) as exc:
+            build()
+        assert calls() == []
+    assert exc.value.message == ("the package lock's view cannot make the build root of nvidia-kernel-dkms="
+                                 f"550.163.01-2 for {REAL_KVER}: it lacks patch, cpp-14 (= 14.2.0-19), patch (>= 2.7)")
+    assert exc.value.log_tail == ["dkms 3.2.2-1~deb13u1 depends on patch: nothing satisfies it",
+                                  "gcc-14 14.2.0-19 depends on cpp-14 (= 14.2.0-19): nothing satisfies it",
+                                  "dpkg-dev 1.22.22 depends on patch (>= 2.7): nothing satisfies it"]
+    assert exc.value.missing_tool is None and "provision.host_module: off" in (exc.value.hint or "")
+
+
+def apt_update(root: Path, lines: list[str], *, trusted: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """The host's real ``apt-get update`` in an apt tree of its own under ``root`` (nothing of the host's apt
+    configuration, no key trusted but ``trusted`` as apt's trusted.gpg), on the sources ``lines``."""
+    etc = root / "etc" / "apt"
+    for d in (etc / "apt.conf.d", etc / "trusted.gpg.d", etc / "sources.list.d", etc / "preferences.d",
+              root / "var/lib/apt/lists/partial", root / "var/cache/apt/archives/partial", root / "var/lib/dpkg",
+              root / "var/log/apt"):
+        d.mkdir(parents=True, exist_ok=True)
+    (root / "var/lib/dpkg/status").write_text("")
+    (etc / "sources.list").write_text("\n".join(lines) + "\n")
+    conf = root / "apt.conf"
+    conf.write_text(f'Dir "{root}/";\nDir::State::status "{root}/var/lib/dpkg/status";\n'
+                    f'Dir::Etc::Trusted "{trusted or etc / "trusted.gpg"}";\n'
+                    'APT::Architecture "amd64";\nAPT::Architectures { "amd64"; };\nAPT::Sandbox::User "root";\n'
+                    'Acquire::Languages "none";\nAcquire::http::Proxy "DIRECT";\nDebug::NoLocking "true";\n')
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    return subprocess.run(["apt-get", "update"], env={**env, "APT_CONFIG": str(conf), "LC_ALL": "C"},
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(shutil.which("apt-get") is None or shutil.which("gpgv") is None, reason="no apt-get, no gpgv")
+def test_apt_reads_the_locked_view_through_signed_by_alone(locked_ctx, tmp_path):
+    """The build root's sources as mmdebstrap gives them to apt under a lock (Sources.apt_lines), read by the
+    host's real apt-get update (gpgv) from the real gateway, in an apt tree that trusts no key of its own: each
+    line's signed-by (the target's keyring: Debian's plus the build key) verifies the view, with no warning. The
+    same keyring as apt's trusted.gpg, what mmdebstrap --keyring=FILE makes of it, draws apt's legacy-keyring
+    warning; without either apt refuses the view."""
+    sources = module.gateway_sources(locked_ctx)
+    ring = sources.keyring
+    ok = apt_update(tmp_path / "signed-by", sources.apt_lines())
+    said = ok.stdout + ok.stderr
+    assert ok.returncode == 0 and "W:" not in said and "E:" not in said, said
+    lists = sorted(p.name for p in (tmp_path / "signed-by/var/lib/apt/lists").iterdir() if p.is_file())
+    assert any(n.endswith("_dists_trixie_InRelease") for n in lists), lists
+    assert any(n.endswith("_dists_trixie_main_binary-amd64_Packages") for n in lists), lists
+    plain = [line.replace(f"[signed-by={ring}] ", "") for line in sources.apt_lines()]
+    assert plain == dataclasses.replace(sources, locked=False).apt_lines()
+    legacy = apt_update(tmp_path / "keyring", plain, trusted=ring)
+    assert legacy.returncode == 0 and "legacy trusted.gpg keyring" in legacy.stdout + legacy.stderr
+    refused = apt_update(tmp_path / "none", plain)
+    assert refused.returncode != 0 and "NO_PUBKEY" in refused.stdout + refused.stderr
+
+
+@pytest.mark.timeout(60)
+def test_under_a_lock_with_a_suite_alias_the_host_build_reads_the_views_suites(tmp_path, events, monkeypatch):
+    """debian.suite: stable, and a lock made from it (suite stable, codename trixie): the gateway serves the view at
+    dists/stable, dists/trixie-updates and dists/trixie-security only. The host build reads exactly those (it asked
+    for stable-updates and stable-security, which the view does not have) and plans from the view."""
+    from builder import hostmodule as hm
+
+    monkeypatch.setenv("BUILDER_CACHE_DIR", str(tmp_path / "cache"))
+    with locked_build(tmp_path, events, synthetic_stanzas(), suite="stable", codename="trixie") as ctx:
+        assert ctx.config.debian.suite == "stable" and ctx.services.package_lock.codename == "trixie"
+        sources = module.gateway_sources(ctx)
+        assert [s for _, s, _ in sources.archives()] == ["stable", "trixie-updates", "trixie-security"]
+        indexes = hm.load_indexes(sources, module.gateway_client_cache(ctx))
+        assert list(dict.fromkeys(label.split("/")[0] for label, _ in indexes)) == ["stable", "trixie-updates",
+                                                                                    "trixie-security"]
+        assert hm.plan_module(indexes, "nvidia-kernel-dkms").kver == KVER
+        # what it asked for before is not the view: the gateway has no such suite of its own (it passes the
+        # request on to the mirror, here none)
+        views = {p.split("/dists/")[1].split("/")[0] for p in ctx.services.gateway.generated if "/dists/" in p}
+        assert views - {"builder-installer"} == {"stable", "trixie-updates", "trixie-security"}  # and the udebs
+        before = dataclasses.replace(sources, codename="")
+        assert [s for _, s, _ in before.archives()] == ["stable", "stable-updates", "stable-security"]
+
+
+def test_under_a_lock_both_host_builds_get_the_locked_sources(locked_ctx, monkeypatch):
+    """The job started while the installer runs and the rebuild for another guest kernel (for_kernel)."""
+    seen = []
+
+    def fake_build(sources, package, **kw):
+        seen.append(sources)
+        return HostModule(Path("/m.tar.gz"), "nvidia-current", "550.163.01", kw.get("kver") or KVER, "host-built",
+                          1.0, package, "550.163.01-2", "k")
+
+    monkeypatch.setattr(module, "build_module", fake_build)
+    job = module.start(locked_ctx)
+    assert job is not None
+    first = module.finish(locked_ctx, job)
+    assert first is not None
+    module.for_kernel(locked_ctx, first, "6.12.117+deb13-amd64")
+    assert len(seen) == 2 and all(s.locked and s.fingerprints == (locked_ctx.services.signing_key.fingerprint,)
+                                  for s in seen)

@@ -157,13 +157,20 @@ def test_relocking_changes_only_what_moved() -> None:
 
 
 def test_lock_from_a_build_is_exact(tmp_path: Path) -> None:
+    from builder.pkgresolve import required_seeds
+
     uni = universe()
     cfg = from_dict({"debian": {"mirror": "http://127.0.0.1:9/debian",
-                                "security_mirror": "http://127.0.0.1:9/debian-security"}})
+                                "security_mirror": "http://127.0.0.1:9/debian-security"},
+                     "provision": {"extra_vars": {"nvidia_driver_source": "nvidia"}}})
+    for name in required_seeds(cfg):  # what a build installs besides (test_package_lock_variants: more of it)
+        uni.add(stanza(name, "1"), "debian", "trixie", DATE)
     (tmp_path / "packages.txt").write_text("libc6 2.41-12\nmawk 1.3.4\nnvidia-driver-cuda 580.1\n")
     lock = lock_from_build(cfg, uni, tmp_path, report=lambda m: None)
-    assert [(p.name, p.version, p.suite) for p in lock.packages] == [("libc6", "2.41-12", "trixie"),
-                                                                     ("mawk", "1.3.4", "trixie")]
+    kept = [(p.name, p.version, p.suite) for p in lock.packages if p.name in ("libc6", "mawk")]
+    assert kept == [("libc6", "2.41-12", "trixie"), ("mawk", "1.3.4", "trixie")]  # not -security's libc6
+    # besides: what a build installs that this one did not keep (the seeds; base-files: debootstrap's, priority)
+    assert {p.name for p in lock.packages} == {"libc6", "mawk", "base-files", *required_seeds(cfg)}
     assert [f.name for f in lock.foreign] == ["nvidia-driver-cuda"] and lock.method == "build"
     (tmp_path / "packages.txt").write_text("libc6 2.40-1\n")
     with pytest.raises(LockError, match="no longer listed at that version") as exc:
@@ -243,6 +250,58 @@ def test_views_list_every_locked_package_in_the_suite_and_nothing_newer() -> Non
         suite_view([(pinned("x", "1", b"x", filename="pool/contrib/x/x/x_1_all.deb"), "Package: x")],
                    release=ReleaseFields("Debian", "Debian", "stable", "trixie"), date=DATE, components=("main",),
                    arch="amd64", prefix="debian", suite="trixie")
+
+
+@pytest.mark.timeout(60)
+def test_each_component_has_its_release_listed_in_the_signed_inrelease(tmp_path: Path) -> None:
+    """debian-installer's choose-mirror reads dists/SUITE/COMPONENT/binary-ARCH/Release (its Architecture) to
+    accept the mirror: the view has one per component and suite, listed with size and sha256 in the Release the
+    build key signs, and the gateway serves it offline (no upstream to fall through to)."""
+    from builder.archive.release import parse_release
+    from builder.archive.verify import verify_inrelease
+    from builder.gateway.signing import EphemeralKey, combined_keyring
+    from builder.services import sign
+
+    a, b = pinned("hello", "1", b"a"), pinned("fw", "3", b"c", filename="pool/non-free-firmware/f/fw/fw_3_all.deb")
+    lock = PackageLock("trixie", "trixie", "amd64", "2026-12-01T00:00:00Z", "resolve", tuple(universe().indexes),
+                       (a, b))
+    comps = ("main", "contrib", "non-free-firmware")
+    views = target_views(lock, {p.key: f"Package: {p.name}" for p in lock.packages}, components=comps)
+    for view in views:
+        release = view.files["Release"].decode()
+        for comp in comps:
+            path = f"{comp}/binary-amd64/Release"
+            data = view.files[path]
+            assert f" {hashlib.sha256(data).hexdigest()} {len(data):>16} {path}\n" in release
+        assert "Component: contrib\nArchitecture: amd64\n" in view.files["contrib/binary-amd64/Release"].decode()
+    assert views[0].files["main/binary-amd64/Release"] == (b"Archive: stable\nOrigin: Debian\nLabel: Debian\n"
+                                                           b"Version: 13.8\nComponent: main\nArchitecture: amd64\n")
+    assert b"Label: Debian-Security\n" in views[2].files["main/binary-amd64/Release"]
+    with EphemeralKey("builder test build key", home_parent=tmp_path / "keys") as key:
+        generated: dict[str, bytes] = {}
+        for view in views:
+            generated.update(sign(view.files, key, f"{view.prefix}/dists/{view.suite}"))
+        ring = tmp_path / "target.gpg"
+        ring.write_bytes(combined_keyring(DEBIAN_KEYRING, key.public_key()))
+        with Gateway(upstreams={"debian": "http://127.0.0.1:9/debian", "debian-security": "http://127.0.0.1:9/x"},
+                     cache=ContentCache(tmp_path / "blobs"), keyring=DEBIAN_KEYRING, fingerprints=(),
+                     generated=generated, pinned_pool_only=True, offline=True, state_dir=tmp_path / "gw") as gw:
+            for prefix, suite in (("debian", "trixie"), ("debian-security", "trixie-security")):
+                base = f"{gw.url(prefix)}/dists/{suite}"
+                with urllib.request.urlopen(f"{base}/InRelease", timeout=10) as r:
+                    signed = parse_release(verify_inrelease(r.read(), ring, [key.fingerprint]))
+                for comp in comps:
+                    with urllib.request.urlopen(f"{base}/{comp}/binary-amd64/Release", timeout=10) as r:
+                        served = r.read()
+                    entry = signed.files[f"{comp}/binary-amd64/Release"]
+                    assert (entry.sha256, entry.size) == (hashlib.sha256(served).hexdigest(), len(served))
+                    # what choose-mirror does with it: wget … | grep ^Architecture:
+                    assert [ln for ln in served.decode().splitlines() if ln.startswith("Architecture:")] == [
+                        "Architecture: amd64"]
+            # and through the verifying client, as apt would fetch it
+            client = Archive(gw.url("debian"), "trixie", keyring=ring, fingerprints=[key.fingerprint],
+                             cache=ContentCache(tmp_path / "client"), retries=0, timeout=5)
+            assert client.index("non-free-firmware/binary-amd64/Release").endswith(b"Architecture: amd64\n")
 
 
 def test_control_stanza_read_once_from_the_deb(tmp_path: Path) -> None:
