@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from dataclasses import replace
@@ -153,6 +154,8 @@ def test_partitioning_per_boot_mode(boot: str, keys: dict[str, str]) -> None:
         assert value(text, "grub2/force_efi_extra_removable", owner="grub-efi-amd64") == "true"
         assert value(text, "grub2/update_nvram", owner="grub-efi-amd64") == "false"
         assert "test -s /target/boot/efi/EFI/BOOT/BOOTX64.EFI" in late
+        # fsck.vfat for the ESP (fstab pass 1): partman installs dosfstools only when it formats the FAT itself
+        assert re.search(r"apt-get [^;]* install [^;]*\bdosfstools\b", late)
         if boot == "hybrid":  # BIOS boot partition first, then the ESP, the root last
             assert len(biosgrub) == 1 and parts.index(biosgrub[0]) < parts.index(esp[0])
             assert "grub-cloud-amd64" in late and "/target/etc/grub.d/enable_cloud" in late
