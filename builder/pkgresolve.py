@@ -63,7 +63,8 @@ def installer_installs(cfg: ImageConfig) -> tuple[str, ...]:
     ``grub-pc`` under BIOS, which the late_command of a hybrid disk purges again; ``grub-efi-amd64`` under UEFI),
     and what preseed/late.cfg.j2's late_command installs for ``disk.boot`` (a hybrid disk installed under BIOS
     gets grub-efi-amd64, gdisk and mokutil; a hybrid disk grub-cloud-amd64; a uefi disk shim-signed and
-    grub-efi-amd64-signed; both dosfstools). Under a package lock without one of them the build fails inside the installer."""
+    grub-efi-amd64-signed; both dosfstools). Under a package lock without one of them the build fails inside the
+    installer."""
     boot, firmware = cfg.disk.boot, cfg.build_firmware
     out = [f"linux-image-{cfg.debian.arch}", "popularity-contest",
            "grub-pc" if firmware == "bios" else "grub-efi-amd64"]
