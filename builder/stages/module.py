@@ -152,7 +152,6 @@ class ModuleJob:
 
     def _run(self) -> None:
         ctx = self.ctx
-        key, cert = ctx.config.signing_paths or (None, None)
         try:
             # variants' builds queue up (the same module a second time is a cache hit); a cancel ends the wait
             while not _ONE_AT_A_TIME.acquire(timeout=0.5):
@@ -161,11 +160,10 @@ class ModuleJob:
             try:
                 if self.cancel.is_set():
                     raise HostModuleError("the host-side module build was cancelled")
-                self.result = build_module(
-                    gateway_sources(ctx), self.package,
+                self.result = build_here(
+                    ctx, self.package, self.patches,
                     workdir=ctx.workdir / ("hostmodule-" + self.label if self.label else "hostmodule"),
-                    cache=gateway_client_cache(ctx), niceness=NICENESS, cancel=self.cancel, report=ctx.emitter.info,
-                    signing_key=key, signing_cert=cert, patches=self.patches, patch_script=patch_script(ctx.config))
+                    niceness=NICENESS, cancel=self.cancel)
             finally:
                 _ONE_AT_A_TIME.release()
         except BaseException as exc:  # handed to the thread that joins
@@ -240,17 +238,24 @@ def for_kernel(ctx: BuildContext, built: HostModule, kver: str) -> HostModule | 
         return built
     ctx.emitter.info(f"the installed system runs kernel {kver}, not {built.kver} (an older cached installed disk?): "
                      f"building {built.package} for {kver} on this host")
-    key, cert = ctx.config.signing_paths or (None, None)  # signed like the first, or it could not load
     try:
-        again = build_module(gateway_sources(ctx), built.package, workdir=ctx.workdir / "hostmodule",
-                             cache=gateway_client_cache(ctx), kver=kver, niceness=None, report=ctx.emitter.info,
-                             signing_key=key, signing_cert=cert, patches=built.patches,
-                             patch_script=patch_script(ctx.config))
+        again = build_here(ctx, built.package, built.patches, workdir=ctx.workdir / "hostmodule", kver=kver,
+                           niceness=None)
     except HostModuleError as exc:
         _fallback(ctx, exc, warn=True)
         return None
     ctx.manifest["host_module"] = {"status": "used", **again.manifest(), "rebuilt_for_the_guest_kernel": True}
     return again
+
+
+def build_here(ctx: BuildContext, package: str, patches: tuple[DkmsPatch, ...], **kw: Any) -> HostModule:
+    """:func:`~builder.hostmodule.build_module` as this build runs it, for the first module and for a rebuild
+    alike: through the build's gateway with its own client cache, signed with the build's key pair (an unsigned
+    module cannot load under Secure Boot), with the role's patch script; ``kw`` the rest (workdir, kver, …)."""
+    key, cert = ctx.config.signing_paths or (None, None)
+    return build_module(gateway_sources(ctx), package, cache=gateway_client_cache(ctx), report=ctx.emitter.info,
+                        signing_key=key, signing_cert=cert, patches=patches, patch_script=patch_script(ctx.config),
+                        **kw)
 
 
 def gateway_client_cache(ctx: BuildContext) -> ContentCache:
