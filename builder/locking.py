@@ -21,7 +21,15 @@ from .config import ImageConfig
 from .events import Emitter
 from .lock import lock_differences, read_lock, resolve_lock, write_lock
 from .pkglock import PackageLock, differences, keep_unchanged, read_package_lock, summary, write_package_lock
-from .pkgresolve import load_universe, lock_from_build, moved, resolve_package_lock
+from .pkgresolve import (
+    installer_gaps,
+    load_universe,
+    lock_from_build,
+    lock_gaps,
+    moved,
+    provisioned,
+    resolve_package_lock,
+)
 from .witness import find_witnesses, lock_dir, store_files, unwitnessed
 
 
@@ -123,6 +131,8 @@ def check_locks(cfg: ImageConfig, *, cache: ContentCache, stats: FetchStats, emi
                          + off)
         return out
     plock = read_package_lock(cfg.package_lock_path)
+    gaps = coverage_gaps(cfg, plock)
+    out.lines += [f"  lacks: {g}" for g in gaps]
     uni = load_universe(cfg, cache, stats, report=emitter.info)
     found = moved(plock, uni)
     security = [m for m in found if m.security]
@@ -131,6 +141,22 @@ def check_locks(cfg: ImageConfig, *, cache: ContentCache, stats: FetchStats, emi
     out.lines.append(f"{cfg.package_lock_path.name}: " + (
         f"{len(found)} of {len(plock.packages)} packages moved upstream ({len(security)} security updates); "
         "refresh with: python -m builder lock IMAGE.yaml --update" if found else
+        f"none of {len(plock.packages)} packages moved upstream, but it lacks what the build installs (above): "
+        "a build under it would be refused; add them with: python -m builder lock IMAGE.yaml --update" if gaps else
         f"up to date ({len(plock.packages)} packages)") + off)
-    out.changed = out.changed or bool(found)
+    out.changed = out.changed or bool(found) or bool(gaps)
+    return out
+
+
+def coverage_gaps(cfg: ImageConfig, plock: PackageLock) -> list[str]:
+    """What a build of ``cfg`` installs that ``plock`` does not hold, one line per configuration: what
+    debian-installer installs, then each variant's packages. A lock made before a variant was declared is
+    "up to date" version by version and still refused by the build (:func:`~builder.stages.fetch.check_lock_covers`);
+    ``lock --check`` says so first."""
+    out = []
+    installer = installer_gaps(plock, cfg)
+    if installer:
+        out.append(f"debian-installer installs {', '.join(installer)}")
+    for name, pkgs in lock_gaps(plock, provisioned(cfg)).items():
+        out.append(f"{f'variant {name}' if name else cfg.name} installs {', '.join(pkgs)}")
     return out

@@ -8,6 +8,7 @@ universe (test_package_lock)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import subprocess
@@ -587,3 +588,29 @@ def test_recommends_are_followed_where_the_target_follows_them(tmp_path):
     # run apt for an installed package, so it adds nothing (the resolution ignores it)
     _, base_rec = lock_with("provision.extra_vars.base_install_recommends=true")
     assert set(base_rec) == set(plain)
+
+
+def test_check_names_what_the_lock_lacks_though_no_version_moved(lock_verb):
+    """A lock made before a variant was declared is up to date package by package and still refused by the
+    build; ``lock --check`` says which configuration lacks what and exits 1 (changed)."""
+    from builder import locking
+    from builder.archive.http import FetchStats
+    from builder.events import Emitter
+    from builder.pkglock import write_package_lock
+
+    cfg, _ = lock_verb("off")
+    lock = read_package_lock(cfg.package_lock_path)
+    clean = locking.check_locks(cfg, cache=None, stats=FetchStats(), emitter=Emitter(lambda e: None))  # type: ignore[arg-type]
+    assert not clean.changed and not [line for line in clean.lines if "lacks" in line]
+    drop = {"nvidia-open-kernel-dkms"}
+    assert drop <= set(lock.by_name())
+    write_package_lock(dataclasses.replace(lock, packages=tuple(p for p in lock.packages if p.name not in drop)),
+                       cfg.package_lock_path)
+    checked = locking.check_locks(cfg, cache=None, stats=FetchStats(), emitter=Emitter(lambda e: None))  # type: ignore[arg-type]
+    assert checked.changed
+    lacks = [line for line in checked.lines if line.startswith("  lacks: ")]
+    assert lacks == ["  lacks: variant open installs nvidia-open-kernel-dkms"]
+    assert checked.lines[-1] == (
+        f"cloud-gpu-worker.packages.lock: none of {len(lock.packages) - 1} packages moved upstream, but it lacks "
+        "what the build installs (above): a build under it would be refused; add them with: python -m builder lock "
+        "IMAGE.yaml --update (not in force: debian.package_lock is off)")
