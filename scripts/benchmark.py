@@ -13,7 +13,7 @@ figures; nothing asserts a time.
 (b) builder, cold: ``build --only current --no-verify`` with an empty cache.
 (c) builder after a role change: (b)'s cache and a copy of the roles with one harmless task added: the installed
     disk and the host-built module are reused, provisioning onward runs again.
-(d) builder, another variant on the same base: ``--only tesla-535`` with (b)'s cache.
+(d) builder, another variant on the same base: ``--only open`` with (b)'s cache.
 
 Every finished run is merged at once into the results file (``--results``), with its date and host facts, so the
 runs can be recorded in parts; the ratios (b)/(a), (c)/(b), (d)/(b) are reported next to their targets.
@@ -1018,7 +1018,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="print the commands, write the Packer template (with placeholders); run nothing")
     ap.add_argument("--image", type=Path, default=DEFAULT_IMAGE, help=f"image definition (default {DEFAULT_IMAGE})")
     ap.add_argument("--variant", default="current", help="the variant of (a), (b) and (c) (default current)")
-    ap.add_argument("--other-variant", default="tesla-535", help="the variant of (d) (default tesla-535)")
+    ap.add_argument("--other-variant", default="open", help="the variant of (d) (default open)")
     ap.add_argument("--cache-dir", type=Path,
                     help="BUILDER_CACHE_DIR of (b), (c) and (d); empty for (b) (default: a new one next to the "
                          "results file for (b), which (c) and (d) reuse)")
