@@ -80,6 +80,7 @@ class VerifyReport:
     boot_seconds: float = 0.0
     firmware: str = "bios"
     partitions: str = ""
+    label: str = ""  # how the reports name the image (default: its path); a build names the published file
 
     @property
     def ok(self) -> bool:
@@ -91,7 +92,7 @@ class VerifyReport:
         return "\n".join(lines)
 
     def as_dict(self) -> dict[str, object]:
-        return {"image": str(self.image), "firmware": self.firmware, "ok": self.ok,
+        return {"image": self.label or str(self.image), "firmware": self.firmware, "ok": self.ok,
                 "boot_seconds": round(self.boot_seconds, 1), "checks": [c.__dict__ for c in self.checks],
                 "partitions": self.partitions}
 
@@ -269,8 +270,9 @@ def published_cert(qcow2: Path, name: str) -> Path | None:
 
 def verify_image(cfg: ImageConfig, qcow2: Path, workdir: Path, *, emitter: Emitter | None = None,
                  ssh_timeout: float = 900, firmware: FirmwareKind = "bios", mok_cert: Path | None = None,
-                 accel: Literal["kvm", "tcg"] | None = None) -> VerifyReport:
-    """Boot ``qcow2`` (on an overlay) under ``firmware`` and run every check; reports go to ``workdir``.
+                 accel: Literal["kvm", "tcg"] | None = None, label: str = "") -> VerifyReport:
+    """Boot ``qcow2`` (on an overlay) under ``firmware`` and run every check; reports go to ``workdir``
+    (naming the image ``label``, default its path).
     ``mok_cert`` (PEM): the build's module-signing certificate; under ``uefi-secure`` it is added to the
     firmware's MOK list, as an operator enrolls it, and the NVIDIA module's signer is checked against it."""
     emitter = emitter or Emitter()
@@ -294,7 +296,7 @@ def verify_image(cfg: ImageConfig, qcow2: Path, workdir: Path, *, emitter: Emitt
     spec = VmSpec(name=vm_name(cfg.name, "verify"), memory_mib=cfg.provision.memory >> 20, cpus=cfg.vm.cpus,
                   accel=accel, drives=(Drive(disk, keep=False), Drive.cdrom(seed)), boot="disk",
                   serial_log=workdir / "verify.serial.log", ssh_forward=port, no_reboot=False, firmware=fw)
-    report = VerifyReport(qcow2, firmware=firmware)
+    report = VerifyReport(qcow2, firmware=firmware, label=label)
     checks = checks_for(cfg) + firmware_checks(firmware, signer if cfg.provision.enabled else None)
     if firmware == "uefi-secure" and cfg.provision.enabled and signer is None:
         report.checks.append(Check("module signing certificate", False,
@@ -338,17 +340,21 @@ def verify_image(cfg: ImageConfig, qcow2: Path, workdir: Path, *, emitter: Emitt
 
 def verify_all(cfg: ImageConfig, qcow2: Path, report_dir: Path, *, firmwares: tuple[FirmwareKind, ...] = (),
                mok_cert: Path | None = None, emitter: Emitter | None = None,
-               accel: Literal["kvm", "tcg"] | None = None) -> list[VerifyReport]:
+               accel: Literal["kvm", "tcg"] | None = None, label: str = "",
+               cert_label: str = "") -> list[VerifyReport]:
     """``verify`` under each of ``firmwares`` (default: every firmware the disk boots under), one after the
     other; reports in ``report_dir/<firmware>/`` and a summary ``report_dir/verify-summary.json``. ``accel``:
-    the accelerator already chosen (a build's), else probed once here."""
+    the accelerator already chosen (a build's), else probed once here. ``label`` / ``cert_label``: how the
+    reports name the image and the certificate (default: their paths; a build verifies in its staging directory
+    and names the files as published, next to ``verify/``)."""
     firmwares = firmwares or default_firmwares(cfg)
     cert = mok_cert or published_cert(qcow2, cfg.name)
     accel = accel or _pick_accel(cfg, emitter or Emitter())  # probed once for every firmware
-    reports = [verify_image(cfg, qcow2, report_dir / fw, emitter=emitter, firmware=fw, mok_cert=cert, accel=accel)
-               for fw in firmwares]
+    reports = [verify_image(cfg, qcow2, report_dir / fw, emitter=emitter, firmware=fw, mok_cert=cert, accel=accel,
+                            label=label) for fw in firmwares]
     (report_dir / "verify-summary.json").write_text(json.dumps(
-        {"image": str(qcow2), "ok": all(r.ok for r in reports), "certificate": str(cert) if cert else None,
+        {"image": label or str(qcow2), "ok": all(r.ok for r in reports),
+         "certificate": (cert_label or str(cert)) if cert else None,
          "firmwares": {r.firmware: {"ok": r.ok, "boot_seconds": round(r.boot_seconds, 1),
                                     "failed": [c.name for c in r.checks if not c.ok]} for r in reports}},
         indent=2))

@@ -26,8 +26,11 @@ def run(ctx: BuildContext, final: FinalImage) -> None:
         mok_cert = ctx.workdir / "module-signing.pem"
         mok_cert.write_bytes(pem_bytes(load_cert(der)))
         firmwares = (*firmwares, "uefi-secure")
+    # the reports name the files as published (the image and NAME.mok.pem next to verify/), not the staging
+    # directory and the work directory, which are gone once the build is published
     reports = verify_all(cfg, final.image, final.staging / "verify", firmwares=firmwares, mok_cert=mok_cert,
-                         emitter=ctx.emitter, accel=ctx.accel or None)  # type: ignore[arg-type]
+                         emitter=ctx.emitter, accel=ctx.accel or None,  # type: ignore[arg-type]
+                         label=final.image.name, cert_label=f"{cfg.name}.mok.pem" if mok_cert else "")
     ctx.manifest["verify"] = {r.firmware: {"ok": r.ok, "ssh_seconds": round(r.boot_seconds, 1),
                                            "failed": [c.name for c in r.checks if not c.ok]} for r in reports}
     failed = [f"{r.firmware}: {c.name} ({c.detail})" for r in reports for c in r.checks if not c.ok]

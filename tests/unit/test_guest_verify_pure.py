@@ -1,4 +1,5 @@
 import io
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -184,3 +185,12 @@ def test_verify_refuses_a_firmware_the_disk_cannot_boot(tmp_path):
     cfg = load_config(repo / "images/cloud-gpu-worker.yaml", ["disk.boot=bios"])
     with pytest.raises(VerifyError, match="cannot boot under uefi"):
         verify_image(cfg, img, tmp_path / "r", firmware="uefi")
+
+
+def test_report_names_the_image_by_its_label(tmp_path):
+    """A build verifies the image in its staging directory, which is gone once published: the reports name the
+    published file (the label), not the staging path; a standalone verify names the path it was given."""
+    staged = tmp_path / ".staging-123" / "img-current.qcow2"
+    r = VerifyReport(staged, [Check("a", True, "fine")], 3.0, label="img-current.qcow2")
+    assert r.as_dict()["image"] == "img-current.qcow2" and str(tmp_path) not in json.dumps(r.as_dict())
+    assert VerifyReport(staged, [Check("a", True, "fine")]).as_dict()["image"] == str(staged)
