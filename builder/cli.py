@@ -395,6 +395,10 @@ def _dispatch(args: argparse.Namespace, console: Any) -> int:
                           + (f", the {len(target.lock.packages)} packages of {cfg.package_lock_path.name}"
                              if target else "")
                           + f"; {stats.bytes_fetched} bytes fetched upstream in {time.monotonic() - t0:.1f} s")
+            if everything and target is None and cfg.package_lock_path.is_file():
+                emitter.warning(f"{cfg.package_lock_path.name} is not in force (debian.package_lock is off): the "
+                                "target's packages were left out, and build --offline will refuse to start; add "
+                                "--var debian.package_lock=auto to fetch and build")
         elif args.verb == "iso":
             from .pipeline import write_iso
 

@@ -22,5 +22,5 @@ if [ "${1:-}" != "--no-apt" ]; then
 fi
 python3 -m venv "$here/.venv"
 "$here/.venv/bin/pip" install -q --upgrade pip
-"$here/.venv/bin/pip" install -q -e "$here[test,libvirt]"
+"$here/.venv/bin/pip" install -q -e "$here[test,libvirt,dev]"  # dev: tox, ruff, mypy (the tests, the checks)
 echo "builder installed in $here/.venv; run: $here/.venv/bin/python -m builder build images/cloud-gpu-worker.yaml"

@@ -320,10 +320,14 @@ def run(ctx: BuildContext, images: Mapping[str, ImageConfig] | None = None) -> I
     cfg = ctx.config
     plock = package_lock_in_force(cfg)
     if ctx.options.offline and plock is None:
-        raise LockError("an offline build needs a package lock: without one, what the target installs is not known "
-                        f"in advance, and the mirror is not there to ask ({cfg.package_lock_path.name})",
-                        hint="online, run: python -m builder lock IMAGE.yaml, then: python -m builder fetch "
-                             "IMAGE.yaml --all")
+        off = cfg.debian.package_lock == "off" and cfg.package_lock_path.is_file()
+        raise LockError("an offline build needs a package lock in force: without one, what the target installs is "
+                        f"not known in advance, and the mirror is not there to ask ({cfg.package_lock_path.name}"
+                        + (" exists, but debian.package_lock is off)" if off else ")"),
+                        hint=("add --var debian.package_lock=auto (to fetch --all too, so that the cache holds the "
+                              "locked packages)" if off else
+                              "online, run: python -m builder lock IMAGE.yaml, then: python -m builder fetch "
+                              "IMAGE.yaml --all --var debian.package_lock=auto"))
     if plock is not None:
         check_lock_covers(cfg, plock, images if images is not None else {"": cfg})
     inputs = fetch_inputs(cfg, ctx.cache, ctx.stats, ctx.emitter, packages=True, offline=ctx.options.offline)

@@ -18,7 +18,7 @@ from ..config import format_duration
 from ..context import BuildContext
 from ..errors import InstallError
 from ..events import Emitter
-from ..installcache import DirectBoot, bases_in_use
+from ..installcache import DirectBoot, InstalledDisk, bases_in_use
 from ..installer.progress import InstallTracker, SyslogListener, console_question
 from ..ssh import KeyPair
 from ..vm import Machine
@@ -127,9 +127,16 @@ def run(ctx: BuildContext, media: Media, inputs: InstallerInputs) -> InstalledBa
     """The stage: the cached installed disk for ``media.install_key``, or a fresh install (then cached)."""
     cfg, emitter = ctx.config, ctx.emitter
     max_age = cfg.installer.max_base_age
-    cached = ctx.disks.lookup(media.install_key, max_age=max_age) if ctx.options.use_cache else None
-    if cached is not None:
+    cached: InstalledDisk | None = None
+    for _ in range(3) if ctx.options.use_cache else ():
+        cached = ctx.disks.lookup(media.install_key, max_age=max_age)
+        if cached is None:
+            break
         (ctx.workdir / "BASE").write_text(f"{cached.disk}\n")  # from now on no `clean` or prune removes it
+        if cached.disk.is_file():  # a `clean` between the lookup and BASE took it: look again
+            break
+        cached = None
+    if cached is not None:
         age = cached.age()
         emitter.info(f"reusing the installed disk from {cached.created} ({format_duration(age)} old; "
                      f"installer.max_base_age {format_duration(max_age)}), key {media.install_key}, unchanged")
