@@ -36,8 +36,9 @@ def _chroot(tree: Path, *cmd: str) -> None:
 
 
 def make_small_disk(work: Path, user: str, client: KeyPair, host: KeyPair, *,
-                    size: str = "3G") -> tuple[Path, DirectBoot]:
-    """(qcow2 disk, how to boot it) in ``work``."""
+                    size: str = "3G", sources: str | None = None) -> tuple[Path, DirectBoot]:
+    """(qcow2 disk, how to boot it) in ``work``. ``sources``: the disk's apt sources (one-line format) instead
+    of the host's mirror, e.g. the gateway's address as an installed disk has them."""
     tree = tt.working_copy(tt.pristine_tree(), work / "root")
     try:
         if not (tree / "usr/lib/systemd/systemd-networkd").exists():
@@ -45,6 +46,12 @@ def make_small_disk(work: Path, user: str, client: KeyPair, host: KeyPair, *,
                 _chroot(tree, "apt-get", "update", "-qq")
                 _chroot(tree, "apt-get", "install", "-y", "-qq", "--no-install-recommends", "systemd-networkd")
         (tree / "usr/sbin/policy-rc.d").unlink(missing_ok=True)
+        if sources is not None:
+            for f in (tree / "etc/apt/sources.list.d").glob("*"):
+                f.unlink()
+            (tree / "etc/apt/sources.list").write_text(sources)
+            shutil.rmtree(tree / "var/lib/apt/lists", ignore_errors=True)
+            (tree / "var/lib/apt/lists/partial").mkdir(parents=True)
         (tree / "etc/fstab").write_text("/dev/vda / ext4 defaults 0 1\n")
         (tree / "etc/hostname").write_text("small\n")
         (tree / "etc/systemd/network").mkdir(parents=True, exist_ok=True)
@@ -80,11 +87,14 @@ def make_small_disk(work: Path, user: str, client: KeyPair, host: KeyPair, *,
     return disk, DirectBoot(kernel, initrd, APPEND)
 
 
-def seed_installed_cache(cfg: ImageConfig, work: Path) -> Path:
-    """Make a small disk and store it as ``cfg``'s cached installed disk (in the current cache dir)."""
+def seed_installed_cache(cfg: ImageConfig, work: Path, *, offline: bool = False,
+                         sources: str | None = None) -> Path:
+    """Make a small disk and store it as ``cfg``'s cached installed disk (in the current cache dir).
+    ``offline``: the installer inputs and the package lock in force from the cache alone (the key a
+    ``build --offline`` computes; under a package lock the key covers it)."""
     client = generate_keypair(f"builder@{cfg.name}")
     host = generate_keypair(f"root@{cfg.installer.hostname}")
-    inputs = fetch_inputs(cfg, ContentCache(), FetchStats(), Emitter())
+    inputs = fetch_inputs(cfg, ContentCache(), FetchStats(), Emitter(), packages=offline, offline=offline)
     key = media.render(cfg, inputs, log_port=1).install_key
-    disk, boot = make_small_disk(work, cfg.installer.build_user, client, host)
+    disk, boot = make_small_disk(work, cfg.installer.build_user, client, host, sources=sources)
     return InstalledDiskCache().store(key, disk, client, host, direct_boot=boot, image=cfg.name)
