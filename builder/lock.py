@@ -66,7 +66,7 @@ class FilePin:
     sha256: str
     size: int
     trust: str = "index"  # "index:<suite>" = listed in a verified Release chain; "lock" = pinned here
-    witness: Witness | None = None  # the signed index that listed it (None: none did, or the lock predates them)
+    witness: Witness | None = None  # the signed index that listed it (None: none the lock found, or it predates them)
 
     @classmethod
     def from_stanza(cls, stanza: Mapping[str, str], trust: str) -> FilePin:

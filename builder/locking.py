@@ -30,7 +30,7 @@ from .pkgresolve import (
     provisioned,
     resolve_package_lock,
 )
-from .witness import find_witnesses, lock_dir, store_files, unwitnessed
+from .witness import cache_only, find_witnesses, lock_dir, store_files, unwitnessed
 
 
 @dataclass
@@ -56,15 +56,17 @@ def write_locks(cfg: ImageConfig, *, cache: ContentCache, stats: FetchStats, emi
         diffs = lock_differences(old_lock, lock) if old_lock is not None else ["new"]
         if diffs or old_lock is None or not old_lock.witnessed:
             out.lines += [f"installer: {d}" for d in diffs if d != "new"]
-            lock, files = find_witnesses(cfg, main, lock, report=emitter.info)
+            # the old lock's witnesses: an unchanged pin upstream stopped listing keeps the proof it had
+            lock, files = find_witnesses(cfg, main, lock, previous=old_lock, report=emitter.info)
             stored = store_files(cfg.lock_path, files)
             write_lock(lock, cfg.lock_path)
             out.lines.append(f"wrote {cfg.lock_path}" + (f" and {len(stored)} signed indexes in "
                                                         f"{lock_dir(cfg.lock_path).name}/" if stored else ""))
             alone = unwitnessed(lock)
             if alone:
-                out.lines.append(f"no signed index lists {len(alone)} of its pins (their sha256 in the lock is the "
-                                 f"root of trust): {', '.join(alone)}")
+                out.lines.append(f"no signed index this lock could find lists {len(alone)} of its pins; fetch trusts "
+                                 f"their recorded sha256 and warns: {', '.join(alone)}")
+            out.lines += cache_only(lock)
         else:
             out.lines.append(f"{cfg.lock_path.name}: unchanged")
     out.lines += _package_lock(cfg, cache=cache, stats=stats, emitter=emitter, from_build=from_build, update=update)

@@ -10,9 +10,20 @@ lost it. The pin's ``witness`` records all of it.
 
 ``fetch`` then checks every witnessed pin from the signature, with gpgv against the archive keyring and the
 trusted fingerprints, not from the recorded hash alone: the stored InRelease must verify, list the index at its
-sha256 and size, and the index must list the pinned file. A pin no signed index listed when the lock was made
-(``witness: null`` in a lock with ``witnessed: true``) rests on the lock's sha256 alone: the build names it in a
-warning. A lock made before witnesses were recorded says so too.
+sha256 and size, and the index must list the pinned file. A pin no signed index the lock could find lists
+(neither a current index of those suites nor a stored one of the previous lock; ``witness: null`` in a lock with
+``witnessed: true``) rests on the lock's sha256 alone: the build names it in a warning. A lock made before
+witnesses were recorded says so too.
+
+A large index is not reduced to the stanzas the lock needs: the InRelease signs the index file's sha256, so any
+excerpt of it would no longer be checkable from the signature. Such a pin's proof needs the content cache, or the
+mirror while it serves that index by hash; the lock's notes say so, and ``fetch`` says so when neither has it.
+
+Re-locking keeps what was proved: a pin that did not change (same file, same sha256) and that no current index
+lists any more keeps the previous lock's witness, once its stored InRelease and index verify again (gpgv, the
+index's hash in the InRelease, the file in the index); its files stay in ``NAME.lock.d``. A witness found in a
+current index wins. Without this, the pins the witnesses are for — the ones upstream has stopped listing — would
+lose their proof on the next ``lock`` that changed anything else.
 """
 
 from __future__ import annotations
@@ -136,10 +147,11 @@ class _Finder:
         return None
 
 
-def find_witnesses(cfg: ImageConfig, main: Archive, lock: Lock, *, report: Report | None = None
-                   ) -> tuple[Lock, dict[str, bytes]]:
+def find_witnesses(cfg: ImageConfig, main: Archive, lock: Lock, *, previous: Lock | None = None,
+                   report: Report | None = None) -> tuple[Lock, dict[str, bytes]]:
     """``lock`` with the witness of every pin (None where no signed index lists it), and the files to store in
-    ``NAME.lock.d`` (name → bytes)."""
+    ``NAME.lock.d`` (name → bytes). ``previous`` is the lock being replaced: an unchanged pin no current index
+    lists keeps its witness when that still verifies (:func:`_keep_witnesses`)."""
     say = report or (lambda m: log.info("%s", m))
     f = _Finder(cfg, main, say)
     arch = cfg.debian.arch
@@ -156,14 +168,91 @@ def find_witnesses(cfg: ImageConfig, main: Archive, lock: Lock, *, report: Repor
             inrelease = f.record(ui.release_suite, a, ui.path, ui.sha256, ui.size).inrelease_sha256
     out = replace(lock, netboot=netboot, boot=boot, overrides=overrides,
                   udeb_index=replace(ui, inrelease_sha256=inrelease), witnessed=True)
+    if previous is not None and previous.witnessed:
+        out = _keep_witnesses(cfg, main, previous, out, f.files, say)
     alone = unwitnessed(out)
     say(f"pins rooted in a signed index: {len(out.pins()) - len(alone)} of {len(out.pins())}"
         + (f"; pinned by the lock's sha256 alone: {', '.join(alone)}" if alone else ""))
+    cached = cache_only(out)
+    for line in cached:
+        say(line)
+    notes = [n for n in out.notes if not n.startswith(ALONE_NOTE) and CACHE_NOTE not in n]
     if alone:
-        out = replace(out, notes=(*[n for n in out.notes if not n.startswith("no signed index")],
-                                  f"no signed index listed these when the lock was made (their sha256 here is the "
-                                  f"root of trust): {', '.join(alone)}"))
-    return out, f.files
+        notes.append(f"{ALONE_NOTE}; fetch trusts their recorded sha256 and warns: {', '.join(alone)}")
+    return replace(out, notes=(*notes, *cached)), f.files
+
+
+ALONE_NOTE = "no signed index this lock could find lists these"
+CACHE_NOTE = "is kept in the content cache only"
+
+
+def cache_only(lock: Lock) -> list[str]:
+    """One line per witness index kept in the content cache only (over STORE_LIMIT), naming the pins whose
+    proof therefore needs that cache or the mirror: a lost cache is otherwise a surprise at the next fetch."""
+    by_index: dict[tuple[str, str, str, int], list[str]] = {}
+    for _, p in lock.pins():
+        w = p.witness
+        if w is not None and w.index_stored == "cache":
+            by_index.setdefault((w.suite, w.index, w.index_sha256, w.index_size), []).append(f"{p.package} {p.version}")
+    return [f"the signed index {index} of dists/{suite} (sha256 {sha[:16]}…, {size} bytes) is too large to store "
+            f"with the lock (over {STORE_LIMIT} bytes) and cannot be cut down without breaking its signature: it "
+            f"{CACHE_NOTE}, so checking {', '.join(names)} from their signature needs that cache, or the mirror while "
+            "it serves that index by hash"
+            for (suite, index, sha, size), names in by_index.items()]
+
+
+def _identity(field: str, pin: FilePin | UdebOverride) -> tuple[str, str, str, str, str, int]:
+    """What makes a pin "the same" across locks: which field kind, and the very file (not how it was trusted)."""
+    return (field.split("[", 1)[0], pin.package, pin.version, pin.filename, pin.sha256, pin.size)
+
+
+def _keep_witnesses(cfg: ImageConfig, main: Archive, old: Lock, new: Lock, files: dict[str, bytes],
+                    say: Report) -> Lock:
+    """``new`` where each unchanged pin without a current witness takes ``old``'s, if the stored InRelease and
+    index still verify with the Verifier ``fetch`` uses; the files those witnesses need are added to ``files``,
+    so the lock's directory keeps them whatever else changes there. A witness that no longer holds (a stored
+    file altered or gone, a key no longer trusted) is dropped and said: the pin then rests on its sha256."""
+    earlier = {_identity(f, p): p.witness for f, p in old.pins() if p.witness is not None}
+    v = Verifier(cfg, cfg.lock_path, main.cache, main)
+    d = lock_dir(cfg.lock_path)
+
+    def keep_files(inrelease_sha256: str, index: str, sha: str, size: int, stored: str) -> None:
+        files[f"{inrelease_sha256}.InRelease"] = (d / f"{inrelease_sha256}.InRelease").read_bytes()
+        if stored == "lock.d":
+            name = f"{sha}.{posixpath.basename(index)}"
+            blob = (d / name).read_bytes() if (d / name).is_file() else main.cache.read(sha, size)
+            if blob is not None:  # the Verifier just read it (and cached it); None only if the cache vanished
+                files[name] = blob
+
+    def keep(field: str, pin: FilePin | UdebOverride) -> Witness | None:
+        w = earlier.get(_identity(field, pin)) if pin.witness is None else None
+        if w is None:
+            return pin.witness
+        try:
+            v.check(field, replace(pin, witness=w))
+        except (VerificationError, FetchError) as exc:
+            say(f"{field} ({pin.package} {pin.version}): the previous lock's witness no longer holds, so it rests on "
+                f"its sha256 alone: {exc}")
+            return None
+        keep_files(w.inrelease_sha256, w.index, w.index_sha256, w.index_size, w.index_stored)
+        say(f"{field} ({pin.package} {pin.version}): no current signed index lists it; keeps the previous lock's "
+            f"witness (dists/{w.suite} of {w.release_date}), verified again")
+        return w
+
+    netboot = replace(new.netboot, witness=keep("netboot", new.netboot))
+    boot = tuple(replace(b, witness=keep(f"boot[{i}]", b)) for i, b in enumerate(new.boot))
+    overrides = tuple(replace(o, witness=keep(f"overrides[{i}]", o)) for i, o in enumerate(new.overrides))
+    ui, oi = new.udeb_index, old.udeb_index
+    if (not ui.inrelease_sha256 and oi.inrelease_sha256
+            and (ui.release_suite, ui.path, ui.sha256, ui.size) == (oi.release_suite, oi.path, oi.sha256, oi.size)):
+        try:
+            v.check_udeb_index(replace(new, udeb_index=oi))
+        except (VerificationError, FetchError) as exc:
+            say(f"udeb_index: the previous lock's InRelease for it no longer holds: {exc}")
+        else:
+            keep_files(oi.inrelease_sha256, ui.path, ui.sha256, ui.size, "lock.d" if ui.size <= STORE_LIMIT else "")
+            ui = replace(ui, inrelease_sha256=oi.inrelease_sha256)
+    return replace(new, netboot=netboot, boot=boot, overrides=overrides, udeb_index=ui)
 
 
 def unwitnessed(lock: Lock) -> list[str]:
@@ -233,9 +322,19 @@ class Verifier:
                 log.debug("witness index by hash: %s", exc)
         if blob is None:
             cls = OfflineError if self.main.offline else VerificationError
-            raise cls(f"{what}: cannot check it against its signed index: {w.index} of dists/{w.suite} "
-                      f"(sha256 {w.index_sha256[:16]}…) is neither stored with the lock nor cached nor served",
-                      hint="re-run: python -m builder lock IMAGE.yaml")
+            served = ("offline, the mirror is not asked" if self.main.offline
+                      else "the mirror no longer serves it by hash")
+            index = f"{w.index} of dists/{w.suite} (sha256 {w.index_sha256[:16]}…, {w.index_size} bytes)"
+            if w.index_stored == "cache":
+                raise cls(f"{what}: cannot check it against its signed index: {index} is too large to be stored with "
+                          f"the lock, so its proof needs the content cache or the mirror, and neither has it (the "
+                          f"cache lost it; {served})",
+                          hint="restore the content cache, or fetch online while the mirror still serves that index "
+                               "by hash; else re-run: python -m builder lock IMAGE.yaml (the pin then gets a current "
+                               "index, or rests on its sha256 alone with a warning)")
+            raise cls(f"{what}: cannot check it against its signed index: {index} belongs in "
+                      f"{stored.parent.name}/{stored.name}, which is missing, and it is not cached ({served})",
+                      hint="restore it from version control, or re-run: python -m builder lock IMAGE.yaml")
         if (hashlib.sha256(blob).hexdigest(), len(blob)) != (w.index_sha256, w.index_size):
             raise VerificationError(f"{what}: the stored {w.index} is not the one its InRelease signs")
         self.cache.put(blob, w.index_sha256)
@@ -281,8 +380,8 @@ def verify_lock(cfg: ImageConfig, lock: Lock, cache: ContentCache, main: Archive
     alone = unwitnessed(lock)
     if not alone:
         return []
-    return [f"{len(alone)} installer files are pinned by the lock's sha256 alone (no signed index listed them when "
-            f"the lock was made): {', '.join(alone)}"]
+    return [f"{len(alone)} installer files are pinned by the lock's sha256 alone (no signed index the lock could "
+            f"find lists them): {', '.join(alone)}"]
 
 
 def offline_missing(cfg: ImageConfig, lock: Lock, cache: ContentCache) -> list[str]:
@@ -297,8 +396,10 @@ def offline_missing(cfg: ImageConfig, lock: Lock, cache: ContentCache) -> list[s
             out.append(f"{d.name}/{w.inrelease_sha256}.InRelease")
         stored = d / f"{w.index_sha256}.{posixpath.basename(w.index)}"
         if not stored.is_file() and cache.get(w.index_sha256, w.index_size) is None:
-            out.append(f"the signed index {w.index} of dists/{w.suite} (sha256 {w.index_sha256[:16]}…)")
+            out.append(f"the signed index {w.index} of dists/{w.suite} (sha256 {w.index_sha256[:16]}…)"
+                       + (": too large to store with the lock, it is kept in the content cache only"
+                          if w.index_stored == "cache" else f": {d.name}/{stored.name} is missing"))
     return list(dict.fromkeys(out))
 
 
-__all__ = ["Verifier", "find_witnesses", "lock_dir", "store_files", "unwitnessed", "verify_lock"]
+__all__ = ["Verifier", "cache_only", "find_witnesses", "lock_dir", "store_files", "unwitnessed", "verify_lock"]
