@@ -13,7 +13,8 @@ Sources, all recorded by the stages before ``publish``:
   hash; an index apt did not fetch whole, e.g. one it patched with pdiffs, is fetched through the gateway and
   checked the same way);
 * the installer inputs of ``fetch`` (the lock's pins: netboot, boot loaders, udeb index, overrides) and the
-  image definition's files (definition, locks, playbooks, roles, preseed templates, keyring), hashed here.
+  image definition's files (definition, locks and the signed files stored with the installer lock, playbooks,
+  roles, preseed templates, keyring), hashed here.
 """
 
 from __future__ import annotations
@@ -244,16 +245,24 @@ def tree_files(root: Path) -> list[Path]:
 
 
 def lock_files(cfg: ImageConfig) -> list[Path]:
-    """The locks the build reads: the installer lock, and the package lock unless ``debian.package_lock`` is
-    off."""
+    """The locks the build reads: the installer lock and, when there is one, every file stored beside it in
+    ``IMAGE.lock.d`` (the signed InRelease files and small indexes ``fetch`` checks its pins against: all of them,
+    also one only an older lock named, as the directory is what a checkout holds); the package lock unless
+    ``debian.package_lock`` is off. Hidden files (a witness half-written by ``lock``) are none of them."""
+    from .witness import lock_dir
+
     found = [cfg.lock_path]
+    stored = lock_dir(cfg.lock_path)
+    if cfg.lock_path.is_file() and stored.is_dir():
+        found += [p for p in tree_files(stored) if not p.name.startswith(".")]
     if cfg.debian.package_lock != "off":
         found.append(cfg.package_lock_path)
     return [p for p in dict.fromkeys(p.resolve() for p in found) if p.is_file()]
 
 
 def definition_resources(cfg: ImageConfig) -> list[dict[str, Any]]:
-    """The image definition's own files: definition, locks, playbooks, roles, preseed templates, keyring."""
+    """The image definition's own files: definition, locks (with the installer lock's stored signed files),
+    playbooks, roles, preseed templates, keyring."""
     from .installer.preseed import default_template_dir
 
     bases = _name_bases(cfg.base_dir.parent)

@@ -107,7 +107,9 @@ def test_definition_resources_name_every_file_by_digest(default_config, repo):
     for r in res:
         by_kind.setdefault(r["annotations"]["kind"], []).append(r)
     assert [r["name"] for r in by_kind["image-definition"]] == ["images/cloud-gpu-worker.yaml"]
-    assert [r["name"] for r in by_kind["lock"]] == ["images/cloud-gpu-worker.lock.json"]
+    stored = sorted(f"images/cloud-gpu-worker.lock.d/{p.name}"
+                    for p in (repo / "images" / "cloud-gpu-worker.lock.d").iterdir())
+    assert stored and [r["name"] for r in by_kind["lock"]] == ["images/cloud-gpu-worker.lock.json", *stored]
     assert {r["name"] for r in by_kind["playbook"]} == {"playbooks/cloud-gpu-worker.yml", "playbooks/finalize.yml"}
     roles = {r["name"] for r in by_kind["role"]}
     assert {"roles/base/tasks/main.yml", "roles/nvidia-gpu-drivers/vars/main.yml",
@@ -265,6 +267,33 @@ def test_the_lock_in_force_without_the_inputs_is_the_file_the_manifest_recorded(
         write_package_lock(package_lock(without=("bash",)), cfg.package_lock_path)
         assert attest.lock_in_force(ctx, None) is None
     assert "pins other files than when the build used it" in caplog.text
+
+
+def test_provenance_names_every_file_stored_with_the_lock(default_config, tmp_path: Path):
+    """fetch checks the installer pins against the signed InRelease files (and small indexes) in IMAGE.lock.d:
+    each is an input, by digest; the package lock is one unless debian.package_lock is off."""
+    src = tmp_path / "images" / "gpu.yaml"
+    stored = tmp_path / "images" / "gpu.lock.d"
+    stored.mkdir(parents=True)
+    src.write_text("name: gpu\n")
+    (tmp_path / "images" / "gpu.lock.json").write_text("{}\n")
+    (tmp_path / "images" / "gpu.packages.lock").write_text("{}\n")
+    names = [f"{'ab' * 32}.InRelease", f"{'cd' * 32}.Packages.xz"]
+    for i, name in enumerate(names):
+        (stored / name).write_bytes(b"stored %d" % i)
+    (stored / f".{names[0]}.tmp").write_bytes(b"half-written")
+    cfg = default_config.model_copy(update={"source": src, "debian": default_config.debian.model_copy(
+        update={"package_lock": "auto"})})
+    locks = [r for r in attest.definition_resources(cfg) if r["annotations"]["kind"] == "lock"]
+    assert [r["name"] for r in locks] == ["images/gpu.lock.json", *(f"images/gpu.lock.d/{n}" for n in names),
+                                          "images/gpu.packages.lock"]
+    for r in locks:
+        path = Path(r["uri"].removeprefix("file://"))
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == r["digest"]["sha256"], r["name"]
+    off = cfg.model_copy(update={"debian": cfg.debian.model_copy(update={"package_lock": "off"})})
+    assert [p.name for p in attest.lock_files(off)] == ["gpu.lock.json", *names]
+    (tmp_path / "images" / "gpu.lock.json").unlink()  # no lock: fetch resolves live and reads none of them
+    assert [p.name for p in attest.lock_files(off)] == []
 
 
 def test_each_signed_release_the_package_lock_names_is_an_input():
