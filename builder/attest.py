@@ -4,12 +4,17 @@ Sources, all recorded by the stages before ``publish``:
 
 * the work directory: ``packages.tsv`` (dpkg-query), ``licenses.tsv`` and ``kernel-modules.json``
   (:mod:`builder.guestfacts`), written by ``provision``;
+* the package lock in force (``debian.package_lock``): each locked ``.deb``'s sha256, which ``fetch`` checked
+  every locked file against, and the signed Release that listed it when it was locked. Under a lock the gateway
+  answers the target's ``dists/`` from its own builder-signed view and verifies no upstream Release, so the
+  lock is where the digests are;
 * the gateway: the InRelease files it passed on and the Releases that verified, whose Packages indexes give
-  each installed ``.deb``'s sha256 (from the content cache, where the gateway stored them by that hash; an
-  index apt did not fetch whole, e.g. one it patched with pdiffs, is fetched through the gateway and checked
-  the same way);
+  each installed ``.deb``'s sha256 not locked (from the content cache, where the gateway stored them by that
+  hash; an index apt did not fetch whole, e.g. one it patched with pdiffs, is fetched through the gateway and
+  checked the same way);
 * the installer inputs of ``fetch`` (the lock's pins: netboot, boot loaders, udeb index, overrides) and the
-  image definition's files (definition, locks, playbooks, roles, preseed templates, keyring), hashed here.
+  image definition's files (definition, locks and the signed files stored with the installer lock, playbooks,
+  roles, preseed templates, keyring), hashed here.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import lzma
 import platform
 import re
 import time
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +42,7 @@ if TYPE_CHECKING:
     from .config import ImageConfig
     from .context import BuildContext
     from .gateway.server import Gateway
+    from .pkglock import PackageLock
     from .stages.fetch import InstallerInputs
 
 log = logging.getLogger(__name__)
@@ -148,6 +155,62 @@ def package_digests(gateway: Gateway | None, cache: ContentCache, wanted: Iterab
     return out
 
 
+def upstreams(cfg: ImageConfig) -> dict[str, str]:
+    """The mirror of each upstream prefix (``debian``, ``debian-security``), as the gateway has them."""
+    return {"debian": cfg.debian.mirror, "debian-security": cfg.debian.security_mirror}
+
+
+def lock_digests(lock: PackageLock, wanted: Iterable[tuple[str, str, str]], *, lock_name: str,
+                 mirrors: Mapping[str, str]) -> Digests:
+    """The sha256 of every wanted (name, version, arch) the package lock pins: ``fetch`` checked each locked file
+    against it before any VM started, and the target's view lists only those files, so it is the sha256 of the
+    .deb installed. Each digest names the signed Release (InRelease) that listed the file when it was locked
+    and that Release's date; the indexes are every signed Release the lock names, by its InRelease's sha256, with
+    how many of the wanted packages it vouches for (pins of the same date: a pin kept from an older lock was
+    listed by an earlier InRelease of its suite, which the lock no longer records)."""
+    pins = {(p.name, p.version, p.architecture): p for p in lock.packages}
+    out = Digests()
+    for key in dict.fromkeys(wanted):
+        pin = pins.get(key)
+        if pin is not None:
+            out.debs[key] = sbom.DebDigest(pin.sha256, pin.filename, pin.size,
+                                           f"{pin.archive}/dists/{pin.suite}/InRelease", date=pin.date,
+                                           pinned_by=lock_name)
+    vouched = Counter((pins[k].archive, pins[k].suite, pins[k].date) for k in out.debs)
+    for ix in lock.indexes:
+        name = f"{ix.archive}/dists/{ix.suite}/InRelease"
+        mirror = mirrors.get(ix.archive, "")
+        out.indexes.append(sbom.resource(name, ix.inrelease_sha256, uri=f"{mirror}/dists/{ix.suite}/InRelease"
+                                         if mirror else "", kind="inrelease", package_lock=lock_name,
+                                         release_date=ix.date, packages=vouched[(ix.archive, ix.suite, ix.date)]))
+    return out
+
+
+def lock_in_force(ctx: BuildContext, inputs: InstallerInputs | None) -> PackageLock | None:
+    """The package lock the build installed from: fetch's (``inputs``), else the one the services serve, else,
+    when the manifest records one, the lock file, if its pins are still the ones the build used."""
+    if inputs is not None:
+        return inputs.target.lock if inputs.target is not None else None
+    if ctx.services is not None and ctx.services.package_lock is not None:
+        return ctx.services.package_lock
+    recorded = ctx.manifest.get("package_lock")
+    if not isinstance(recorded, Mapping) or not recorded.get("digest"):
+        return None
+    from .pkglock import read_package_lock
+
+    path = ctx.config.package_lock_path
+    try:
+        lock = read_package_lock(path)
+    except BuilderError as exc:
+        log.warning("the SBOM's .deb digests: the build's package lock is unreadable now (%s): none from it", exc)
+        return None
+    if lock.digest() != recorded["digest"]:
+        log.warning("the SBOM's .deb digests: %s pins other files than when the build used it: none from it",
+                    path)
+        return None
+    return lock
+
+
 # ------------------------------------------------------------------------------------------------ inputs
 
 
@@ -182,16 +245,24 @@ def tree_files(root: Path) -> list[Path]:
 
 
 def lock_files(cfg: ImageConfig) -> list[Path]:
-    """The locks the build reads: the installer lock, and the package lock unless ``debian.package_lock`` is
-    off."""
+    """The locks the build reads: the installer lock and, when there is one, every file stored beside it in
+    ``IMAGE.lock.d`` (the signed InRelease files and small indexes ``fetch`` checks its pins against: all of them,
+    also one only an older lock named, as the directory is what a checkout holds); the package lock unless
+    ``debian.package_lock`` is off. Hidden files (a witness half-written by ``lock``) are none of them."""
+    from .witness import lock_dir
+
     found = [cfg.lock_path]
+    stored = lock_dir(cfg.lock_path)
+    if cfg.lock_path.is_file() and stored.is_dir():
+        found += [p for p in tree_files(stored) if not p.name.startswith(".")]
     if cfg.debian.package_lock != "off":
         found.append(cfg.package_lock_path)
     return [p for p in dict.fromkeys(p.resolve() for p in found) if p.is_file()]
 
 
 def definition_resources(cfg: ImageConfig) -> list[dict[str, Any]]:
-    """The image definition's own files: definition, locks, playbooks, roles, preseed templates, keyring."""
+    """The image definition's own files: definition, locks (with the installer lock's stored signed files),
+    playbooks, roles, preseed templates, keyring."""
     from .installer.preseed import default_template_dir
 
     bases = _name_bases(cfg.base_dir.parent)
@@ -273,13 +344,18 @@ def gateway_release_resources(gateway: Gateway | None) -> list[dict[str, Any]]:
 
 
 def _dedupe(resources: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    seen: set[tuple[str, str]] = set()
+    """Each (name, digest) once, with the annotations of every mention (the first's win): the suite's InRelease
+    that ``fetch`` verified may be the very one the package lock names, and both facts are worth keeping."""
+    seen: dict[tuple[str, str], dict[str, Any]] = {}
     out = []
     for r in resources:
         key = (r["name"], r["digest"]["sha256"])
-        if key not in seen:
-            seen.add(key)
+        first = seen.get(key)
+        if first is None:
+            seen[key] = r
             out.append(r)
+        elif r.get("annotations"):
+            first["annotations"] = {**r["annotations"], **first.get("annotations", {})}
     return out
 
 
@@ -294,8 +370,15 @@ def write_documents(ctx: BuildContext, staging: Path, image_file: str, image_sha
     started = finished - (time.monotonic() - ctx.started)
     gateway = ctx.services.gateway if ctx.services is not None else None
     packages, licenses, modules, dkms = read_guest(ctx.workdir)
-    digests = package_digests(gateway, ctx.cache, [p.key for p in packages if p.installed],
-                              components=cfg.debian.components, arch=cfg.debian.arch)
+    wanted = [p.key for p in packages if p.installed]
+    plock = lock_in_force(ctx, inputs)
+    digests = (lock_digests(plock, wanted, lock_name=cfg.package_lock_path.name, mirrors=upstreams(cfg))
+               if plock is not None else Digests())
+    # what the lock does not pin, from the Releases the gateway verified (all of it, without a lock)
+    rest = package_digests(gateway, ctx.cache, [k for k in wanted if k not in digests.debs],
+                           components=cfg.debian.components, arch=cfg.debian.arch)
+    digests.debs.update(rest.debs)
+    digests.indexes += rest.indexes
     facts = ctx.manifest.get("provision", {}).get("facts", [])
     bom = sbom.cyclonedx(
         image_name=cfg.name, image_file=image_file, image_sha256=image_sha256, packages=packages,
@@ -303,7 +386,9 @@ def write_documents(ctx: BuildContext, staging: Path, image_file: str, image_sha
         timestamp=rfc3339(finished), description=cfg.description, distro=f"debian-{cfg.debian.release}",
         properties={"debian__suite": cfg.debian.suite, "debian__release": cfg.debian.release,
                     "debian__version": facts[0] if facts else "",
-                    "installer__kernel_abi": inputs.lock.kernel_abi if inputs is not None else ""})
+                    "installer__kernel_abi": inputs.lock.kernel_abi if inputs is not None else "",
+                    "package_lock": cfg.package_lock_path.name if plock is not None else ""},
+        sha256_note=sbom.UNKNOWN_SHA256_LOCKED if plock is not None else sbom.UNKNOWN_SHA256)
     sbom_path = staging / sbom_name(cfg.name)
     sbom_path.write_text(json.dumps(bom, indent=2) + "\n")
     deps = _dedupe([*definition_resources(cfg), *installer_resources(cfg, inputs, ctx.manifest),

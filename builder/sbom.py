@@ -123,12 +123,16 @@ def licenses_tsv(licenses: Mapping[str, Sequence[str]]) -> str:
 
 @dataclass(frozen=True)
 class DebDigest:
-    """A package file as a verified Packages index lists it."""
+    """A package file as a verified Packages index lists it, or as the package lock in force pins it."""
 
     sha256: str
     filename: str
     size: int
     index: str  # the index that vouches for it, e.g. debian/dists/trixie/main/binary-amd64/Packages.xz
+    # from a package lock: the Release date of ``index`` (its signed InRelease) when the lock pinned the file, and
+    # the lock's file name; the lock records which signed Release listed the file, not which Packages file
+    date: str = ""
+    pinned_by: str = ""
 
 
 def index_digests(index: bytes | str, wanted: Iterable[tuple[str, str, str]], *,
@@ -198,15 +202,19 @@ def sha256_hashes(sha256: str | None) -> list[dict[str, str]]:
 
 UNKNOWN_SHA256 = ("unknown: this version is in none of the verified Packages indexes the build's gateway knows "
                   "(installed from an older index, or from a repository the gateway does not serve)")
+UNKNOWN_SHA256_LOCKED = ("unknown: the package lock does not pin this version and no verified Packages index the "
+                         "build's gateway knows lists it (a package from outside the Debian archive, such as "
+                         "NVIDIA's repository)")
 UNKNOWN_LICENSE = ("unknown: /usr/share/doc/<package>/copyright is missing or not in the machine-readable (DEP-5) "
                    "format")
 NOT_COLLECTED_LICENSE = "unknown: the licences were not collected in the guest"
 
 
 def package_component(pkg: InstalledPackage, *, distro: str, licenses: Sequence[str] | None,
-                      digest: DebDigest | None, license_note: str = UNKNOWN_LICENSE) -> dict[str, Any]:
+                      digest: DebDigest | None, license_note: str = UNKNOWN_LICENSE,
+                      sha256_note: str = UNKNOWN_SHA256) -> dict[str, Any]:
     """One Debian package as a CycloneDX component (``bom-ref`` = its purl); ``licenses`` None: unknown, and
-    ``license_note`` says why."""
+    ``license_note`` says why; ``digest`` None: the .deb's sha256 is unknown, and ``sha256_note`` says why."""
     ref = purl(pkg.name, pkg.version, pkg.arch, distro=distro)
     comp: dict[str, Any] = {"type": "library", "bom-ref": ref, "name": pkg.name, "version": pkg.version,
                             "purl": ref}
@@ -220,9 +228,10 @@ def package_component(pkg: InstalledPackage, *, distro: str, licenses: Sequence[
                    deb__source_version=pkg.source_version if pkg.source_version != pkg.version else "",
                    deb__status=pkg.status.strip() if not pkg.status.startswith("ii") else "")
     if digest is not None:
-        props += _props(deb__filename=digest.filename, deb__size=digest.size or "", deb__sha256_from=digest.index)
+        props += _props(deb__filename=digest.filename, deb__size=digest.size or "", deb__sha256_from=digest.index,
+                        deb__index_date=digest.date, deb__pinned_by=digest.pinned_by)
     else:
-        props += _props(deb__sha256=UNKNOWN_SHA256)
+        props += _props(deb__sha256=sha256_note)
     if not licenses:
         props += _props(deb__license=license_note)
     comp["properties"] = props
@@ -298,10 +307,11 @@ def cyclonedx(*, image_name: str, image_file: str, image_sha256: str, packages: 
               licenses: Mapping[str, Sequence[str]] | None, digests: Mapping[tuple[str, str, str], DebDigest],
               modules: Sequence[Mapping[str, str]] = (), dkms: Sequence[Mapping[str, str]] = (),
               builder_version: str, timestamp: str, description: str = "", distro: str = "debian-13",
-              properties: Mapping[str, Any] | None = None) -> dict[str, Any]:
+              properties: Mapping[str, Any] | None = None, sha256_note: str = UNKNOWN_SHA256) -> dict[str, Any]:
     """The image's CycloneDX 1.6 BOM: the qcow2 as the described component, every installed Debian package
-    (purl, version, sha256 of its .deb when a verified index lists it, declared licences), the NVIDIA driver
-    and its modules. ``licenses`` None: not collected at all (each package then says so)."""
+    (purl, version, sha256 of its .deb when a verified index lists it or the package lock pins it, declared
+    licences), the NVIDIA driver and its modules. ``licenses`` None: not collected at all (each package then
+    says so); ``sha256_note``: what a package without a digest says of its sha256."""
     image_ref = f"image:{image_file}"
     comps: list[dict[str, Any]] = []
     seen: set[str] = set()
@@ -309,7 +319,7 @@ def cyclonedx(*, image_name: str, image_file: str, image_sha256: str, packages: 
         if not p.installed:
             continue
         comp = package_component(p, distro=distro, licenses=licenses.get(p.name) if licenses is not None else None,
-                                 digest=digests.get(p.key),
+                                 digest=digests.get(p.key), sha256_note=sha256_note,
                                  license_note=UNKNOWN_LICENSE if licenses is not None else NOT_COLLECTED_LICENSE)
         if comp["bom-ref"] not in seen:  # dpkg lists a package once per architecture: never twice the same
             seen.add(comp["bom-ref"])
