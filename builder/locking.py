@@ -141,7 +141,8 @@ def check_locks(cfg: ImageConfig, *, cache: ContentCache, stats: FetchStats, emi
     for m in sorted(found, key=lambda m: (not m.security, m.name)):
         out.lines.append(f"  {m.line()}")
     out.lines.append(f"{cfg.package_lock_path.name}: " + (
-        f"{len(found)} of {len(plock.packages)} packages moved upstream ({len(security)} security updates); "
+        f"{len(found)} of {len(plock.packages)} packages moved upstream ({len(security)} security "
+        f"update{'' if len(security) == 1 else 's'}); "
         "refresh with: python -m builder lock IMAGE.yaml --update" if found else
         f"none of {len(plock.packages)} packages moved upstream, but it lacks what the build installs (above): "
         "a build under it would be refused; add them with: python -m builder lock IMAGE.yaml --update" if gaps else
