@@ -84,15 +84,19 @@ def test_lock_stores_the_signed_index_of_each_pin(tmp_path: Path, key: GpgKey, s
     assert "records no signed index for its pins" in verify_lock(cfg, legacy, cache, main)[0]
 
 
+def alter_one_byte(stored: Path) -> None:
+    """Flip one bit inside a signed file entry of a stored InRelease: its signature no longer verifies."""
+    raw = stored.read_bytes()
+    i = raw.index(b"SHA256:") + 20
+    stored.write_bytes(raw[:i] + bytes([raw[i] ^ 0x01]) + raw[i + 1:])
+
+
 @pytest.mark.timeout(60)
 def test_a_stored_inrelease_altered_by_one_byte_is_refused(tmp_path: Path, key: GpgKey, server: ArchiveServer,
                                                            fake: FakeArchive) -> None:
     cfg, cache, main, lock = witnessed(tmp_path, key, server, fake)
     assert lock.netboot.witness is not None
-    stored = lock_dir(cfg.lock_path) / f"{lock.netboot.witness.inrelease_sha256}.InRelease"
-    raw = stored.read_bytes()
-    i = raw.index(b"SHA256:") + 20  # inside a signed file entry
-    stored.write_bytes(raw[:i] + bytes([raw[i] ^ 0x01]) + raw[i + 1:])
+    alter_one_byte(lock_dir(cfg.lock_path) / f"{lock.netboot.witness.inrelease_sha256}.InRelease")
     with pytest.raises(VerificationError, match="signature verification failed"):
         verify_lock(cfg, lock, cache, main)
 
@@ -233,10 +237,7 @@ def test_relock_drops_a_witness_whose_stored_inrelease_was_altered(tmp_path: Pat
                                                                    server: ArchiveServer, fake: FakeArchive) -> None:
     cfg, _cache, _main, old = witnessed(tmp_path, key, server, fake)
     assert old.netboot.witness is not None
-    stored = lock_dir(cfg.lock_path) / f"{old.netboot.witness.inrelease_sha256}.InRelease"
-    raw = stored.read_bytes()
-    i = raw.index(b"SHA256:") + 20  # inside a signed file entry
-    stored.write_bytes(raw[:i] + bytes([raw[i] ^ 0x01]) + raw[i + 1:])
+    alter_one_byte(lock_dir(cfg.lock_path) / f"{old.netboot.witness.inrelease_sha256}.InRelease")
     pins = fake_lock(fake)
     unlist(fake)
     said: list[str] = []
