@@ -155,11 +155,6 @@ def package_digests(gateway: Gateway | None, cache: ContentCache, wanted: Iterab
     return out
 
 
-def upstreams(cfg: ImageConfig) -> dict[str, str]:
-    """The mirror of each upstream prefix (``debian``, ``debian-security``), as the gateway has them."""
-    return {"debian": cfg.debian.mirror, "debian-security": cfg.debian.security_mirror}
-
-
 def lock_digests(lock: PackageLock, wanted: Iterable[tuple[str, str, str]], *, lock_name: str,
                  mirrors: Mapping[str, str]) -> Digests:
     """The sha256 of every wanted (name, version, arch) the package lock pins: ``fetch`` checked each locked file
@@ -372,7 +367,7 @@ def write_documents(ctx: BuildContext, staging: Path, image_file: str, image_sha
     packages, licenses, modules, dkms = read_guest(ctx.workdir)
     wanted = [p.key for p in packages if p.installed]
     plock = lock_in_force(ctx, inputs)
-    digests = (lock_digests(plock, wanted, lock_name=cfg.package_lock_path.name, mirrors=upstreams(cfg))
+    digests = (lock_digests(plock, wanted, lock_name=cfg.package_lock_path.name, mirrors=cfg.debian.upstreams)
                if plock is not None else Digests())
     # what the lock does not pin, from the Releases the gateway verified (all of it, without a lock)
     rest = package_digests(gateway, ctx.cache, [k for k in wanted if k not in digests.debs],

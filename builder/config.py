@@ -168,6 +168,11 @@ class DebianConfig(_Model):
             raise ValueError(f"not an http(s) URL: {v!r}")
         return v.rstrip("/")
 
+    @property
+    def upstreams(self) -> dict[str, str]:
+        """The mirror of each archive the gateway serves, by its path prefix (``debian``, ``debian-security``)."""
+        return {"debian": self.mirror, "debian-security": self.security_mirror}
+
     # The package lock (images/NAME.packages.lock): auto uses it when it exists, required fails without it,
     # off builds from the archive as it is (the target then gets whatever is newest); `lock` writes the file anyway.
     package_lock: Literal["auto", "required", "off"] = "auto"

@@ -22,10 +22,9 @@ from .events import Emitter
 from .lock import lock_differences, read_lock, resolve_lock, write_lock
 from .pkglock import PackageLock, differences, keep_unchanged, read_package_lock, summary, write_package_lock
 from .pkgresolve import (
-    installer_gaps,
+    coverage_gaps,
     load_universe,
     lock_from_build,
-    lock_gaps,
     moved,
     provisioned,
     resolve_package_lock,
@@ -133,7 +132,7 @@ def check_locks(cfg: ImageConfig, *, cache: ContentCache, stats: FetchStats, emi
                          + off)
         return out
     plock = read_package_lock(cfg.package_lock_path)
-    gaps = coverage_gaps(cfg, plock)
+    gaps = coverage_gaps(plock, cfg, provisioned(cfg))  # what fetch would refuse the build for
     out.lines += [f"  lacks: {g}" for g in gaps]
     uni = load_universe(cfg, cache, stats, report=emitter.info)
     found = moved(plock, uni)
@@ -151,15 +150,3 @@ def check_locks(cfg: ImageConfig, *, cache: ContentCache, stats: FetchStats, emi
     return out
 
 
-def coverage_gaps(cfg: ImageConfig, plock: PackageLock) -> list[str]:
-    """What a build of ``cfg`` installs that ``plock`` does not hold, one line per configuration: what
-    debian-installer installs, then each variant's packages. A lock made before a variant was declared is
-    "up to date" version by version and still refused by the build (:func:`~builder.stages.fetch.check_lock_covers`);
-    ``lock --check`` says so first."""
-    out = []
-    installer = installer_gaps(plock, cfg)
-    if installer:
-        out.append(f"debian-installer installs {', '.join(installer)}")
-    for name, pkgs in lock_gaps(plock, provisioned(cfg)).items():
-        out.append(f"{f'variant {name}' if name else cfg.name} installs {', '.join(pkgs)}")
-    return out

@@ -299,6 +299,21 @@ def installer_gaps(lock: PackageLock, cfg: ImageConfig) -> list[str]:
     return _lacks(lock, installer_installs(cfg))
 
 
+def coverage_gaps(lock: PackageLock, cfg: ImageConfig, images: Mapping[str, ImageConfig]) -> list[str]:
+    """What a build of ``cfg`` provisioning ``images`` (variant name → config; "" the image itself) installs that
+    ``lock`` does not hold, one line per configuration: what debian-installer installs on the one shared
+    install, then each configuration's packages. Empty: the lock covers the build."""
+    out = []
+    installer = installer_gaps(lock, cfg)
+    if installer:
+        firmware = "BIOS" if cfg.build_firmware == "bios" else "UEFI"
+        out.append(f"debian-installer installs {', '.join(installer)} (disk.boot {cfg.disk.boot}, installed under "
+                   f"{firmware})")
+    out += [f"{f'variant {name}' if name else cfg.name} installs {', '.join(pkgs)}"
+            for name, pkgs in lock_gaps(lock, images).items()]
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- resolution
 
 
@@ -692,7 +707,7 @@ def moved(lock: PackageLock, uni: Universe) -> list[Moved]:
     return out
 
 
-__all__ = ["INSTALLER_PACKAGES", "Moved", "Phase", "Universe", "build_packages", "complete", "image_packages",
-           "install_phases", "installer_gaps", "installer_installs", "load_universe", "lock_from_build", "lock_gaps",
-           "moved", "provisioned", "required_seeds", "resolve", "resolve_package_lock", "resolve_phases", "seed_spec",
-           "seeds"]
+__all__ = ["INSTALLER_PACKAGES", "Moved", "Phase", "Universe", "build_packages", "complete", "coverage_gaps",
+           "image_packages", "install_phases", "installer_gaps", "installer_installs", "load_universe",
+           "lock_from_build", "lock_gaps", "moved", "provisioned", "required_seeds", "resolve", "resolve_package_lock",
+           "resolve_phases", "seed_spec", "seeds"]

@@ -54,7 +54,7 @@ def gateway_for(ctx: BuildContext, inputs: InstallerInputs, key: EphemeralKey) -
     if inputs.target is not None:
         pins.update(inputs.target.pins)
     return Gateway(
-        upstreams={"debian": cfg.debian.mirror, "debian-security": cfg.debian.security_mirror},
+        upstreams=cfg.debian.upstreams,
         cache=ctx.cache, keyring=cfg.debian.keyring,
         fingerprints={"debian": cfg.debian.trusted_fingerprints, "debian-security": cfg.debian.security_fingerprints},
         generated={**signed_suite(inputs, key), **signed_target_views(inputs, key)}, pins=pins,

@@ -118,7 +118,7 @@ def serve(
     with ExitStack() as stack:
         key = stack.enter_context(EphemeralKey(f"builder {cfg.name} installer suite"))
         gw = stack.enter_context(Gateway(
-            upstreams={"debian": cfg.debian.mirror, "debian-security": cfg.debian.security_mirror},
+            upstreams=cfg.debian.upstreams,
             cache=cache, keyring=cfg.debian.keyring,
             fingerprints={"debian": cfg.debian.trusted_fingerprints,
                           "debian-security": cfg.debian.security_fingerprints},

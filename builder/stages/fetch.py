@@ -31,7 +31,7 @@ from ..installer import efi, netboot
 from ..lock import UDEB_INDEX, FilePin, Lock, UdebOverride, read_lock, resolve_lock
 from ..pkgfetch import TargetInputs, package_lock_in_force, target_inputs
 from ..pkglock import PackageLock
-from ..pkgresolve import installer_gaps, lock_gaps
+from ..pkgresolve import coverage_gaps
 
 if TYPE_CHECKING:
     from ..context import BuildContext
@@ -298,14 +298,9 @@ def check_lock_covers(cfg: ImageConfig, plock: PackageLock, images: Mapping[str,
     :func:`~builder.pkgresolve.installer_installs`), then, per variant of ``images`` (name → config; "" the
     image itself), its seeds and NVIDIA packages. Under the lock the target sees only locked packages, so the
     install or provisioning would fail on them, an hour into the build."""
-    installer = installer_gaps(plock, cfg)
-    gaps = lock_gaps(plock, images)
-    if not installer and not gaps:
+    parts = coverage_gaps(plock, cfg, images)
+    if not parts:
         return
-    firmware = "BIOS" if cfg.build_firmware == "bios" else "UEFI"
-    parts = ([f"debian-installer installs {', '.join(installer)} (disk.boot {cfg.disk.boot}, installed under "
-              f"{firmware})"] if installer else [])
-    parts += [f"{f'variant {name}' if name else cfg.name} installs {', '.join(pkgs)}" for name, pkgs in gaps.items()]
     raise LockError(f"the package lock {cfg.package_lock_path.name} lacks packages the build needs: "
                     + "; ".join(parts),
                     hint="python -m builder lock IMAGE.yaml --update adds them (the lock is seeded with every "
