@@ -37,6 +37,7 @@ from .spec import Drive, VmSpec
 log = logging.getLogger(__name__)
 
 _SOCKET_PATH_MAX = 100  # sun_path is 108 bytes including the NUL; keep a margin
+_EXIT_GRACE = 2.0  # seconds a QEMU whose QMP connection failed at start gets to exit with its own error
 
 
 def _esc(value: str | os.PathLike[str]) -> str:
@@ -238,6 +239,10 @@ class QemuMachine:
 
     def _start_failure(self, exc: VmError) -> VmError:
         assert self._proc is not None
+        # QEMU that fails at start (a host forward on a busy port, a bad device) may have opened its QMP socket
+        # already and be on its way out when the connection drops: give it a moment to exit, so the error is
+        # its own message rather than "QMP did not answer".
+        self._proc.wait(_EXIT_GRACE)
         running = self.is_running()
         self.close()
         tail = self.stderr_tail()
